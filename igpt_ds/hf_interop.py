@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 
 from igpt_ds.config import MODEL_SIZES, ConfigError, ModelConfig
 from igpt_ds.model import IGPT, RMSNorm
+from igpt_ds.palette import PaletteError, load_palette, validate_palette
 from igpt_ds.weights import load_consolidated, save_consolidated
 
 HF_CONFIG_FILE = "config.json"
@@ -268,24 +269,19 @@ def read_palette(src: str | Path) -> np.ndarray:
         if found is None:
             raise ConfigError(f"{src}: neither {HF_PREPROCESSOR_FILE} nor {HF_CONFIG_FILE} holds `clusters`")
         src = found
-    if src.suffix == ".npy":
-        if not src.is_file():
-            raise ConfigError(f"{src} does not exist")
-        try:
-            palette = np.load(src, allow_pickle=False)
-        except ValueError as e:
-            raise ConfigError(f"{src} is not a plain .npy array: {e}") from None
-    else:
+    try:
+        if src.suffix == ".npy":
+            return load_palette(src)
         data = _read_json(src)
         if "clusters" not in data:
             raise ConfigError(f"{src} holds no `clusters`")
-        palette = np.asarray(data["clusters"], dtype=np.float64)
-    if palette.ndim != 2 or palette.shape[1] != 3 or len(palette) < 2:
-        raise ConfigError(f"{src}: palette must have shape (k, 3), got {palette.shape}")
-    if not np.isfinite(palette).all() or np.abs(palette).max() > 1 + 1e-6:
-        # OpenAI's and HF's centres live in x/127.5 - 1; values like 0..255 mean another convention.
-        raise ConfigError(f"{src}: palette values must lie in [-1, 1] (RGB as x/127.5 - 1)")
-    return palette.astype(np.float32)
+        try:
+            clusters = np.asarray(data["clusters"], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{src}: `clusters` must be a (k, 3) list of numbers") from None
+        return validate_palette(clusters, str(src))
+    except PaletteError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from igpt_ds.hf_interop import (
     read_palette,
 )
 from igpt_ds.model import IGPT
+from igpt_ds.palette import build_lut, decode, encode, encode_bruteforce, fit_palette, to_unit
 from igpt_ds.weights import load_consolidated, save_consolidated
 
 transformers = pytest.importorskip("transformers")
@@ -200,3 +201,91 @@ def test_palette_import_from_openai_npy_and_hf_json(tmp_path):
     np.save(tmp_path / "bytes.npy", centers * 127.5 + 127.5)  # 0..255: another convention
     with pytest.raises(ConfigError, match=r"\[-1, 1\]"):
         read_palette(tmp_path / "bytes.npy")
+
+
+# ---------------------------------------------------------------- palette: our encoder vs HF's processor
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[np.ndarray]:
+    """scikit-learn's two bundled 427x640 photos as uint8 batches: resized to 32x32, 32x32 crops, 160x107."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    images = load_sample_images().images
+    rng = np.random.default_rng(0)
+    resized = [np.asarray(Image.fromarray(im).resize((32, 32), Image.BILINEAR)) for im in images]
+    crops = [im[r : r + 32, c : c + 32] for im in images for r, c in rng.integers(0, 395, (8, 2))]
+    mid = [np.asarray(Image.fromarray(im).resize((160, 107), Image.BILINEAR)) for im in images]
+    return [np.stack(resized + crops), np.stack(mid)]  # HF's numpy backend wants one shape per call
+
+
+@pytest.fixture(scope="module")
+def kmeans_palette(photos) -> np.ndarray:
+    """128 k-means centres of the photos, then the same centres again in reverse: exact ties on purpose."""
+    from sklearn.datasets import load_sample_images
+
+    pixels = np.concatenate([im.reshape(-1, 3) for im in load_sample_images().images])
+    centres = fit_palette(pixels[np.random.default_rng(0).permutation(len(pixels))[:20000]], k=128, max_iter=10)
+    return np.concatenate([centres, centres[::-1]])
+
+
+@pytest.fixture(scope="module")
+def kmeans_lut(kmeans_palette) -> np.ndarray:
+    return build_lut(kmeans_palette)
+
+
+def hf_ids(processor, batch: np.ndarray) -> np.ndarray:
+    return np.stack(processor(list(batch), do_resize=False, return_tensors="np")["input_ids"]).reshape(batch.shape[:3])
+
+
+def test_tokens_equal_hf_image_processor_on_photos(photos, kmeans_palette, kmeans_lut, tmp_path):
+    """HF's processor built from our exported preprocessor_config.json picks our token for every pixel."""
+    cfg = ModelConfig(n_px=32, n_vocab=len(kmeans_palette))
+    save_consolidated(tmp_path / "ours", cfg, IGPT(cfg).state_dict(), palette=kmeans_palette)
+    convert_to_hf(tmp_path / "ours", tmp_path / "hf")
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    for batch in photos:
+        ours = encode(batch, kmeans_lut).astype(np.int64)
+        np.testing.assert_array_equal(hf_ids(processor, batch), ours)
+        assert ours.max() < 128  # duplicated centres: both sides break the tie to the lower index
+    # The exported config resizes to n_px x n_px; on images already that size it changes nothing.
+    resized = np.stack(processor(list(photos[0]), return_tensors="np")["input_ids"]).reshape(photos[0].shape[:3])
+    np.testing.assert_array_equal(resized, encode(photos[0], kmeans_lut))
+
+
+def test_decoder_inverts_hf_tokens_like_hf(photos, kmeans_palette, kmeans_lut):
+    """decode() on HF's ids equals HF's documented inverse rint(127.5·(clusters[id] + 1)), and ours on ours."""
+    processor = transformers.ImageGPTImageProcessor(clusters=kmeans_palette.astype(np.float64))
+    for batch in photos:
+        theirs = hf_ids(processor, batch)
+        hf_inverse = np.rint(127.5 * (processor.clusters[theirs] + 1.0)).astype(np.uint8)
+        np.testing.assert_array_equal(decode(theirs, kmeans_palette), hf_inverse)
+        np.testing.assert_array_equal(decode(encode(batch, kmeans_lut), kmeans_palette), hf_inverse)
+
+
+@pytest.mark.parametrize("case", ["lattice-float64", "kmeans-float32"])
+def test_hf_disagrees_only_at_float32_near_ties(case, photos, kmeans_palette, kmeans_lut):
+    """Where HF's ids differ from ours, ours is the exact nearest centre and HF's is farther by < 1e-6.
+
+    HF normalises pixels in float32 and, given float32 clusters (or with its torchvision backend),
+    computes a² - 2ab + b² in float32: near-ties go either way. A lattice palette (centres on pixel
+    levels) makes near-ties common; k-means palettes, like OpenAI's, make them rare.
+    """
+    if case == "lattice-float64":
+        levels = np.arange(0, 256, 34)
+        lattice = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
+        centres, clusters = to_unit(lattice).astype(np.float32), to_unit(lattice)
+        lut = build_lut(centres)
+    else:
+        centres, clusters, lut = kmeans_palette, kmeans_palette, kmeans_lut
+    processor = transformers.ImageGPTImageProcessor(clusters=clusters)
+    batch = photos[1]
+    ours = encode(batch, lut).astype(np.int64)
+    np.testing.assert_array_equal(ours, encode_bruteforce(batch, centres))
+    theirs = hf_ids(processor, batch)
+    differ = ours != theirs
+    x, c = to_unit(batch[differ]), centres.astype(np.float64)
+    gap = ((x - c[theirs[differ]]) ** 2).sum(-1) - ((x - c[ours[differ]]) ** 2).sum(-1)
+    assert (gap > 0).all() and (gap < 1e-6).all()
+    assert differ.mean() < 0.1

@@ -23,7 +23,13 @@ skips the last pixel, which no HF position predicts; our loss averages all T pix
 Per pixel the cross-entropies are identical wherever both are defined (tests/test_hf_interop.py).
 
 Palettes: HF's `clusters` and OpenAI's `kmeans_centers.npy` are the same (k, 3) array in the space
-x/127.5 - 1 that `igpt_ds.palette` uses, so tokens agree id for id with `ImageGPTImageProcessor`.
+x/127.5 - 1 that `igpt_ds.palette` uses, so our tokens agree id for id with an `ImageGPTImageProcessor`
+loaded from a preprocessor_config.json (ties to the lowest index in both), and `palette.decode` is
+HF's documented inverse rint(127.5·(clusters[id] + 1)). One caveat, HF's: it normalises pixels in
+float32 (and, given float32 clusters or with its torchvision backend, takes distances as a² - 2ab + b²
+in float32), so at near-ties — two centres within ~1e-7 in squared distance — it may pick the farther
+one; ours is always the exact nearest. With k-means palettes this is rare (0 of 315k photo pixels in
+the tests and bench); palettes with centres on pixel levels make it common.
 
 CLI: `python -m data_tools.convert_hf {from-hf,to-hf,import-palette} ...` (see data_tools/convert_hf.py).
 """
@@ -81,9 +87,17 @@ _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Our ModelConfig (bias=False; see `state_dict_from_hf`) for an HF ImageGPT config.json dict."""
+    """Our ModelConfig (bias=False; see `state_dict_from_hf`) for an HF ImageGPT config.json dict.
+
+    Ignored, since they do not change the function computed: dropout rates (our model has none, and
+    HF's are off in eval), `reorder_and_upcast_attn` (the same attention, computed in another order),
+    `use_cache`, `initializer_range`.
+    """
     if hf.get("model_type", "imagegpt") != "imagegpt":
         raise ConfigError(f"model_type is {hf['model_type']!r}, not 'imagegpt'")
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        if not isinstance(hf.get(key), int) or isinstance(hf[key], bool):
+            raise ConfigError(f"HF config {key} must be an integer, got {hf.get(key)!r}")
     for key, required in _REQUIRED_HF_SETTINGS.items():
         if hf.get(key, required) != required:
             raise ConfigError(f"HF config {key}={hf[key]!r} cannot be represented (iGPT needs {required!r})")

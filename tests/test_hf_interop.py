@@ -8,6 +8,9 @@ own init (zero biases, unit gains, 0.02 weights) would hide mistakes in the mapp
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +32,8 @@ from igpt_ds.palette import build_lut, decode, encode, encode_bruteforce, fit_pa
 from igpt_ds.weights import load_consolidated, save_consolidated
 
 transformers = pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parent.parent
 
 N_VOCAB, N_PX = 16, 8
 # fp32; the two implementations order their sums differently (SDPA vs eager attention), so not bitwise.
@@ -121,6 +126,27 @@ def test_losses_agree_on_pixels_both_predict(hf_dir, tmp_path):
     torch.testing.assert_close(ours.loss(x), per_pixel.mean())
 
 
+@pytest.mark.parametrize("layout", ["sharded-safetensors", "legacy-pytorch-bin"])
+@torch.no_grad()
+def test_other_hf_weight_layouts_convert(hf_dir, layout, tmp_path):
+    """Sharded safetensors (big models) and the Hub's older pytorch_model.bin with its mask buffers."""
+    path, hf, _ = hf_dir
+    if layout == "sharded-safetensors":
+        hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+        assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    else:
+        (tmp_path / "hf").mkdir()
+        (tmp_path / "hf" / "config.json").write_bytes((path / "config.json").read_bytes())
+        sd = dict(hf.state_dict())
+        for i in range(2):
+            sd[f"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, N_PX**2, N_PX**2, dtype=torch.bool).tril()
+            sd[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        torch.save(sd, tmp_path / "hf" / "pytorch_model.bin")
+    convert_from_hf(tmp_path / "hf", tmp_path / "ours")
+    ours, x = load_ours(tmp_path / "ours"), tokens()
+    torch.testing.assert_close(ours(x), hf(hf_input_ids(x, N_VOCAB)).logits, atol=ATOL, rtol=RTOL)
+
+
 @torch.no_grad()
 def test_bare_imagegpt_model_converts_with_zero_head(tmp_path):
     """An `ImageGPTModel` directory has no lm_head: features still match, the head is our zero init."""
@@ -145,6 +171,7 @@ def test_bare_imagegpt_model_converts_with_zero_head(tmp_path):
         (dict(tie_word_embeddings=True), "tie_word_embeddings"),
         (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
         (dict(model_type="gpt2"), "model_type"),
+        (dict(n_embd="32"), "n_embd"),
     ],
 )
 def test_unrepresentable_hf_configs_are_refused(override, message):
@@ -188,6 +215,16 @@ def test_cli_user_errors_exit_2_and_write_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 4 and all(line.startswith("error: ") for line in err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no outputs, no temporary leftovers
+
+
+def test_cli_runs_as_a_module(tmp_path):
+    """The real entry point in a subprocess: success exits 0, a user error exits 2 with one stderr line."""
+    np.save(tmp_path / "kmeans_centers.npy", np.zeros((4, 3), np.float32))
+    run = [sys.executable, "-m", "data_tools.convert_hf", "import-palette", str(tmp_path / "kmeans_centers.npy")]
+    ok = subprocess.run([*run, str(tmp_path / "p.npy")], cwd=REPO, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    again = subprocess.run([*run, str(tmp_path / "p.npy")], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "exists" in again.stderr
 
 
 def test_palette_import_from_openai_npy_and_hf_json(tmp_path):

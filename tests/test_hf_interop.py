@@ -218,13 +218,14 @@ def test_cli_user_errors_exit_2_and_write_nothing(tmp_path, capsys):
 
 
 def test_cli_runs_as_a_module(tmp_path):
-    """The real entry point in a subprocess: success exits 0, a user error exits 2 with one stderr line."""
-    np.save(tmp_path / "kmeans_centers.npy", np.zeros((4, 3), np.float32))
-    run = [sys.executable, "-m", "data_tools.convert_hf", "import-palette", str(tmp_path / "kmeans_centers.npy")]
-    ok = subprocess.run([*run, str(tmp_path / "p.npy")], cwd=REPO, capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    again = subprocess.run([*run, str(tmp_path / "p.npy")], cwd=REPO, capture_output=True, text=True)
-    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "exists" in again.stderr
+    """The real entry point in a subprocess: a user error exits 2 with one line on stderr, output untouched."""
+    (tmp_path / "p.npy").write_bytes(b"keep")
+    src = tmp_path / "kmeans_centers.npy"
+    np.save(src, np.zeros((4, 3), np.float32))
+    cmd = [sys.executable, "-m", "data_tools.convert_hf", "import-palette", str(src), str(tmp_path / "p.npy")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--overwrite" in done.stderr, done.stderr
+    assert (tmp_path / "p.npy").read_bytes() == b"keep"
 
 
 def test_palette_import_from_openai_npy_and_hf_json(tmp_path):

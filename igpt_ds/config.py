@@ -122,9 +122,15 @@ class TrainConfig:
     micro_batch: int = 8
     """Samples per forward/backward on one rank."""
     max_steps: int = 100
+    """Length of the run and of the LR schedule."""
+    stop_at: int = 0
+    """End this process after this step, checkpointing first, schedule unchanged (0 = at max_steps):
+    for allocations shorter than the run; rerunning the same command resumes."""
     log_every: int = 10
     eval_every: int = 50
+    """Validation every this many steps (0 = never)."""
     eval_batches: int = 4
+    """Global batches of the validation split per evaluation (the same ones each time)."""
     save_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0
@@ -138,6 +144,10 @@ class TrainConfig:
         _require(self.pipeline_stages >= 1, "train.pipeline_stages must be >= 1")
         _require(self.global_batch > 0 and self.micro_batch > 0, "train.global_batch and train.micro_batch must be > 0")
         _require(self.max_steps > 0, "train.max_steps must be > 0")
+        _require(0 <= self.stop_at <= self.max_steps, f"train.stop_at={self.stop_at} must be in 0..train.max_steps")
+        _require(self.log_every > 0 and self.save_every > 0, "train.log_every and train.save_every must be > 0")
+        _require(self.eval_every >= 0 and self.eval_batches > 0, "train.eval_every must be >= 0, eval_batches > 0")
+        _require(self.keep_checkpoints > 0, "train.keep_checkpoints must be > 0")
 
     @property
     def run_dir(self) -> Path:

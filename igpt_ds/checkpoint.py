@@ -1,0 +1,255 @@
+"""Checkpoints: save, find the latest complete one, resume exactly, export and load weights.
+
+A run's checkpoints live in `runs/<name>/checkpoints/`:
+
+    step_00000500/          DeepSpeed's files (engine.save_checkpoint, every rank) plus ours:
+        rng_rank00000.pt    RNG states of each rank (torch, numpy, python)
+        run.json            step, sampler position, topology (world, data-parallel size, layout)
+        config.yaml, ds_config.json, git_rev.txt, palette.npy
+        complete            written last, after every rank finished writing
+    latest                  the tag of the newest complete checkpoint, replaced atomically
+    universal/step_...      DeepSpeed universal form, made on demand to resume at a new topology
+
+"Complete" means every rank returned from its save (a barrier) before rank 0 writes the marker and
+then swaps `latest`; a save killed midway leaves `latest` on the previous checkpoint, and the
+half-written folder is deleted by the next save. Durability against power loss is the filesystem's.
+
+Resuming restores weights, optimizer and LR schedule (DeepSpeed), the step and sampler position
+(run.json) and each rank's RNG states. At a different data-parallel size or stage count a ZeRO
+checkpoint cannot be loaded directly; it is converted once with `deepspeed.checkpoint.ds_to_universal`
+and loaded with `"checkpoint": {"load_universal": true}` (RNG states then restart from the seed).
+
+Weights leave either layout as a consolidated fp32 folder (`igpt_ds.weights`): `export_consolidated`,
+or `python -m igpt_ds.checkpoint runs/<name> out_dir`. `load_model_for_eval` accepts a run folder,
+a checkpoint folder of either layout, or a consolidated folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from igpt_ds.config import ConfigError, ModelConfig, build
+from igpt_ds.distributed import barrier
+from igpt_ds.model import IGPT
+from igpt_ds.weights import is_consolidated, load_consolidated, save_consolidated
+
+LATEST = "latest"
+COMPLETE = "complete"
+RUN_META = "run.json"
+PALETTE = "palette.npy"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(
+    engine: Any,
+    root: Path,
+    step: int,
+    meta: dict[str, Any],
+    files: dict[str, str],
+    palette: np.ndarray | None,
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` on every rank (collective); mark it complete and latest; keep `keep`.
+
+    `meta` (run.json: step, sampler state, topology) and `files` (name -> text) are written by rank 0.
+    """
+    rank = dist.get_rank()
+    path = root / tag_for(step)
+    if (path / COMPLETE).is_file():  # already saved (a rerun of a finished run): nothing new to write
+        return path
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # the leftovers of a save killed midway
+            shutil.rmtree(path)
+    barrier()
+    engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
+    torch.save(rng_state(), path / f"rng_rank{rank:05d}.pt")
+    if rank == 0:
+        for name, text in files.items():
+            (path / name).write_text(text)
+        if palette is not None:
+            np.save(path / PALETTE, palette)
+        atomic_write(path / RUN_META, json.dumps(dict(meta, step=step), indent=2))
+    barrier()  # every rank's files are written before the checkpoint counts
+    if rank == 0:
+        atomic_write(path / COMPLETE, "")
+        atomic_write(root / LATEST, path.name)
+        prune(root, keep)
+    return path
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (and their universal forms), and every incomplete one."""
+    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
+    complete = [p for p in tags if (p / COMPLETE).is_file()]
+    kept = {p.name for p in complete[-keep:]}
+    for p in [*tags, *root.glob("universal/step_*")]:
+        if p.name not in kept:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def latest(root: Path) -> Path | None:
+    """The checkpoint `latest` names, if it is complete (otherwise the newest complete one)."""
+    named = root / LATEST
+    if named.is_file() and (root / named.read_text().strip() / COMPLETE).is_file():
+        return root / named.read_text().strip()
+    complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
+    return complete[-1] if complete else None
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / RUN_META).read_text())
+
+
+def needs_universal(meta: dict[str, Any], layout: str, world_size: int, dp: int) -> bool:
+    """Whether `ckpt` must go through the universal format to load at this topology."""
+    if meta["layout"] != layout:
+        raise ConfigError(
+            f"the checkpoint to resume was written with train.layout={meta['layout']}, this run uses {layout}; "
+            "to switch layouts export consolidated weights (python -m igpt_ds.checkpoint) and set train.init_from"
+        )
+    return (meta["world_size"], meta["dp_size"]) != (world_size, dp)
+
+
+def to_universal(ckpt: Path) -> Path:
+    """Convert `ckpt` to DeepSpeed's universal form once (rank 0 only; the caller then barriers)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = ckpt.parent / "universal" / ckpt.name
+    if not (out / COMPLETE).is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+        args = argparse.Namespace(
+            input_folder=str(ckpt),
+            output_folder=str(out),
+            num_extract_workers=workers,
+            num_merge_workers=max(1, workers // 2),
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=False,
+        )
+        ds_to_universal.main(args)
+        atomic_write(out / COMPLETE, "")
+    return out
+
+
+def load(engine: Any, ckpt: Path, universal: bool) -> dict[str, Any]:
+    """Restore engine state from `ckpt` (all ranks) and this rank's RNG; returns run.json."""
+    meta = read_meta(ckpt)
+    source = ckpt.parent / "universal" / ckpt.name if universal else ckpt
+    path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {source}")
+    rng_file = ckpt / f"rng_rank{dist.get_rank():05d}.pt"
+    if not universal and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return meta
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder from a run folder, a checkpoints folder, or a checkpoint folder itself."""
+    path = Path(path)
+    if (path / RUN_META).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        if root.is_dir() and (found := latest(root)) is not None:
+            return found
+    raise ConfigError(f"{path} holds no complete checkpoint (run folder, checkpoints folder or step_* folder)")
+
+
+def model_config(ckpt: Path) -> ModelConfig:
+    import yaml
+
+    return build(ModelConfig, yaml.safe_load((ckpt / "config.yaml").read_text())["model"], where="model.")
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The IGPT-named fp32 state dict of checkpoint folder `ckpt`, from either layout."""
+    meta = read_meta(ckpt)
+    if meta["layout"] == "pipeline":
+        from igpt_ds.pipe import state_dict_from_layer_files
+
+        return state_dict_from_layer_files(ckpt, model_config(ckpt).n_layer)
+    if meta["zero_stage"] == 0:
+        return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
+def export_consolidated(path: str | Path, out_dir: str | Path) -> Path:
+    """Write the weights of a run / checkpoint folder as a consolidated fp32 folder (igpt_ds.weights)."""
+    ckpt = resolve(path)
+    palette = np.load(ckpt / PALETTE) if (ckpt / PALETTE).is_file() else None
+    extra = {"source": str(ckpt), "step": read_meta(ckpt)["step"]}
+    return save_consolidated(out_dir, model_config(ckpt), consolidated_state_dict(ckpt), palette, extra)
+
+
+def load_model_for_eval(path: str | Path) -> tuple[IGPT, ModelConfig, np.ndarray | None]:
+    """(IGPT in eval mode on CPU in fp32, its ModelConfig, palette or None) from a run folder,
+    a DeepSpeed checkpoint folder of either layout, or a consolidated folder."""
+    if is_consolidated(path):
+        cfg, state, palette = load_consolidated(path)
+    else:
+        ckpt = resolve(path)
+        cfg, state = model_config(ckpt), consolidated_state_dict(ckpt)
+        palette = np.load(ckpt / PALETTE) if (ckpt / PALETTE).is_file() else None
+    model = IGPT(cfg)
+    model.load_state_dict(state)
+    return model.eval(), cfg, palette
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m igpt_ds.checkpoint RUN_OR_CHECKPOINT OUT_DIR`: export consolidated weights."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("source")
+    parser.add_argument("out_dir")
+    args = parser.parse_args(argv)
+    try:
+        print(export_consolidated(args.source, args.out_dir))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

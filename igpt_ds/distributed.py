@@ -1,0 +1,84 @@
+"""Process-group start-up for every way a run is launched.
+
+One call, `init_distributed(timeout_s)`, works under
+- the DeepSpeed launcher or torchrun (`deepspeed --hostfile hosts launcher/pretrain.py ...`): they
+  set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT;
+- Slurm (`srun python launcher/pretrain.py ...`, one task per device): DeepSpeed reads no SLURM_*
+  variables itself (REFERENCE.md), so they are translated here;
+- mpirun (`mpirun -np 4 python launcher/pretrain.py ...`): DeepSpeed's MPI discovery via mpi4py;
+- nothing at all (`python launcher/pretrain.py ...`): a world of one on this machine.
+
+The collective timeout is deliberate (`train.dist_timeout_s`): when one rank dies, the others fail
+with a timeout error after that long instead of hanging until the job's wall-clock limit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+from datetime import timedelta
+
+import deepspeed
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+def init_distributed(timeout_s: int) -> tuple[int, int]:
+    """Start the process group (idempotent); returns (rank, world_size)."""
+    if not dist.is_initialized():
+        mpi = "RANK" not in os.environ and any(k in os.environ for k in MPI_MARKERS)
+        if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+            os.environ.update(slurm_env(os.environ))
+        elif "RANK" not in os.environ and not mpi:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        deepspeed.init_distributed(
+            dist_backend=get_accelerator().communication_backend_name(),
+            auto_mpi_discovery=mpi,
+            timeout=timedelta(seconds=timeout_s),
+            verbose=False,
+        )
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def slurm_env(env: dict[str, str]) -> dict[str, str]:
+    """torch.distributed variables from a Slurm task's environment (one task per device)."""
+    job_id = int(env.get("SLURM_JOB_ID", "0"))
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": env.get("SLURM_NTASKS", "1"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+        # Every task of the job derives the same port without talking to the others; the offset
+        # keeps clear of well-known ports and the spread makes two jobs sharing a node unlikely to clash.
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + job_id % 20000),
+    }
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm nodelist ('gpu[03-05,9],cpu1' -> 'gpu03'), via scontrol when present."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    m = re.match(r"([^,\[]+)(?:\[([^-,\]]+))?", nodelist)
+    return m.group(1) + (m.group(2) or "") if m else nodelist
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,122 @@
+"""The iGPT of `igpt_ds.model` as DeepSpeed pipeline stages (pipeline x data parallel, ZeRO-1).
+
+Layers, in order: `EmbedPipe` (SOS + token + position embeddings) -> n_layer x `model.Block` ->
+`HeadPipe` (final norm + output head); `pipe_loss` runs on the last stage. DeepSpeed splits the list
+into `train.pipeline_stages` stages balanced by parameter count. Activation checkpointing covers
+the blocks only: checkpointing the embedding fails in DeepSpeed's reentrant checkpoint ("element 0
+of tensors does not require grad", REFERENCE.md).
+
+Only tensors travel between stages, so the BERT objective is encoded in the tensors themselves:
+masked input pixels carry the out-of-vocabulary id n_vocab, and labels are -100 (ignored) at
+unmasked positions. `bert_pipe_batch` builds that encoding.
+
+Layer idx of the pipeline saves `layer_{idx:02d}-model_states.pt` holding that layer's own
+state dict; `igpt_name(idx, key, n_layer)` maps it to the IGPT name (block i+1 <-> `h.i.`), so the
+same consolidated weights (igpt_ds.weights) load into and export from both layouts.
+
+Launch: `deepspeed --num_gpus 8 launcher/pretrain.py --config launcher/configs/igpt_l_pipeline.yaml`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, PipelineModule
+from torch import Tensor, nn
+
+from igpt_ds.config import ModelConfig
+from igpt_ds.model import IGPT, Block, Embedding, Linear, RMSNorm
+
+IGNORE = -100
+
+
+class EmbedPipe(nn.Module):
+    """Stage-0 layer: tokens (B, T) -> input embeddings (B, T, C); id n_vocab marks a BERT mask."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = Embedding(cfg.n_vocab, cfg.n_embd, std=0.02)
+        self.wpe = Embedding(cfg.seq_len, cfg.n_embd, std=0.01)
+        self.sos = nn.Parameter(torch.randn(cfg.n_embd) * 0.02)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        mask = tokens == self.cfg.n_vocab if self.cfg.objective == "bert" else None
+        if mask is not None:
+            tokens = tokens.masked_fill(mask, 0)
+        # The same computation as the monolithic model, on this layer's own parameters.
+        return IGPT.embed(self, tokens, mask)
+
+
+class HeadPipe(nn.Module):
+    """Last-stage layer: final norm and output head -> logits (B, T, n_vocab)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_f = RMSNorm(cfg.n_embd)
+        self.lm_head = Linear(cfg.n_embd, cfg.n_vocab, bias=False, std=0.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lm_head(self.ln_f(x))
+
+
+def pipe_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy (nats/pixel, fp32) over the labelled positions; equals model.objective_loss."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE)
+
+
+class IGPTPipe(PipelineModule):
+    def __init__(self, cfg: ModelConfig, num_stages: int, activation_checkpointing: bool = False):
+        self.cfg = cfg
+        layers = [
+            LayerSpec(EmbedPipe, cfg),
+            *(LayerSpec(Block, cfg) for _ in range(cfg.n_layer)),
+            LayerSpec(HeadPipe, cfg),
+        ]
+        super().__init__(
+            layers=layers,
+            num_stages=num_stages,
+            loss_fn=pipe_loss,
+            partition_method="parameters",
+            activation_checkpoint_interval=1 if activation_checkpointing else 0,
+            checkpointable_layers=["Block"],
+        )
+
+    def local_layers(self) -> list[tuple[int, nn.Module]]:
+        """(global layer index, layer) for the layers this stage holds."""
+        return [(self._local_start + i, layer) for i, layer in enumerate(self.forward_funcs)]
+
+    def load_igpt_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Load this stage's layers from an IGPT-named (consolidated) state dict."""
+        with torch.no_grad():
+            for idx, layer in self.local_layers():
+                own = {k: state_dict[igpt_name(idx, k, self.cfg.n_layer)] for k in layer.state_dict()}
+                layer.load_state_dict(own)
+
+
+def igpt_name(layer_idx: int, key: str, n_layer: int) -> str:
+    """Pipeline layer `layer_idx`'s parameter `key` under its IGPT name."""
+    return f"h.{layer_idx - 1}.{key}" if 1 <= layer_idx <= n_layer else key
+
+
+def state_dict_from_layer_files(ckpt_dir: str | os.PathLike, n_layer: int) -> dict[str, Tensor]:
+    """IGPT-named fp32 state dict from a pipeline checkpoint's `layer_XX-model_states.pt` files.
+
+    These hold the module weights in training precision (fp32 on CPU; under bf16 the fp32 master
+    copy lives in the ZeRO-1 optimizer shards, so this export is bf16-rounded).
+    """
+    out = {}
+    for path in glob.glob(os.path.join(ckpt_dir, "layer_*-model_states.pt")):
+        idx = int(re.search(r"layer_(\d+)-", os.path.basename(path)).group(1))
+        for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
+            out[igpt_name(idx, key, n_layer)] = value.float()
+    return out
+
+
+def bert_pipe_batch(tokens: Tensor, mask: Tensor, n_vocab: int) -> tuple[Tensor, Tensor]:
+    """(inputs with masked pixels set to n_vocab, labels with unmasked pixels ignored)."""
+    return tokens.masked_fill(mask, n_vocab), tokens.masked_fill(~mask, IGNORE)

@@ -1,0 +1,285 @@
+"""The pretraining loop: step, evaluate, log, checkpoint (paper §3.3 recipe; REFERENCE.md).
+
+`train(cfg)` runs on every rank. `setup` does everything that can fail (configuration, shards, the
+checkpoint to resume) before the first step; the loop in `train` is then the same collective path
+on every rank. Two layouts: ZeRO data parallel (`train.layout=zero`, stage from the DeepSpeed
+JSON) and pipeline x data parallel (`train.layout=pipeline`, igpt_ds.pipe).
+
+No host-device sync in the hot loop: the loss accumulates on the device and is read at log steps;
+the stop-request flag (SIGTERM/SIGUSR1) is agreed on through a CPU (gloo) group.
+
+Launch: `deepspeed --num_gpus 8 launcher/pretrain.py --config launcher/configs/igpt_s_imagenet32.yaml`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import Tensor
+
+from igpt_ds import checkpoint
+from igpt_ds.config import ConfigError, DataConfig, ModelConfig, PretrainConfig, to_dict
+from igpt_ds.distributed import barrier, init_distributed
+from igpt_ds.engine import apply_schedule, build_ds_config, dp_size, initialize, model_init_context, zero_stage
+from igpt_ds.metrics import Metrics
+from igpt_ds.model import IGPT, bert_mask, objective_loss
+from igpt_ds.pipe import IGPTPipe, bert_pipe_batch
+from igpt_ds.shards import GlobalBatchSampler, ShardSplit
+from igpt_ds.weights import load_consolidated
+
+
+def open_shards(model: ModelConfig, data: DataConfig, split: str) -> ShardSplit:
+    """A shard split, checked against the model (n_px, vocabulary) before anything trains."""
+    if not (Path(data.shards) / "manifest.json").is_file():
+        raise ConfigError(f"data.shards={data.shards} holds no manifest.json; build shards with igpt-build-shards")
+    shards = ShardSplit(data.shards, split, verify=data.verify_checksums)
+    if (shards.n_px, shards.n_vocab) != (model.n_px, model.n_vocab):
+        raise ConfigError(
+            f"shards {data.shards} hold {shards.n_px}x{shards.n_px} images over {shards.n_vocab} colours but the "
+            f"model has model.n_px={model.n_px}, model.n_vocab={model.n_vocab}"
+        )
+    return shards
+
+
+def build_model(cfg: PretrainConfig, ds_config: dict[str, Any], init: dict[str, Tensor] | None) -> torch.nn.Module:
+    """IGPT (ZeRO layout, built inside zero.Init under ZeRO-3) or IGPTPipe, optionally loaded with `init`."""
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    if cfg.train.layout == "pipeline":
+        model = IGPTPipe(cfg.model, cfg.train.pipeline_stages, cfg.train.activation_checkpointing)
+        if init is not None:
+            model.load_igpt_state_dict(init)
+        return model
+    with model_init_context(ds_config):
+        model = IGPT(cfg.model)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    if init is not None and zero_stage(ds_config) == 3:
+        for name, p in model.named_parameters():  # one parameter gathered at a time: never the whole model
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+                if dist.get_rank() == 0:
+                    p.copy_(init[name])
+    elif init is not None:
+        model.load_state_dict(init)
+    return model
+
+
+def load_init(cfg: PretrainConfig) -> dict[str, Tensor]:
+    init_cfg, state, _ = load_consolidated(cfg.train.init_from)
+    shape = ("n_layer", "n_head", "n_embd", "n_px", "n_vocab", "bias")
+    if any(getattr(init_cfg, k) != getattr(cfg.model, k) for k in shape):
+        raise ConfigError(f"train.init_from={cfg.train.init_from} holds a model of another shape: {init_cfg}")
+    return state
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built and checked by `setup`."""
+
+    cfg: PretrainConfig
+    engine: Any
+    metrics: Metrics
+    train: ShardSplit
+    val: ShardSplit
+    sampler: GlobalBatchSampler
+    dp_rank: int
+    dp: int
+    start_step: int
+    files: dict[str, str]
+    control: Any  # gloo group for the stop flag
+
+    @property
+    def pipeline(self) -> bool:
+        return self.cfg.train.layout == "pipeline"
+
+    def batches(self, split: ShardSplit, indices: np.ndarray, key: tuple[int, int]) -> list[tuple[Tensor, Tensor]]:
+        """This rank's micro-batches: (tokens, BERT mask or None), or (inputs, labels) for the pipeline.
+
+        A sample's BERT mask is drawn from a generator seeded by (seed, `key`, sample index): the same on
+        the first and last pipeline stage, in a resumed run, and at any data-parallel size."""
+        out = []
+        for chunk in np.split(np.asarray(indices), len(indices) // self.cfg.train.micro_batch):
+            tokens = split.batch(chunk)[0].to(self.engine.device)
+            mask = None
+            if self.cfg.model.objective == "bert":
+                mask = torch.cat([self.sample_mask(key, int(i)) for i in chunk]).to(tokens.device)
+            if self.pipeline:
+                out.append(
+                    bert_pipe_batch(tokens, mask, self.cfg.model.n_vocab) if mask is not None else (tokens, tokens)
+                )
+            else:
+                out.append((tokens, mask))
+        return out
+
+    def sample_mask(self, key: tuple[int, int], index: int) -> Tensor:
+        seed = int(np.random.SeedSequence([self.cfg.train.seed, *key, index]).generate_state(1)[0])
+        return bert_mask((1, self.cfg.model.seq_len), self.cfg.model.mask_prob, torch.Generator().manual_seed(seed))
+
+    def train_step(self, step: int) -> Tensor:
+        """Optimizer step `step`; the mean loss over the global batch (pipeline) or this rank's share."""
+        batches = self.batches(self.train, self.sampler.next_indices(), (0, step))
+        if self.pipeline:
+            return self.engine.train_batch(iter(batches))
+        total = torch.zeros((), device=self.engine.device)
+        for tokens, mask in batches:
+            loss = objective_loss(self.engine(tokens, mask), tokens, mask)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach()
+        return total / len(batches)
+
+    def mean_over_ranks(self, value: Tensor) -> float:
+        """The pipeline engine already averages over data-parallel ranks; ZeRO ranks each hold a share."""
+        if not self.pipeline:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= dist.get_world_size()
+        return value.item()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        sampler = GlobalBatchSampler(
+            len(self.val), self.cfg.train.global_batch, self.dp_rank, self.dp, self.cfg.train.seed, shuffle=False
+        )
+        losses = []
+        self.engine.eval()
+        for i in range(self.cfg.train.eval_batches):
+            batches = self.batches(self.val, sampler.next_indices(), (1, i))
+            if self.pipeline:
+                losses.append(self.engine.eval_batch(iter(batches)))
+            else:
+                losses.extend(objective_loss(self.engine(t, m), t, m) for t, m in batches)
+        self.engine.train()
+        return self.mean_over_ranks(torch.stack(losses).float().mean())
+
+    def stop_agreed(self, requested: bool) -> bool:
+        flag = torch.tensor([float(requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(flag.item())
+
+    def save(self, step: int) -> None:
+        meta = {
+            "sampler": self.sampler.state_dict(),
+            "world_size": dist.get_world_size(),
+            "dp_size": self.dp,
+            "layout": self.cfg.train.layout,
+            "zero_stage": zero_stage(self.engine.config),
+        }
+        root = self.cfg.train.run_dir / "checkpoints"
+        checkpoint.save(self.engine, root, step, meta, self.files, self.train.palette, self.cfg.train.keep_checkpoints)
+        self.metrics.print(f"step {step}: checkpoint {root / checkpoint.tag_for(step)}")
+
+
+def setup(cfg: PretrainConfig) -> Run:
+    # DeepSpeed's ZeRO calls a torch collective that warns of its deprecation on every step.
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated")
+    rank, world = init_distributed(cfg.train.dist_timeout_s)
+    ds_config = build_ds_config(cfg.train, cfg.optim, world)  # validates before anything heavy
+    train_split, val_split = (open_shards(cfg.model, cfg.data, s) for s in (cfg.data.train_split, cfg.data.val_split))
+    dp = dp_size(cfg.train, world)
+    ckpt = checkpoint.latest(cfg.train.run_dir / "checkpoints")
+    universal = ckpt is not None and checkpoint.needs_universal(checkpoint.read_meta(ckpt), cfg.train.layout, world, dp)
+    if universal:
+        if rank == 0:
+            checkpoint.to_universal(ckpt)
+        barrier()
+        ds_config = build_ds_config(cfg.train, cfg.optim, world, load_universal=True)
+    init = load_init(cfg) if cfg.train.init_from and ckpt is None else None
+    model = build_model(cfg, ds_config, init)
+    engine = initialize(model, ds_config, cfg.optim, cfg.train.max_steps)
+    dp_rank = model.topology().get_coord(rank).data if cfg.train.layout == "pipeline" else rank
+    sampler = GlobalBatchSampler(len(train_split), cfg.train.global_batch, dp_rank, dp, cfg.train.seed)
+    start_step = 0
+    if ckpt is not None:
+        meta = checkpoint.load(engine, ckpt, universal)
+        sampler.load_state_dict(meta["sampler"])
+        start_step = meta["step"]
+        apply_schedule(engine)
+    resolved = json.loads(json.dumps(to_dict(cfg)))  # tuples -> lists for YAML
+    files = {
+        "config.yaml": yaml.safe_dump(resolved, sort_keys=False),
+        "ds_config.json": json.dumps(ds_config, indent=2),
+        "git_rev.txt": git_revision(),
+    }
+    if rank == 0:
+        cfg.train.run_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (cfg.train.run_dir / name).write_text(text)
+    metrics = Metrics(
+        cfg.train.run_dir / "tensorboard",
+        enabled=rank == 0,
+        model_cfg=cfg.model,
+        world_size=world,
+        global_batch=cfg.train.global_batch,
+        max_steps=cfg.train.max_steps,
+        start_step=start_step,
+        config_text=files["config.yaml"],
+    )
+    if ckpt is not None:
+        metrics.print(f"resumed from {ckpt} at step {start_step}" + (" (universal checkpoint)" if universal else ""))
+    control = dist.new_group(backend="gloo")
+    return Run(cfg, engine, metrics, train_split, val_split, sampler, dp_rank, dp, start_step, files, control)
+
+
+def train(cfg: PretrainConfig) -> dict[str, float]:
+    """Pretrain per `cfg` (every rank), resuming from the run's latest checkpoint; returns final metrics."""
+    run = setup(cfg)
+    t, m = cfg.train, run.metrics
+    last_step = t.stop_at or t.max_steps
+    requested = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm preemption / time limit: save, then exit
+        signal.signal(sig, lambda signum, frame: requested.append(signum))
+    step, saved, window = run.start_step, run.start_step, 0
+    loss_sum = torch.zeros((), device=run.engine.device)
+    tic = time.perf_counter()
+    while step < last_step:
+        lr = run.engine.get_lr()[0]  # the rate this step uses (a host value: no sync)
+        loss_sum += run.train_step(step)
+        step, window = step + 1, window + 1
+        m.step()
+        if step % t.log_every == 0 or step == last_step:
+            grad_norm = run.engine.get_global_grad_norm()
+            loss = run.mean_over_ranks(loss_sum) / window
+            m.train(step, loss, lr, None if grad_norm is None else float(grad_norm), window, time.perf_counter() - tic)
+            loss_sum.zero_()
+            window, tic = 0, time.perf_counter()
+        if t.eval_every and step % t.eval_every == 0:
+            m.val(step, run.evaluate())
+        stopping = run.stop_agreed(bool(requested))
+        if step % t.save_every == 0 or stopping:
+            run.save(step)
+            saved = step
+        if stopping:
+            m.print(f"stopped at step {step} on SIGTERM/SIGUSR1; rerun the same command to resume")
+            break
+    if saved != step:
+        run.save(step)
+    m.close(to_dict(cfg))
+    return dict(m.last)
+
+
+def git_revision() -> str:
+    """The commit of the code that ran, '+dirty' when the tree had changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        return (
+            rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") + "\n"
+            if rev.returncode == 0
+            else "unknown\n"
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown\n"

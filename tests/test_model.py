@@ -1,0 +1,97 @@
+"""The iGPT model: causality, initial loss, preset sizes, BERT masking, KV cache, features."""
+
+import math
+
+import pytest
+import torch
+
+from igpt_ds.config import ModelConfig
+from igpt_ds.model import IGPT, KVCache, bert_mask, count_parameters, objective_loss
+
+TINY = dict(size="igpt-tiny", n_px=8, n_vocab=512)
+
+
+def tiny(objective: str = "ar", seed: int = 0, trained: bool = True) -> IGPT:
+    torch.manual_seed(seed)
+    model = IGPT(ModelConfig(**TINY, objective=objective))
+    if trained:  # the zero-initialised head would hide every dependency of the logits on the input
+        torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    return model.eval()
+
+
+def tokens(batch: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 512, (batch, 64), generator=torch.Generator().manual_seed(seed))
+
+
+def test_ar_is_causal():
+    model, x = tiny(), tokens()
+    t = 20
+    changed = x.clone()
+    changed[:, t] = (x[:, t] + 1) % 512
+    a, b = model(x), model(changed)
+    # Pixel t is an input only from position t+1 on (the input is shifted right by SOS).
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=0)
+    assert (a[:, t + 1 :] - b[:, t + 1 :]).abs().amax() > 1e-4
+
+
+def test_bert_is_bidirectional():
+    model, x = tiny("bert"), tokens()
+    changed = x.clone()
+    changed[:, 40] = (x[:, 40] + 1) % 512
+    assert (model(x)[:, :40] - model(changed)[:, :40]).abs().amax() > 1e-4
+
+
+@pytest.mark.parametrize("objective", ["ar", "bert"])
+def test_loss_at_init_is_ln_vocab(objective):
+    model, x = tiny(objective, trained=False), tokens()
+    mask = bert_mask(x.shape, 0.15) if objective == "bert" else None
+    assert model.loss(x, mask).item() == pytest.approx(math.log(512), abs=1e-5)  # zero head: uniform logits
+
+
+@pytest.mark.parametrize(
+    "size,n_px,expected", [("igpt-s", 32, 76e6), ("igpt-m", 32, 455e6), ("igpt-l", 32, 1.4e9), ("igpt-xl", 64, 6.8e9)]
+)
+def test_preset_parameter_counts(size, n_px, expected):
+    # The paper quotes rounded figures (iGPT-L: 1.36B -> "1.4B").
+    assert count_parameters(ModelConfig(size=size, n_px=n_px)) == pytest.approx(expected, rel=0.03)
+
+
+def test_bert_mask_semantics():
+    mask = bert_mask((4, 64), 0.15, torch.Generator().manual_seed(0))
+    assert mask.dtype == torch.bool and (mask.sum(1) == round(0.15 * 64)).all()
+    assert not torch.equal(mask[0], mask[1])  # drawn per image
+
+    model, x = tiny("bert"), tokens()
+    # A masked pixel's value is invisible to the model: its token embedding is zeroed, position kept.
+    other = x.clone()
+    other[mask[:3]] = (x[mask[:3]] + 7) % 512
+    torch.testing.assert_close(model(x, mask[:3]), model(other, mask[:3]), rtol=0, atol=0)
+    emb = model.embed(x, mask[:3])
+    torch.testing.assert_close(emb[mask[:3]], model.wpe.weight[:64].expand(3, -1, -1)[mask[:3]])
+    # The loss counts masked positions only.
+    logits = model(x, mask[:3])
+    expected = torch.nn.functional.cross_entropy(logits[mask[:3]], x[mask[:3]])
+    torch.testing.assert_close(objective_loss(logits, x, mask[:3]), expected)
+
+
+def test_kv_cache_step_equals_full_forward():
+    model, x = tiny(), tokens(batch=2)
+    full = model(x)
+    cache = KVCache(model.cfg, 2, torch.device("cpu"), torch.float32)
+    first = model.step(x[:, :0], cache)  # SOS alone -> pixel 0
+    after_prefix = model.step(x[:, :10], cache)  # a prefix in one call -> pixel 10
+    rest = [model.step(x[:, t : t + 1], cache) for t in range(10, 63)]  # one pixel a call -> 11..63
+    torch.testing.assert_close(first, full[:, 0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.stack([after_prefix, *rest], 1), full[:, 10:], rtol=1e-4, atol=1e-5)
+
+
+def test_features_shapes_and_values():
+    model, x = tiny(), tokens()
+    feats = model.features(x, [0, 1, 2])
+    assert {k: v.shape for k, v in feats.items()} == {l: (3, 32) for l in (0, 1, 2)}
+    # Layer 0 is the first block's normalised input; layer n_layer the final norm's output.
+    torch.testing.assert_close(feats[0], model.h[0].ln_1(model.embed(x)).mean(1))
+    _, pooled = model.forward_pooled(x)
+    torch.testing.assert_close(feats[2], pooled)
+    with pytest.raises(ValueError):
+        model.features(x, [3])

@@ -151,7 +151,9 @@ def hf_preprocessor_config(palette: np.ndarray, n_px: int) -> dict[str, Any]:
         "do_color_quantize": True,
         "do_resize": True,
         "size": {"height": n_px, "width": n_px},
-        "resample": 2,  # PIL bilinear, HF's default
+        # PIL bicubic, the filter of data_tools.images (HF's default is bilinear). HF squashes a non-square
+        # image where we centre-crop it, so only already-square inputs resize (nearly) as our shards do.
+        "resample": 3,
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,  # (x/255 - 0.5) / 0.5 = x/127.5 - 1

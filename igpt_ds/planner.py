@@ -1,0 +1,370 @@
+"""Capacity planner: memory per GPU, communication and step time of every iGPT layout, 1 to 1024 GPUs.
+
+For a model, a global batch and a cluster it enumerates layouts — ZeRO stage 0-3 data parallel, with
+or without optimizer / parameter offload, pipeline x data parallel (ZeRO-0/1, as DeepSpeed's pipeline
+engine requires), activation checkpointing on or off, every micro-batch that divides the batch — and
+estimates for each:
+
+- memory per GPU: bf16 parameters, gradients, fp32 master weights + Adam moments (ZeRO, Rajbhandari
+  et al. 2020: partitioned over data-parallel ranks from stage 3, 2, 1 respectively), the ZeRO-3
+  working set of one gathered layer, DeepSpeed's communication buckets, activations (itemised per
+  layer below; with checkpointing one block input per layer plus one block recomputed), and the
+  transient fp32 gradient copy of the optimizer step. Peak = states + buckets + max(activations,
+  step transient): activations are gone by the time the optimizer steps.
+- communication per optimizer step through each GPU's link (ring collectives move (D-1)/D of the
+  data): ZeRO-0/1 one all-reduce of the gradients, ZeRO-2 a reduce-scatter every micro-batch and one
+  parameter all-gather, ZeRO-3 two all-gathers and a reduce-scatter every micro-batch; pipeline
+  activations and their gradients at every stage boundary.
+- step time: compute from the measured single-GPU tokens/s at this shape (or peak x an assumed MFU),
+  x 4/3 with recomputation, x (1 + (P-1)/m) pipeline bubble for 1F1B with m micro-batches (Narayanan
+  et al. 2021); plus communication not hidden behind compute (`overlap`), plus offload traffic over
+  PCIe and the CPU Adam step, which DeepSpeed does not overlap.
+
+Checked in tests/test_planner.py against DeepSpeed's own estimators (estimate_zero3/zero2_model_states_
+mem_needs) and against bytes measured on a real model on the CPU. The step-time model is only as good
+as `tokens_per_s` and `overlap`: calibrate both with bench/train_throughput.py on the target machine.
+
+Command: `python launcher/plan.py --model.size igpt-l --train.global_batch 128 --cluster.gpus '[1,8,64,1024]'`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from igpt_ds.config import ConfigError, ModelConfig, PretrainConfig
+from igpt_ds.flops import train_flops_per_token
+from igpt_ds.model import IGPT
+
+GIB = 2**30
+BF16, FP32 = 2, 4
+ADAM_STATES = 12
+"""fp32 master weights + Adam m + Adam v, bytes per parameter."""
+OFFLOADS = ("none", "optimizer", "param")
+
+# DeepSpeed 0.19.8 defaults for what the policy JSON may leave out (runtime/zero/config.py).
+DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7, "contiguous_gradients": True}
+
+
+@dataclass
+class ClusterConfig:
+    gpus: list[int] = field(default_factory=lambda: [1, 8, 64, 256, 1024])
+    """GPU counts to plan for; each gets its fastest layout that fits."""
+    gpus_per_node: int = 8
+    gpu_mem_gib: float = 139.0
+    """Memory per GPU as torch reports it (H200: 139 GiB)."""
+    usable_fraction: float = 0.9
+    """Share of gpu_mem_gib a plan may fill: the CUDA context and allocator fragmentation take the rest."""
+    intra_node_gbps: float = 450.0
+    """GB/s per GPU inside a node, one direction (NVLink 4: 900 GB/s both ways)."""
+    inter_node_gbps: float = 50.0
+    """GB/s per GPU between nodes (one 400 Gb/s NIC per GPU)."""
+    pcie_gbps: float = 50.0
+    """GB/s host <-> GPU, for offloaded states."""
+    cpu_mem_gib: float = 2000.0
+    """Host memory per node, for offloaded states."""
+    cpu_adam_params_per_s: float = 2e9
+    """Parameters per second one node's CPUs update with DeepSpeed's CPU Adam (assumption: measure it)."""
+    tokens_per_s: float = 0.0
+    """Measured single-GPU training tokens/s at this model shape (bench/train_throughput.py);
+    0 = peak_tflops x assumed_mfu."""
+    measured_micro_batch: int = 16
+    """Micro-batch at which tokens_per_s was measured (or assumed_mfu holds)."""
+    half_rate_tokens: float = 2048.0
+    """Tokens per micro-batch at which a GPU runs at half its large-batch rate (launch overheads, thin
+    matrix products): rate(m tokens) ∝ m / (m + half_rate_tokens). An assumption: fit it to the
+    micro-batch sweep of bench/gpu_matrix.sh."""
+    peak_tflops: float = 989.0
+    assumed_mfu: float = 0.4
+    overlap: float = 0.5
+    """Share of communication time hidden behind compute (DeepSpeed overlap_comm, prefetch); calibrate."""
+
+    def __post_init__(self) -> None:
+        if not self.gpus or min(self.gpus) < 1:
+            raise ConfigError(f"cluster.gpus={self.gpus} must be a list of GPU counts > 0")
+        if not (0 < self.usable_fraction <= 1 and 0 <= self.overlap <= 1):
+            raise ConfigError("cluster.usable_fraction and cluster.overlap must lie in [0, 1]")
+        if min(self.intra_node_gbps, self.inter_node_gbps, self.pcie_gbps, self.tokens_per_s + 1) <= 0:
+            raise ConfigError("cluster bandwidths must be > 0 and cluster.tokens_per_s >= 0")
+
+
+@dataclass
+class PlanConfig(PretrainConfig):
+    """A pretraining config (same YAML presets) plus the cluster to plan for."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """What the DeepSpeed policy JSON decides that changes memory."""
+
+    grad_accum_bytes: int = FP32
+    """Gradient accumulation dtype: fp32 (4) keeps bf16 accumulation error out of long accumulations."""
+    reduce_bucket: float = DS_DEFAULTS["reduce_bucket_size"]
+    """Elements of each gradient-reduction buffer, allocated whole whatever the model's size."""
+    prefetch_bucket: float = DS_DEFAULTS["stage3_prefetch_bucket_size"]
+    """ZeRO-3: elements of parameters gathered ahead of use."""
+    contiguous_gradients: bool = DS_DEFAULTS["contiguous_gradients"]
+    overlap_comm: bool | None = None
+    """None: DeepSpeed's default, on for ZeRO-3 only. ZeRO-1/2 then double-buffer the reduction."""
+    fused_optimizer: bool = False
+    """igpt_ds.engine steps with torch.optim.AdamW (foreach: two fp32 temporaries); True for a fused Adam."""
+
+    @classmethod
+    def from_policy(cls, policy: dict[str, Any]) -> Knobs:
+        zero = policy.get("zero_optimization", {})
+        # DeepSpeed accumulates in the model's dtype unless data_types.grad_accum_dtype says otherwise.
+        model_dtype = "bf16" if policy.get("bf16", {}).get("enabled") else "fp32"
+        accum = policy.get("data_types", {}).get("grad_accum_dtype", model_dtype)
+        return cls(
+            grad_accum_bytes=FP32 if accum in ("fp32", "float32") else BF16,
+            reduce_bucket=float(zero.get("reduce_bucket_size", DS_DEFAULTS["reduce_bucket_size"])),
+            prefetch_bucket=float(zero.get("stage3_prefetch_bucket_size", DS_DEFAULTS["stage3_prefetch_bucket_size"])),
+            contiguous_gradients=bool(zero.get("contiguous_gradients", DS_DEFAULTS["contiguous_gradients"])),
+            overlap_comm=zero.get("overlap_comm"),
+        )
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the planner needs from a model, counted on the meta device."""
+
+    cfg: ModelConfig
+    params: int
+    block_params: int
+    """Parameters of one transformer block."""
+    edge_params: int
+    """The larger of the embedding (first pipeline stage) and the final norm + head (last stage)."""
+    largest_layer: int
+    """Largest parameter count directly in one module, as DeepSpeed's model_to_params counts it."""
+    flops_per_token: float
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> Shape:
+        with torch.device("meta"):
+            model = IGPT(cfg)
+        count = lambda m: sum(p.numel() for p in m.parameters())
+        embed = count(model.wte) + count(model.wpe) + model.sos.numel()
+        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+        head = count(model.ln_f) + count(model.lm_head)
+        return cls(cfg, count(model), count(model.h[0]), max(embed, head), largest, train_flops_per_token(cfg))
+
+    def stage_params(self, pp: int) -> int:
+        """Parameters on the most loaded of `pp` pipeline stages (blocks split evenly, ends add their layers)."""
+        if pp == 1:
+            return self.params
+        return math.ceil(self.cfg.n_layer / pp) * self.block_params + self.edge_params
+
+
+@dataclass(frozen=True)
+class Layout:
+    zero_stage: int
+    pp: int = 1
+    offload: str = "none"
+    checkpointing: bool = False
+    micro_batch: int = 1
+
+    def __post_init__(self) -> None:
+        if (
+            self.offload not in OFFLOADS
+            or self.offload != "none"
+            and self.zero_stage < {"optimizer": 1, "param": 3}[self.offload]
+        ):
+            raise ConfigError(
+                f"offload={self.offload!r}: one of {OFFLOADS}; 'optimizer' needs ZeRO >= 1, 'param' ZeRO-3"
+            )
+        if self.pp > 1 and (self.zero_stage > 1 or self.offload != "none"):
+            raise ConfigError("DeepSpeed's pipeline engine takes ZeRO stage 0 or 1 and no offload")
+
+    @property
+    def name(self) -> str:
+        parts = [f"pp{self.pp}" if self.pp > 1 else "", f"zero{self.zero_stage}"]
+        parts += [f"offload-{self.offload}" if self.offload != "none" else "", "ckpt" if self.checkpointing else ""]
+        return "+".join(p for p in parts if p)
+
+
+def activation_bytes_per_token(cfg: ModelConfig, norm_bytes: int = BF16) -> dict[str, float]:
+    """Bytes one token's activations keep for backward, per block and for the head, bf16 compute.
+
+    Per block (h = n_embd, a = n_head): two norm inputs (`norm_bytes` each per element: bf16 with
+    CUDA's fused RMS norm; CPU's composite norm keeps an fp32 input and output, 8); the c_attn input
+    2h; q, k, v 6h; SDPA output 2h + fp32 log-sum-exp 4a; c_proj input (a contiguous copy) 2h; c_fc
+    input 2h; quick-GELU keeps c_fc's output 8h and the sigmoid 8h; the MLP c_proj input 8h. The
+    flash / memory-efficient SDPA kernels keep no T x T matrix. Head: final-norm input, lm_head input
+    2h, and the fp32 log-softmax the loss keeps, 4·n_vocab.
+    """
+    h = cfg.n_embd
+    block = 2 * norm_bytes * h + (2 + 6 + 2 + 2 + 2 + 8 + 8 + 8) * h + 4 * cfg.n_head
+    head = norm_bytes * h + 2 * h + 4 * cfg.n_vocab
+    return {"block": block, "head": head, "block_input": BF16 * h}
+
+
+def memory(shape: Shape, layout: Layout, dp: int, accum: int, knobs: Knobs, norm_bytes: int = BF16) -> dict[str, float]:
+    """Bytes per GPU by kind (see module docstring) for `accum` micro-batches per step; 'peak' must fit.
+
+    'model_states' (parameters, gradients, optimizer states, ZeRO-3 working layer) is what DeepSpeed's
+    estimate_zero3_model_states_mem_needs counts; 'step_transient' comes on top during the step.
+    """
+    n = shape.stage_params(layout.pp)
+    s, off = layout.zero_stage, layout.offload
+    part = lambda from_stage: dp if s >= from_stage else 1  # ZeRO partitions this state from that stage on
+    fp32_beside = knobs.grad_accum_bytes == FP32 and s <= 1
+    mem = {
+        "params": 0.0 if off == "param" else BF16 * n / part(3),
+        # With fp32 accumulation at stage 0/1, DeepSpeed's BF16_Optimizer keeps the bf16 .grad beside it.
+        "grads": 0.0 if off != "none" else knobs.grad_accum_bytes * n / part(2) + (BF16 * n if fp32_beside else 0),
+        "optimizer": 0.0 if off != "none" else ADAM_STATES * n / part(1),
+    }
+    # ZeRO-3 gathers one layer's bf16 parameters and produces its full bf16 gradient before reduce-scatter.
+    mem["zero3_working"] = 2 * BF16 * shape.largest_layer if s == 3 else 0.0
+    # With contiguous gradients DeepSpeed reduces through buffers of reduce_bucket elements: ZeRO-1/2
+    # stage them in the accumulation dtype (two with overlap_comm), ZeRO-3 in bf16; ZeRO-3 also keeps
+    # up to prefetch_bucket elements of parameters gathered ahead.
+    buckets = 0.0
+    reduce_buffer = knobs.reduce_bucket if knobs.contiguous_gradients else 0.0
+    if s in (1, 2):
+        buckets = (2 if knobs.overlap_comm else 1) * knobs.grad_accum_bytes * reduce_buffer
+    elif s == 3:
+        buckets = BF16 * (reduce_buffer + min(knobs.prefetch_bucket, n))
+    mem["buckets"] = buckets
+    act = activation_bytes_per_token(shape.cfg, norm_bytes)
+    tokens = layout.micro_batch * shape.cfg.seq_len
+    layers = math.ceil(shape.cfg.n_layer / layout.pp)
+    if layout.checkpointing:  # block inputs kept, one block's activations live while it is recomputed
+        per_micro = tokens * (layers * act["block_input"] + act["block"])
+    else:
+        per_micro = tokens * layers * act["block"]
+    in_flight = min(layout.pp, accum)  # 1F1B: stage 0 holds up to pp micro-batches' activations
+    # The last stage (or the only one) also keeps the head's activations of the micro-batch in hand.
+    mem["activations"] = per_micro * in_flight + tokens * act["head"]
+    # The optimizer step flattens the local gradient partition into a new fp32 tensor (DeepSpeed
+    # copies even when gradients accumulate in fp32); torch's foreach Adam adds two fp32 temporaries.
+    step = FP32 + (0 if knobs.fused_optimizer else 2 * FP32)
+    mem["step_transient"] = 0.0 if off != "none" else step * n / part(1)
+    mem["model_states"] = mem["params"] + mem["grads"] + mem["optimizer"] + mem["zero3_working"]
+    mem["peak"] = mem["model_states"] + buckets + max(mem["activations"], mem["step_transient"])
+    return mem
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    n_gpus: int
+    dp: int
+    grad_accum: int
+    mem_gib: dict[str, float]
+    cpu_mem_gib_per_node: float
+    comm_gb: float
+    """Bytes through each GPU's link per optimizer step, GB."""
+    compute_s: float
+    comm_s: float
+    offload_s: float
+    step_s: float
+    tokens_per_s: float
+    fits: bool
+
+    def row(self) -> dict[str, Any]:
+        return dict(asdict(self), layout=self.layout.name, **{f"layout_{k}": v for k, v in asdict(self.layout).items()})
+
+
+def estimate(
+    shape: Shape, layout: Layout, n_gpus: int, global_batch: int, cluster: ClusterConfig, knobs: Knobs
+) -> Estimate:
+    """Memory, communication and step time of one layout on `n_gpus` (which it must divide evenly)."""
+    cfg = shape.cfg
+    dp = n_gpus // layout.pp
+    accum = global_batch // (layout.micro_batch * dp)
+    n = shape.stage_params(layout.pp)
+    mem = memory(shape, layout, dp, accum, knobs)
+    ring = (dp - 1) / dp
+    grads = BF16 * n * ring
+    s = layout.zero_stage
+    comm = {0: 2 * grads, 1: 2 * grads, 2: accum * grads + grads, 3: 3 * accum * grads}[s]
+    dp_gbps = cluster.intra_node_gbps if dp <= cluster.gpus_per_node else cluster.inter_node_gbps
+    comm_s = comm / (dp_gbps * 1e9)
+    if layout.pp > 1:  # activations forward and their gradients backward, every micro-batch, every boundary
+        p2p = 2 * accum * layout.micro_batch * cfg.seq_len * cfg.n_embd * BF16
+        p2p_gbps = cluster.intra_node_gbps if n_gpus <= cluster.gpus_per_node else cluster.inter_node_gbps
+        comm += p2p
+        comm_s += p2p / (p2p_gbps * 1e9)
+    rate = cluster.tokens_per_s or cluster.peak_tflops * 1e12 * cluster.assumed_mfu / shape.flops_per_token
+    efficiency = lambda micro: micro * cfg.seq_len / (micro * cfg.seq_len + cluster.half_rate_tokens)
+    rate *= efficiency(layout.micro_batch) / efficiency(cluster.measured_micro_batch)
+    compute_s = global_batch * cfg.seq_len / dp / rate / layout.pp
+    compute_s *= 4 / 3 if layout.checkpointing else 1.0
+    compute_s *= 1 + (layout.pp - 1) / accum
+    offload_s = 0.0
+    if layout.offload != "none":  # gradients down, updated bf16 parameters up, CPU Adam in between
+        local = n / dp
+        offload_s = (knobs.grad_accum_bytes + BF16) * local / (cluster.pcie_gbps * 1e9)
+        offload_s += local * min(n_gpus, cluster.gpus_per_node) / cluster.cpu_adam_params_per_s
+        if layout.offload == "param":  # every micro-batch fetches its partition forward and backward
+            offload_s += 2 * accum * BF16 * local / (cluster.pcie_gbps * 1e9)
+    step_s = compute_s + comm_s - cluster.overlap * min(compute_s, comm_s) + offload_s
+    cpu_per_gpu = (knobs.grad_accum_bytes + ADAM_STATES) * n / dp if layout.offload != "none" else 0.0
+    cpu_per_gpu += BF16 * n / dp if layout.offload == "param" else 0.0
+    cpu_node = cpu_per_gpu * min(n_gpus, cluster.gpus_per_node) / GIB
+    fits = mem["peak"] <= cluster.usable_fraction * cluster.gpu_mem_gib * GIB and cpu_node <= cluster.cpu_mem_gib
+    return Estimate(
+        layout,
+        n_gpus,
+        dp,
+        accum,
+        {k: v / GIB for k, v in mem.items()},
+        cpu_node,
+        comm / 1e9,
+        compute_s,
+        comm_s,
+        offload_s,
+        step_s,
+        global_batch * cfg.seq_len / step_s,
+        fits,
+    )
+
+
+def layouts(shape: Shape, n_gpus: int, global_batch: int) -> Iterator[Layout]:
+    """Every layout DeepSpeed can run for this model on `n_gpus` at this global batch."""
+    pps = [p for p in range(1, shape.cfg.n_layer + 1) if n_gpus % p == 0]  # stages may hold unequal blocks
+    for pp, stage, offload, ckpt in itertools.product(pps, range(4), OFFLOADS, (False, True)):
+        if pp > 1 and (stage > 1 or offload != "none"):
+            continue
+        if offload == "optimizer" and stage == 0 or offload == "param" and stage != 3:
+            continue  # DeepSpeed offloads ZeRO's partitioned states: none to offload at stage 0
+        dp = n_gpus // pp
+        for micro in (1, 2, 4, 8, 16, 32, 64):
+            if global_batch % (micro * dp) == 0:
+                yield Layout(stage, pp, offload, ckpt, micro)
+
+
+def plan(cfg: PlanConfig, knobs: Knobs) -> dict[int, list[Estimate]]:
+    """For each GPU count of cfg.cluster.gpus, every layout, fastest first (those that fit before the rest)."""
+    shape = Shape.of(cfg.model)
+    out = {}
+    for n_gpus in cfg.cluster.gpus:
+        rows = [
+            estimate(shape, lay, n_gpus, cfg.train.global_batch, cfg.cluster, knobs)
+            for lay in layouts(shape, n_gpus, cfg.train.global_batch)
+        ]
+        out[n_gpus] = sorted(rows, key=lambda e: (not e.fits, -e.tokens_per_s, e.mem_gib["peak"]))
+    return out
+
+
+def format_table(rows: list[Estimate]) -> str:
+    """Markdown table of estimates."""
+    cols = ["GPUs", "layout", "dp", "micro", "accum", "params", "grads", "optim", "act", "peak GiB", "comm GB"]
+    cols += ["step s", "tokens/s", "fits"]
+    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    for e in rows:
+        m = e.mem_gib
+        lines.append(
+            f"| {e.n_gpus} | {e.layout.name} | {e.dp} | {e.layout.micro_batch} | {e.grad_accum} | {m['params']:.2f} | "
+            f"{m['grads']:.2f} | {m['optimizer']:.2f} | {m['activations']:.2f} | {m['peak']:.2f} | {e.comm_gb:.2f} | "
+            f"{e.step_s:.3f} | {e.tokens_per_s:,.0f} | {'yes' if e.fits else 'no'} |"
+        )
+    return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Conversion between HF transformers' ImageGPT and our consolidated checkpoints (+ palette).
 
 Why: OpenAI's released iGPT-S/M/L weights reach most users as HF ImageGPT directories
-(`config.json` + `model.safetensors`, and a `preprocessor_config.json` holding the colour `clusters`).
+(`config.json` + `model.safetensors` or `pytorch_model.bin`, and a `preprocessor_config.json` holding
+the colour `clusters`).
 Both directions work on the files alone; `transformers` is needed only to *run* the HF model.
 
 The two implementations are the same network (Chen et al. 2020, §3; REFERENCE.md "Model"):

@@ -1,0 +1,365 @@
+"""Build pre-tokenized, memory-mappable pixel shards from an image source.
+
+Reference: Chen et al. 2020, §3.1 / REFERENCE.md "Preprocessing" (n_px² raster order, k-means
+palette of 512 colours in x/127.5 - 1, 10% of train held out as validation).
+
+Launch:
+    python -m data_tools.build_shards SOURCE --out DIR [--n-px 32] [--k 512 | --palette FILE]
+    igpt-build-shards digits --out demo_out/shards --n-px 8        # the embedded default source
+
+SOURCE: an image folder (class-per-subfolder or flat, optionally train/val/test subfolders), a
+CIFAR-10/100 python folder or .tar.gz, a .npz/.npy of uint8 images, or `digits`.
+
+Output (read by igpt_ds.shards.ShardSplit; format_version 1):
+    DIR/manifest.json                    counts, checksums, palette, classes, source, arguments
+    DIR/palette.npy                      (k, 3) float32 in [-1, 1]
+    DIR/<split>/shard-00000.tokens       raw little-endian uint16 (n, n_px²), row-major (y, x)
+    DIR/<split>/shard-00000.labels.npy   int64 (n,), -1 = unlabelled
+    DIR/problems.txt                     skipped files, one "name<TAB>reason" per line
+Everything is written to a temporary sibling folder and renamed into place at the end, so DIR
+never holds a partial conversion. The bytes do not depend on --workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import socket
+import sys
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from data_tools import UserError
+from data_tools.images import RESIZE_MODES, load_rgb
+from data_tools.sources import Source, Split, hold_out_val, open_source
+from igpt_ds.palette import MAX_K, PaletteError, encode, fit_palette, load_palette, palette_lut
+from igpt_ds.shards import FORMAT_VERSION, MANIFEST, TOKEN_DTYPE, ShardError
+
+CHUNK = 64
+"""Images per worker task: small enough to balance, large enough to amortise the messaging."""
+
+BAR = {"disable": None, "unit": "img"}
+"""Progress bars only on a terminal: batch logs stay readable and errors stay one line."""
+
+PIXEL_POOL = 4
+"""The palette sample is drawn from the pixels of PIXEL_POOL × (samples / n_px²) random training
+images: neighbouring pixels are alike, so more images give a more varied sample."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="igpt-build-shards", description=__doc__.split("\n\n")[0])
+    p.add_argument("source", help="image folder, CIFAR folder/.tar.gz, .npz/.npy, or 'digits'")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must not hold shards yet)")
+    p.add_argument("--n-px", type=int, default=32, help="image side in pixels (sequence = n_px²)")
+    p.add_argument("--resize", choices=RESIZE_MODES, default="center-crop", help="how non-square images are cut")
+    p.add_argument("--k", type=int, default=None, help="palette size to fit (default 512)")
+    p.add_argument("--palette", type=Path, default=None, help="use this (k, 3) .npy palette instead of fitting")
+    p.add_argument("--palette-samples", type=int, default=1_000_000, help="training pixels the palette is fit on")
+    p.add_argument("--shard-size", type=int, default=10_000, help="images per shard file at most")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="train held out as val if the source has none")
+    p.add_argument("--seed", type=int, default=0, help="seed of the val split, the pixel sample and k-means")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="decoding processes")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of skipping")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        build(args)
+    except (UserError, PaletteError, ShardError) as e:
+        print(f"igpt-build-shards: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build(args: argparse.Namespace) -> Path:
+    """Convert `args.source` into shards at `args.out`; raises UserError before writing anything."""
+    out = _check_args(args)
+    palette = load_palette(args.palette) if args.palette else None
+    if palette is not None and args.k is not None and args.k != len(palette):
+        raise UserError(f"--k {args.k} disagrees with --palette {args.palette} ({len(palette)} colours); drop --k")
+    source = hold_out_val(open_source(args.source), args.val_fraction, args.seed)
+    if args.strict and source.problems:
+        raise UserError(f"{source.problems[0][0]}: {source.problems[0][1]} (--strict)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    tmp = _sibling(out, "tmp")
+    tmp.mkdir()
+    try:
+        if palette is None:
+            palette = fit_palette(_sample_pixels(source.splits["train"], args), args.k or 512, args.seed)
+        lut = palette_lut(palette, args.palette)
+        manifest = _write_shards(tmp, source, palette, lut, args)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(_summary(out, manifest))
+    return out
+
+
+def _check_args(args: argparse.Namespace) -> Path:
+    if args.n_px <= 0:
+        raise UserError(f"--n-px {args.n_px} must be positive (32, 48 or 64 in the paper)")
+    if args.k is not None and not 2 <= args.k <= MAX_K:
+        raise UserError(f"--k {args.k} is out of range; choose 2 <= k <= {MAX_K} (512 in the paper)")
+    for name in ("palette_samples", "shard_size", "workers"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
+    out = args.out.absolute()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out} is a file; choose a folder")
+    if (out / MANIFEST).exists() and not args.overwrite:
+        raise UserError(f"--out {args.out} already holds shards; pass --overwrite to replace them")
+    if out.is_dir() and not (out / MANIFEST).exists() and any(out.iterdir()):
+        raise UserError(f"--out {args.out} is not empty and holds no {MANIFEST}; choose an empty or new folder")
+    return out
+
+
+def _sample_pixels(train: Split, args: argparse.Namespace) -> np.ndarray:
+    """`--palette-samples` random pixels (N, 3) uint8 of resized training images, in random order."""
+    rng = np.random.default_rng(args.seed)
+    n_img = min(len(train), math.ceil(PIXEL_POOL * args.palette_samples / args.n_px**2))
+    chosen = train.subset(np.sort(rng.choice(len(train), n_img, replace=False)))
+    pixels = []
+    with _Workers(args.workers, args.n_px, args.resize, lut=None) as workers:
+        chunks = tqdm(workers.map(_tasks(chosen)), total=math.ceil(n_img / CHUNK), desc="palette pixels", **BAR)
+        for rgb, problems in chunks:
+            if problems and args.strict:
+                raise UserError(f"{chosen.name(problems[0][0])}: {problems[0][1]} (--strict)")
+            pixels.append(rgb.reshape(-1, 3))
+    pixels = np.concatenate(pixels)
+    if not len(pixels):
+        raise UserError(f"no readable images among {n_img} training samples; see the files in the source")
+    return pixels[rng.choice(len(pixels), min(args.palette_samples, len(pixels)), replace=False)]
+
+
+def _write_shards(tmp: Path, source: Source, palette: np.ndarray, lut: np.ndarray, args: argparse.Namespace) -> dict:
+    palette_bytes = _npy_bytes(palette)
+    _write(tmp / "palette.npy", palette_bytes)
+    problems = list(source.problems)
+    splits = {}
+    total = sum(len(s) for s in source.splits.values())
+    with _Workers(args.workers, args.n_px, args.resize, lut) as workers, tqdm(total=total, desc="encode", **BAR) as bar:
+        for name, split in source.splits.items():
+            writer = _ShardWriter(tmp, name, args.shard_size)
+            for (tokens, failed), start in zip(workers.map(_tasks(split)), range(0, len(split), CHUNK), strict=True):
+                labels = split.labels[start : start + CHUNK]
+                bad = {start + j: reason for j, reason in failed}
+                if bad and args.strict:
+                    p, reason = next(iter(bad.items()))
+                    raise UserError(f"{split.name(p)}: {reason} (--strict)")
+                problems += [(split.name(p), reason) for p, reason in bad.items()]
+                writer.write(tokens, np.delete(labels, [j for j, _ in failed]))
+                bar.update(len(labels))
+            splits[name] = writer.finish()
+    _write(tmp / "problems.txt", "".join(f"{n}\t{r}\n" for n, r in problems).encode())
+    if not splits["train"]["n"]:
+        raise UserError(f"none of the {len(source.splits['train'])} training images could be read; see problems")
+    # --workers and --overwrite cannot change the bytes and --out is where they are: leaving them
+    # out keeps the manifest identical for any worker count and valid after a move.
+    recorded = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "n_px": args.n_px,
+        "seq_len": args.n_px**2,
+        "n_vocab": len(palette),
+        "palette": {"file": "palette.npy", "sha256": hashlib.sha256(palette_bytes).hexdigest()},
+        "class_names": source.class_names,
+        "source": source.description,
+        "args": {k: v for k, v in recorded.items() if k not in ("workers", "overwrite", "out")},
+        "splits": splits,
+        "skipped": len(problems),
+    }
+    _write(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())  # last: marks a complete folder
+    return manifest
+
+
+class _ShardWriter:
+    """Streams one split's tokens into shard files of at most `shard_size` rows."""
+
+    def __init__(self, root: Path, split: str, shard_size: int):
+        self.root, self.split, self.shard_size = root, split, shard_size
+        (root / split).mkdir()
+        self.shards: list[dict[str, Any]] = []
+        self._file = None  # the open shard, with its hash, name and labels so far
+        self._labels: list[np.ndarray] = []
+        self._rows = 0
+
+    def write(self, tokens: np.ndarray, labels: np.ndarray) -> None:
+        while len(tokens):
+            if self._file is None:
+                self._stem = f"{self.split}/shard-{len(self.shards):05d}"
+                self._file = open(self.root / f"{self._stem}.tokens", "wb")
+                self._hash = hashlib.sha256()
+            take = self.shard_size - self._rows
+            data = tokens[:take].astype(TOKEN_DTYPE).tobytes()
+            self._file.write(data)
+            self._hash.update(data)
+            self._labels.append(labels[:take])
+            self._rows += len(labels[:take])
+            tokens, labels = tokens[take:], labels[take:]
+            if self._rows == self.shard_size:
+                self._close()
+
+    def _close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        labels = np.concatenate(self._labels).astype("<i8")
+        self._labels, self._rows = [], 0
+        labels_bytes = _npy_bytes(labels)
+        _write(self.root / f"{self._stem}.labels.npy", labels_bytes)
+        entry = {"tokens": f"{self._stem}.tokens", "labels": f"{self._stem}.labels.npy", "n": len(labels)}
+        entry.update(sha256=self._hash.hexdigest(), labels_sha256=hashlib.sha256(labels_bytes).hexdigest())
+        self.shards.append(entry)
+
+    def finish(self) -> dict[str, Any]:
+        if self._file is not None:
+            self._close()
+        return {"n": sum(s["n"] for s in self.shards), "shards": self.shards}
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(n_px: int, resize: str, lut: np.ndarray | None) -> None:
+    _STATE.update(n_px=n_px, resize=resize, lut=lut)
+
+
+def _convert(items: list[str] | np.ndarray) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Decode and resize `items`: their tokens (m, n_px²) uint16, or their RGB (m, n_px, n_px, 3)
+    without a table, for the ones that could be read; plus (item number, reason) for the others."""
+    n_px, lut = _STATE["n_px"], _STATE["lut"]
+    done, failed = [], []
+    for j, item in enumerate(items):
+        try:
+            rgb = load_rgb(item, n_px, _STATE["resize"])
+        except Exception as e:  # Pillow raises many types for bad files; each is a skipped file
+            failed.append((j, f"{type(e).__name__}: {e}"))
+            continue
+        done.append(rgb if lut is None else encode(rgb, lut).reshape(-1))
+    shape = (0, n_px, n_px, 3) if lut is None else (0, n_px * n_px)
+    return (np.stack(done) if done else np.zeros(shape, np.uint8 if lut is None else np.uint16)), failed
+
+
+def _tasks(split: Split) -> Iterator[list[str] | np.ndarray]:
+    return (split.take(start, start + CHUNK) for start in range(0, len(split), CHUNK))
+
+
+class _Workers:
+    """`map` runs `_convert` over tasks in order: in this process, or in a pool of processes."""
+
+    def __init__(self, n: int, n_px: int, resize: str, lut: np.ndarray | None):
+        # spawn: workers start clean (no copied threads or locks) and get the table once each.
+        ctx = multiprocessing.get_context("spawn")
+        self.pool = ctx.Pool(n, _init_worker, (n_px, resize, lut)) if n > 1 else None
+        if self.pool is None:
+            _init_worker(n_px, resize, lut)
+        self.window = 4 * n
+
+    def map(self, tasks: Iterable) -> Iterator[tuple[np.ndarray, list[tuple[int, str]]]]:
+        if self.pool is None:
+            yield from map(_convert, tasks)
+            return
+        pending = deque()  # at most `window` tasks in flight: memory stays bounded on any source
+        for task in tasks:
+            pending.append(self.pool.apply_async(_convert, (task,)))
+            if len(pending) >= self.window:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """A hidden sibling of `out` named by host and pid, so a rerun can tell whether it is stale."""
+    return out.parent / f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_stale(out: Path) -> None:
+    """Delete temporary siblings left by killed runs on this host (a live pid's are kept)."""
+    for path in out.parent.glob(f".{out.name}.*-{socket.gethostname()}-*"):
+        pid = path.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place. An old one is renamed aside first and deleted after,
+    so `out` is always either absent, the old complete folder or the new complete folder."""
+    old = _sibling(out, "old") if out.exists() else None
+    if old is not None:
+        out.rename(old)
+    tmp.rename(out)
+    fd = os.open(out.parent, os.O_RDONLY)  # make the renames durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _summary(out: Path, manifest: dict) -> str:
+    counts = ", ".join(f"{s} {v['n']}" for s, v in manifest["splits"].items())
+    n_shards = sum(len(v["shards"]) for v in manifest["splits"].values())
+    size = f"{manifest['n_px']}x{manifest['n_px']}"
+    return f"{out}: {counts} images of {size} over {manifest['n_vocab']} colours in {n_shards} shards; " + (
+        f"{manifest['skipped']} skipped (problems.txt)"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

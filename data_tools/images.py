@@ -1,0 +1,78 @@
+"""One image -> an n_px × n_px uint8 RGB array: mode conversion, square crop, antialiased resize.
+
+Reference: Chen et al. 2020, §3.1 / REFERENCE.md "Preprocessing": images are downsampled to
+n_px² (32, 48 or 64); evaluation uses a centre crop. Used by data_tools.build_shards workers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+RESIZE_MODES = ("center-crop", "short-side")
+"""center-crop: cut the largest centred square, then resize it to n_px (the whole short side kept).
+short-side: resize the short side to n_px, then cut the centred n_px square (torchvision's
+Resize + CenterCrop, the paper's evaluation transform). They differ only in resampling at the crop
+border."""
+
+BACKGROUND = (255, 255, 255)
+"""Transparent pixels are composited on white, as viewers show them."""
+
+_FILTER = Image.Resampling.BICUBIC  # Pillow widens the kernel when shrinking: antialiased
+_REDUCING_GAP = 3.0  # box-reduce big images first; Pillow documents 3.0 as indistinguishable
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow image as RGB.
+
+    Grey and 1-bit: replicated to three channels. Alpha (RGBA, LA, PA, palette transparency):
+    composited on `BACKGROUND`. Palette (P): through its palette. CMYK, YCbCr: Pillow's
+    conversion. 16-bit ('I;16*', and 'I' as 16-bit PNG/TIFF load): scaled by 255/65535.
+    Float ('F'): values taken as 0..255 and clipped, Pillow's own convention.
+    """
+    if img.mode in _SIXTEEN_BIT:
+        grey = np.asarray(img, dtype=np.float64) / 257.0  # 65535 / 257 = 255
+        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        background = Image.new("RGBA", img.size, BACKGROUND + (255,))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def square(img: Image.Image, n_px: int, mode: str = "center-crop") -> Image.Image:
+    """`img` cropped to its centred square and resized to n_px × n_px (see RESIZE_MODES)."""
+    w, h = img.size
+    if mode == "center-crop":
+        s = min(w, h)
+        left, top = (w - s) / 2, (h - s) / 2
+        return img.resize((n_px, n_px), _FILTER, box=(left, top, left + s, top + s), reducing_gap=_REDUCING_GAP)
+    if mode != "short-side":
+        raise ValueError(f"resize mode {mode!r} is unknown; choose one of {RESIZE_MODES}")
+    scale = n_px / min(w, h)
+    size = (max(n_px, round(w * scale)), max(n_px, round(h * scale)))
+    img = img.resize(size, _FILTER, reducing_gap=_REDUCING_GAP)
+    left, top = (size[0] - n_px) // 2, (size[1] - n_px) // 2
+    return img.crop((left, top, left + n_px, top + n_px))
+
+
+def load_rgb(item: str | np.ndarray, n_px: int, mode: str = "center-crop") -> np.ndarray:
+    """A file path or a uint8 array (H, W[, C]) -> uint8 (n_px, n_px, 3), rows of (y, x).
+
+    Raises whatever Pillow raises for unreadable, truncated or non-image files.
+    """
+    if isinstance(item, np.ndarray):
+        img = to_rgb(Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item))
+    else:
+        with Image.open(item) as f:
+            if f.format == "JPEG":
+                # Decode big JPEGs at 1/2, 1/4 or 1/8 scale in the DCT (still >= 2·n_px on the short
+                # side): full-size decoding would dominate the time to shard ImageNet.
+                f.draft(None, (2 * n_px, 2 * n_px))
+            f.load()
+            img = to_rgb(f)
+    return np.asarray(square(img, n_px, mode), dtype=np.uint8)

@@ -1,0 +1,114 @@
+"""Print a shard folder's summary and draw a PNG grid of decoded samples with their labels.
+
+Reference: Chen et al. 2020, §3.1 (decode = rint(127.5·(c + 1)), igpt_ds.palette.decode).
+
+Launch:
+    python -m data_tools.inspect_shards DIR [--split train] [--n 64] [--out grid.png] [--verify]
+    igpt-inspect-shards demo_out/shards --out demo_out/grid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from igpt_ds.palette import decode
+from igpt_ds.shards import ShardError, ShardSplit
+
+TILE = 64
+"""Samples are upscaled (nearest neighbour, whole factors) to at least this many pixels a side."""
+CAPTION = 14  # pixels of caption under each tile
+
+
+def summary(shards: ShardSplit) -> str:
+    m = shards.manifest
+    names = m["class_names"]
+    classes = f"{len(names)} ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else "none"
+    lines = [
+        f"shards     {shards.root}",
+        f"source     {m.get('source', '?')}",
+        f"images     {m['n_px']}x{m['n_px']} (seq_len {m['seq_len']}), vocabulary {m['n_vocab']} colours",
+        f"palette    {m['palette']['file']} sha256 {m['palette']['sha256'][:16]}...",
+        f"classes    {classes}",
+    ]
+    for split, entry in m["splits"].items():
+        lines.append(f"{split:<10} {entry['n']} images in {len(entry['shards'])} shards")
+    lines.append(f"skipped    {m.get('skipped', 0)} (problems.txt)")
+    return "\n".join(lines)
+
+
+def grid(shards: ShardSplit, n: int) -> Image.Image:
+    """Up to `n` samples spread evenly over the split (class-sorted sources show every class),
+    decoded with the split's palette, each captioned with its class name or label."""
+    picks = np.unique(np.linspace(0, len(shards) - 1, min(n, len(shards))).round().astype(np.int64))
+    tokens, labels = shards.batch(picks)
+    images = decode(tokens, shards.palette).reshape(len(picks), shards.n_px, shards.n_px, 3)
+    scale = max(1, math.ceil(TILE / shards.n_px))
+    side = shards.n_px * scale
+    cols = math.ceil(math.sqrt(len(picks)))
+    rows = math.ceil(len(picks) / cols)
+    canvas = Image.new("RGB", (cols * (side + 2), rows * (side + CAPTION + 2)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for k, (img, label) in enumerate(zip(images, labels, strict=True)):
+        x, y = (k % cols) * (side + 2) + 1, (k // cols) * (side + CAPTION + 2) + 1
+        canvas.paste(Image.fromarray(img).resize((side, side), Image.Resampling.NEAREST), (x, y))
+        draw.text((x, y + side), _caption(int(label), shards.class_names), fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def _caption(label: int, class_names: list[str]) -> str:
+    if label < 0:
+        return "unlabelled"
+    return class_names[label] if label < len(class_names) else str(label)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="igpt-inspect-shards", description=__doc__.split("\n\n")[0])
+    p.add_argument("root", type=Path, metavar="DIR", help="shard folder (holds manifest.json)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--n", type=int, default=64, help="samples in the grid")
+    p.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG to write")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.n < 1:
+            raise ShardError(f"--n {args.n} must be at least 1")
+        shards = ShardSplit(args.root, args.split, verify=args.verify)
+        print(summary(shards))
+        if not len(shards):
+            raise ShardError(f"split {args.split!r} of {args.root} is empty; nothing to draw")
+        _save_png(grid(shards, args.n), args.out)
+    except ShardError as e:
+        print(f"igpt-inspect-shards: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    """Through a temporary file and a rename: no half-written PNG, even if interrupted."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

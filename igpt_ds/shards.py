@@ -1,0 +1,203 @@
+"""Memory-mapped reader of pixel shards and a deterministic, resumable distributed sampler.
+
+Reference: Chen et al. 2020, §3.1 (raster-ordered colour tokens); the shards are written by
+`python -m data_tools.build_shards` (format described there). numpy only: no torch here.
+
+Memory per rank stays small on any dataset: token files are `np.memmap`ed (opened on first use,
+read row by row); only the labels (8 bytes an image) are loaded whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from igpt_ds.palette import PaletteError, load_palette
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKEN_DTYPE = np.dtype("<u2")
+
+
+class ShardError(ValueError):
+    """Missing, damaged or inconsistent shards; the message names the file."""
+
+
+def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    """The manifest of a shard folder, checked for the keys and version this reader understands."""
+    path = Path(root) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{path} not found; build shards with igpt-build-shards") from None
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{path}: not a readable manifest ({e}); rebuild the shards") from None
+    keys = ("format_version", "n_px", "seq_len", "n_vocab", "palette", "class_names", "splits")
+    missing = [k for k in keys if k not in manifest] if isinstance(manifest, dict) else list(keys)
+    if missing:
+        raise ShardError(f"{path}: lacks {', '.join(missing)}; rebuild the shards")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ShardError(f"{path}: format_version {manifest['format_version']}, this reader reads {FORMAT_VERSION}")
+    return manifest
+
+
+class ShardSplit:
+    """One split of a shard folder: `split[i]` is image i's tokens (seq_len,) uint16, no copy."""
+
+    def __init__(self, root: str | Path, split: str = "train", verify: bool = False):
+        self.root, self.split = Path(root), split
+        self.manifest = read_manifest(self.root)
+        self.n_px: int = self.manifest["n_px"]
+        self.seq_len: int = self.manifest["seq_len"]
+        self.n_vocab: int = self.manifest["n_vocab"]
+        self.class_names: list[str] = self.manifest["class_names"]
+        if split not in self.manifest["splits"]:
+            have = ", ".join(self.manifest["splits"])
+            raise ShardError(f"{self.root / MANIFEST}: no split {split!r} (has: {have})")
+        self._shards = self.manifest["splits"][split]["shards"]
+        self._offsets = np.cumsum([0] + [s["n"] for s in self._shards])  # first index of each shard
+        for s in self._shards:
+            self._check(s["tokens"], s["n"] * self.seq_len * TOKEN_DTYPE.itemsize, s["sha256"] if verify else None)
+            if verify:
+                self._check(s["labels"], None, s["labels_sha256"])
+        self.labels = np.concatenate([self._load_labels(s) for s in self._shards] or [np.zeros(0, np.int64)])
+        palette = self.manifest["palette"]
+        self._check(palette["file"], None, palette["sha256"] if verify else None)
+        try:
+            self.palette = load_palette(self.root / palette["file"])
+        except PaletteError as e:
+            raise ShardError(str(e)) from None
+        if len(self.palette) != self.n_vocab:
+            raise ShardError(f"{self.root / palette['file']}: {len(self.palette)} colours, not n_vocab={self.n_vocab}")
+        self._maps: list[np.memmap | None] = [None] * len(self._shards)
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {self.split} split of {n} images")
+        i %= n
+        shard = int(np.searchsorted(self._offsets, i, side="right")) - 1
+        return self._map(shard)[i - self._offsets[shard]]
+
+    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens int64 (B, seq_len), labels int64 (B,)) for `indices`, in their order.
+
+        Rows are read shard by shard in increasing order, which keeps disk reads sequential.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.ndim != 1 or (len(indices) and (indices.min() < 0 or indices.max() >= len(self))):
+            raise IndexError(f"indices must be 1-D in [0, {len(self)}) for the {self.split} split")
+        order = np.argsort(indices, kind="stable")
+        ordered = indices[order]
+        shard_of = np.searchsorted(self._offsets, ordered, side="right") - 1
+        tokens = np.empty((len(indices), self.seq_len), dtype=np.int64)
+        bounds = np.flatnonzero(np.diff(shard_of)) + 1
+        for rows in np.split(np.arange(len(ordered)), bounds):
+            if len(rows):
+                shard = int(shard_of[rows[0]])
+                tokens[order[rows]] = self._map(shard)[ordered[rows] - self._offsets[shard]]
+        return tokens, self.labels[indices]
+
+    def _map(self, shard: int) -> np.ndarray:
+        if self._maps[shard] is None:
+            path = self.root / self._shards[shard]["tokens"]
+            shape = (self._shards[shard]["n"], self.seq_len)
+            self._maps[shard] = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=shape).view(np.ndarray)
+        return self._maps[shard]
+
+    def _check(self, name: str, size: int | None, sha256: str | None) -> None:
+        path = self.root / name
+        if not path.is_file():
+            raise ShardError(f"{path} is missing; rebuild the shards")
+        if size is not None and path.stat().st_size != size:
+            raise ShardError(f"{path}: {path.stat().st_size} bytes, expected {size}: truncated or damaged")
+        if sha256 is not None and sha256_file(path) != sha256:
+            raise ShardError(f"{path}: sha256 does not match {MANIFEST}: the file is damaged")
+
+    def _load_labels(self, shard: dict[str, Any]) -> np.ndarray:
+        path = self.root / shard["labels"]
+        try:
+            labels = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ShardError(f"{path}: unreadable labels ({e})") from None
+        if labels.shape != (shard["n"],) or labels.dtype != np.int64:
+            raise ShardError(f"{path}: labels {labels.dtype} {labels.shape}, expected int64 ({shard['n']},)")
+        return labels
+
+
+class GlobalBatchSampler:
+    """This data-parallel rank's sample indices for each global step; resumable, world-size free.
+
+    The stream is the concatenation over epochs e = 0, 1, ... of a permutation of range(n) seeded
+    by (seed, e) (identity without shuffle). Global step s takes stream positions
+    [s·global_batch, (s+1)·global_batch); rank r gets the r-th contiguous block of global_batch /
+    dp_size of them. The state is the number of samples consumed, so a run saved on 2 ranks
+    resumes on 1 (or 8) at exactly the same data.
+    """
+
+    def __init__(self, n_samples: int, global_batch: int, dp_rank: int, dp_size: int, seed: int, shuffle: bool = True):
+        if n_samples < 1 or global_batch < 1:
+            raise ValueError(f"need n_samples >= 1 and global_batch >= 1, got {n_samples}, {global_batch}")
+        if global_batch % dp_size:
+            raise ValueError(f"global_batch {global_batch} is not divisible by the data-parallel size {dp_size}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
+        self.n_samples, self.global_batch, self.seed, self.shuffle = n_samples, global_batch, seed, shuffle
+        self.per_rank = global_batch // dp_size
+        self.dp_rank = dp_rank
+        self.consumed = 0
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed / self.n_samples
+
+    def next_indices(self) -> np.ndarray:
+        """This rank's indices (per_rank,) int64 for the next global step."""
+        start = self.consumed + self.dp_rank * self.per_rank
+        positions = np.arange(start, start + self.per_rank)
+        epochs = positions // self.n_samples
+        out = np.empty(self.per_rank, dtype=np.int64)
+        for e in np.unique(epochs):  # a step spans at most a few epochs
+            hit = epochs == e
+            out[hit] = self._permutation(int(e))[positions[hit] % self.n_samples]
+        self.consumed += self.global_batch
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed": self.consumed, "seed": self.seed, "n_samples": self.n_samples, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        changed = [k for k in ("seed", "n_samples", "shuffle") if k in state and state[k] != mine[k]]
+        if changed:
+            raise ValueError(f"sampler state was saved with other {', '.join(changed)}: {state} vs {mine}")
+        self.consumed = int(state["consumed"])
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # a step needs at most the current and next epoch
+                self._perms.pop(min(self._perms))
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perms[epoch] = rng.permutation(self.n_samples) if self.shuffle else np.arange(self.n_samples)
+        return self._perms[epoch]
+
+
+def rank_slice(n: int, rank: int, world: int) -> range:
+    """Rank's contiguous, order-preserving share of range(n); shares are disjoint and cover it."""
+    return range(n * rank // world, n * (rank + 1) // world)

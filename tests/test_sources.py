@@ -1,0 +1,190 @@
+"""data_tools sources and image conversion: every source type through the shard builder."""
+
+import json
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from data_helpers import build, folder_bytes, write_cifar, write_image_tree, write_palette
+from PIL import Image
+
+from data_tools import UserError
+from data_tools.images import load_rgb, square, to_rgb
+from data_tools.sources import folder_source, open_source
+from igpt_ds import palette as P
+from igpt_ds.shards import ShardSplit
+
+
+@pytest.fixture(scope="module")
+def palette_file(tmp_path_factory):
+    path = write_palette(tmp_path_factory.mktemp("palette") / "palette.npy", k=32)
+    P.palette_lut(P.load_palette(path), path)  # build and cache the table once for the module
+    return path
+
+
+def read_all(root, split="train"):
+    s = ShardSplit(root, split, verify=True)
+    return s.batch(np.arange(len(s)))
+
+
+def expected_tokens(images, palette_file, n_px):
+    lut = P.palette_lut(P.load_palette(palette_file), palette_file)
+    return np.stack([P.encode(load_rgb(im, n_px), lut).reshape(-1) for im in images]).astype(np.int64)
+
+
+def test_image_tree_gives_labels_and_reports_bad_files(tmp_path, palette_file, capsys):
+    bad = write_image_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    assert build(tmp_path / "src", "--out", out, "--n-px", 8, "--palette", palette_file, "--val-fraction", 0) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["class_names"] == ["cat", "dog"] and manifest["skipped"] == 3
+    assert list(manifest["splits"]) == ["train"]
+    problems = (out / "problems.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in problems) == sorted(str(p) for p in bad.values())
+    good = [p for p in folder_source(tmp_path / "src").splits["train"].items if p not in map(str, bad.values())]
+    tokens, labels = read_all(out)
+    np.testing.assert_array_equal(tokens, expected_tokens(good, palette_file, 8))
+    np.testing.assert_array_equal(labels, [0] * 6 + [1] * 6)  # nested/ files keep their class
+
+    capsys.readouterr()
+    assert build(tmp_path / "src", "--out", tmp_path / "strict", "--palette", palette_file, "--strict") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "corrupt.jpg" in err[0] and "--strict" in err[0]
+    assert not (tmp_path / "strict").exists() and not list(tmp_path.glob(".strict*"))
+
+
+def test_flat_folder_is_unlabelled_and_split_folders_are_splits(tmp_path):
+    Image.new("RGB", (5, 5), (1, 2, 3)).save(tmp_path / "a.png")
+    (tmp_path / ".hidden.png").write_bytes(b"x")
+    flat = folder_source(tmp_path)
+    assert flat.class_names == [] and list(flat.splits["train"].labels) == [-1] and not flat.problems
+
+    root = tmp_path / "tree"
+    for split, names in {"train": ["x", "y"], "val": [""], "test": ["y"]}.items():
+        for name in names:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (4, 6), 9).save(root / split / name / "img.png")
+    (root / "train" / "stray.png").write_bytes(b"")
+    src = folder_source(root)
+    assert src.class_names == ["x", "y"] and list(src.splits) == ["train", "val", "test"]
+    assert [list(src.splits[s].labels) for s in src.splits] == [[0, 1], [-1], [1]]
+    assert src.problems == [(str(root / "train" / "stray.png"), "not inside a class folder")]
+
+
+def test_image_modes_become_rgb_sensibly():
+    def rgb(img):
+        return np.asarray(to_rgb(img))
+
+    grey = Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4))
+    assert (rgb(grey) == np.asarray(grey)[..., None]).all()  # replicated
+    rgba = Image.new("RGBA", (2, 2), (10, 20, 30, 0))
+    assert (rgb(rgba) == 255).all()  # transparent: white background
+    half = rgb(Image.new("LA", (1, 1), (0, 128)))
+    assert (half == 127).all()
+    p = Image.new("P", (2, 1))
+    p.putpalette([0, 0, 0, 200, 100, 50])
+    p.putpixel((1, 0), 1)
+    p.info["transparency"] = 0
+    np.testing.assert_array_equal(rgb(p), [[[255, 255, 255], [200, 100, 50]]])
+    assert rgb(Image.new("CMYK", (1, 1), (0, 0, 0, 0))).tolist() == [[[255, 255, 255]]]
+    sixteen = Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.uint16))
+    assert sixteen.mode.startswith("I;16") and rgb(sixteen)[..., 0].tolist() == [[0, 100, 255]]
+    assert rgb(sixteen.convert("I"))[..., 1].tolist() == [[0, 100, 255]]
+    assert rgb(Image.new("1", (1, 1), 1)).tolist() == [[[255, 255, 255]]]
+
+
+@pytest.mark.parametrize("mode", ["center-crop", "short-side"])
+def test_square_keeps_the_centre(mode):
+    wide = np.zeros((10, 30, 3), np.uint8)
+    wide[:, :, 2] = 255
+    wide[:, 8:22] = (255, 0, 0)  # a red centre wider than the crop, blue sides
+    out = np.asarray(square(Image.fromarray(wide), 5, mode))
+    assert out.shape == (5, 5, 3) and (out == (255, 0, 0)).all()
+    same = np.asarray(square(Image.fromarray(wide[:, :10]), 10, mode))
+    np.testing.assert_array_equal(same, wide[:, :10])  # already n_px²: untouched
+
+
+def cifar_images(batch_bytes: bytes) -> tuple[np.ndarray, list[int]]:
+    d = pickle.loads(batch_bytes, encoding="bytes")
+    return d[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), d.get(b"labels", d.get(b"fine_labels"))
+
+
+def test_cifar10_folder_and_tar_give_the_same_shards(tmp_path, palette_file):
+    folder = write_cifar(tmp_path / "dir", "10")
+    tar = write_cifar(tmp_path / "tar", "10", tar=True)
+    for src, out in ((folder, "a"), (tmp_path / "dir", "b"), (tar, "c")):
+        assert build(src, "--out", tmp_path / out, "--palette", palette_file, "--val-fraction", 0) == 0
+    files = [folder_bytes(tmp_path / out) for out in "abc"]
+    for f in files:
+        f.pop("manifest.json")
+    assert files[0] == files[1] == files[2]
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["class_names"] == [f"c{i}" for i in range(10)]
+    assert {s: v["n"] for s, v in manifest["splits"].items()} == {"train": 15, "test": 3}
+    batches = [cifar_images((folder / f"data_batch_{i}").read_bytes()) for i in range(1, 6)]
+    tokens, labels = read_all(tmp_path / "c")
+    np.testing.assert_array_equal(tokens, expected_tokens(np.concatenate([b[0] for b in batches]), palette_file, 32))
+    np.testing.assert_array_equal(labels, sum((b[1] for b in batches), []))
+    test_images, test_labels = cifar_images((folder / "test_batch").read_bytes())
+    tokens, labels = read_all(tmp_path / "c", "test")
+    np.testing.assert_array_equal(tokens, expected_tokens(test_images, palette_file, 32))
+    np.testing.assert_array_equal(labels, test_labels)
+
+
+def test_cifar100_uses_fine_labels_and_holds_out_val(tmp_path, palette_file):
+    tar = write_cifar(tmp_path, "100", per_batch=20, tar=True)
+    assert build(tar, "--out", tmp_path / "out", "--n-px", 8, "--palette", palette_file) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert len(manifest["class_names"]) == 100 and manifest["class_names"][3] == "f3"
+    assert {s: v["n"] for s, v in manifest["splits"].items()} == {"train": 18, "val": 2, "test": 20}
+    with tarfile.open(tar) as t:
+        _, fine = cifar_images(t.extractfile("cifar-100-python/train").read())
+    merged = np.concatenate([read_all(tmp_path / "out", s)[1] for s in ("train", "val")])
+    assert sorted(merged) == sorted(fine)
+
+
+def test_cifar_pickle_with_code_is_refused(tmp_path):
+    folder = write_cifar(tmp_path, "10")
+    (folder / "batches.meta").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
+    with pytest.raises(UserError, match="os.system is not allowed"):
+        open_source(str(folder))
+
+
+def test_npz_and_npy_sources(tmp_path, palette_file):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 6, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", images=images, labels=np.arange(20) % 4, class_names=np.array(list("abcd")))
+    assert build(tmp_path / "d.npz", "--out", tmp_path / "o1", "--n-px", 6, "--palette", palette_file) == 0
+    assert ShardSplit(tmp_path / "o1").class_names == list("abcd")
+    every = expected_tokens(images, palette_file, 6).tolist()
+    rows = {}
+    for split in ("train", "val"):
+        tokens, labels = read_all(tmp_path / "o1", split)
+        rows[split] = [every.index(t) for t in tokens.tolist()]
+        assert rows[split] == sorted(rows[split]) and labels.tolist() == [i % 4 for i in rows[split]]
+    assert len(rows["val"]) == 2 and sorted(rows["train"] + rows["val"]) == list(range(20))
+
+    np.save(tmp_path / "g.npy", images[:5, :, :, 0])
+    np.savez(tmp_path / "s.npz", train_images=images[:5], test_images=images[5:8, :, :, :1], test_labels=[1, 2, 3])
+    assert build(tmp_path / "g.npy", "--out", tmp_path / "o2", "--palette", palette_file, "--val-fraction", 0) == 0
+    assert build(tmp_path / "s.npz", "--out", tmp_path / "o3", "--n-px", 6, "--palette", palette_file) == 0
+    assert (read_all(tmp_path / "o2")[1] == -1).all()
+    tokens, labels = read_all(tmp_path / "o3", "test")
+    np.testing.assert_array_equal(tokens, expected_tokens(images[5:8, :, :, :1], palette_file, 6))
+    assert labels.tolist() == [1, 2, 3]
+
+
+def test_digits_split_is_stratified_and_round_trips_exactly(tmp_path):
+    src = open_source("digits")
+    assert {s: len(v) for s, v in src.splits.items()} == {"train": 1257, "val": 180, "test": 360}
+    assert all(set(v.labels) == set(range(10)) for v in src.splits.values())
+    index = np.concatenate([v.index for v in src.splits.values()])
+    assert sorted(index) == list(range(1797))
+    assert build("digits", "--out", tmp_path / "out", "--n-px", 8) == 0
+    s = ShardSplit(tmp_path / "out", "test", verify=True)
+    tokens, labels = s.batch(np.arange(len(s)))
+    grey = src.splits["test"].take(0, len(s))  # (360, 8, 8): 17 grey levels, all in the palette
+    rgb = np.repeat(grey[..., None], 3, axis=-1).reshape(360, 64, 3)
+    np.testing.assert_array_equal(P.decode(tokens, s.palette), rgb)
+    np.testing.assert_array_equal(labels, src.splits["test"].labels)

@@ -1,0 +1,65 @@
+"""Figures of the evaluation entry points: the probe curve (Chen et al. 2020, Figure 3) and image grids
+(Figure 1's completions). PNG files via matplotlib (headless backend) and Pillow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: clusters and CI have no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def plot_probe(report: dict, path: str | Path) -> Path:
+    """Validation and test accuracy against layer, with the concatenation, raw pixels and chance."""
+    per_layer = [r for r in report["rows"] if len(r["layers"]) == 1]
+    layers = [r["layers"][0] for r in per_layer]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    ax.plot(layers, [r["test_acc"] for r in per_layer], "o-", label="test")
+    ax.plot(layers, [r["val_acc"] for r in per_layer], "s--", alpha=0.6, label="validation")
+    for r in report["rows"]:
+        if r["name"] == "pixels":
+            ax.axhline(r["test_acc"], color="tab:gray", ls=":", label=f"raw pixels (test {r['test_acc']:.1f}%)")
+        elif len(r["layers"]) > 1:
+            mid = (r["layers"][0] + r["layers"][-1]) / 2
+            ax.errorbar(mid, r["test_acc"], xerr=(r["layers"][-1] - r["layers"][0]) / 2, fmt="*", ms=12,
+                        color="tab:red", label=f"{r['name']} (test {r['test_acc']:.1f}%)")  # fmt: skip
+    ax.axhline(report["chance"], color="k", lw=0.8, alpha=0.4, label="chance")
+    ax.set_xlabel(f"layer (block input; {report['n_layer']} = final norm)")
+    ax.set_ylabel("linear probe accuracy (%)")
+    ax.set_xticks(layers)
+    ax.set_title("Linear probe accuracy by layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def image_grid(columns: list[np.ndarray], scale: int = 1, gap: int = 1) -> np.ndarray:
+    """Tile columns of images, each (N, H, W, 3) uint8, into one (rows·H', cols·W', 3) picture.
+
+    Images are enlarged `scale`× by pixel repetition (8×8 images are unreadable otherwise) and
+    separated by `gap` white pixels.
+    """
+    n, h, w, _ = columns[0].shape
+    H, W = h * scale, w * scale
+    grid = np.full((n * (H + gap) - gap, len(columns) * (W + gap) - gap, 3), 255, dtype=np.uint8)
+    for c, images in enumerate(columns):
+        big = images.repeat(scale, axis=1).repeat(scale, axis=2)  # (N, H, W, 3)
+        for r in range(n):
+            grid[r * (H + gap) : r * (H + gap) + H, c * (W + gap) : c * (W + gap) + W] = big[r]
+    return grid
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    Image.fromarray(image).save(path)
+    return path

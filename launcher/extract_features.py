@@ -1,0 +1,17 @@
+"""Extract frozen iGPT features (mean-pooled LN(h^l) of every layer) for linear probes; see igpt_ds.features.
+
+    python launcher/extract_features.py --checkpoint runs/digits --shards demo_out/shards --out demo_out/features
+    deepspeed --num_gpus 8 launcher/extract_features.py --checkpoint runs/igpt_l --shards data/cifar10 \\
+        --out runs/igpt_l/features --layers '[16,20,24,28,32]'
+
+`--checkpoint` takes a run folder, a DeepSpeed checkpoint of either layout or a consolidated folder.
+Writes <out>/<split>/layer_NN.npy, pixels.npy, labels.npy, meta.json. Errors: one line, exit 2.
+"""
+
+import sys
+
+from igpt_ds.cli import main
+from igpt_ds.features import ExtractConfig, extract
+
+if __name__ == "__main__":
+    sys.exit(main(ExtractConfig, extract, "Extract frozen iGPT features for linear probes"))

@@ -1,0 +1,16 @@
+"""Linear probes per layer + k-layer concatenation + raw-pixel baseline on extracted features; see igpt_ds.probe.
+
+    python launcher/linear_probe.py --features demo_out/features
+    deepspeed --num_gpus 8 launcher/linear_probe.py --features runs/igpt_l/features --solver torch
+
+Ranks share the layers out; rank 0 prints the table and writes <features>/probe/{probe.json,probe.png,
+tensorboard/} (or `--out`). Errors: one line, exit 2.
+"""
+
+import sys
+
+from igpt_ds.cli import main
+from igpt_ds.probe import ProbeConfig, linear_probe
+
+if __name__ == "__main__":
+    sys.exit(main(ProbeConfig, linear_probe, "Logistic-regression probes on frozen iGPT features"))

@@ -1,0 +1,16 @@
+"""Sample images and complete the bottom halves of real ones with the KV-cache decoder; see igpt_ds.sampling.
+
+    python launcher/sample.py --checkpoint runs/digits --shards demo_out/shards --out demo_out/samples
+    deepspeed --num_gpus 8 launcher/sample.py --checkpoint runs/igpt_s --shards data/imagenet32 --top_k 40
+
+Writes <out>/completions.png (original | given half | completions), unconditional.png, tokens.npz and
+TensorBoard images. Errors: one line, exit 2.
+"""
+
+import sys
+
+from igpt_ds.cli import main
+from igpt_ds.sampling import SampleConfig, sample
+
+if __name__ == "__main__":
+    sys.exit(main(SampleConfig, sample, "iGPT samples and image completions"))

@@ -30,6 +30,7 @@ setup(
         "console_scripts": [
             "igpt-build-shards=data_tools.build_shards:main",
             "igpt-inspect-shards=data_tools.inspect_shards:main",
+            "igpt-convert-hf=data_tools.convert_hf:main",
         ]
     },
 )

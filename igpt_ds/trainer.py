@@ -36,15 +36,20 @@ from igpt_ds.engine import apply_schedule, build_ds_config, dp_size, initialize,
 from igpt_ds.metrics import Metrics
 from igpt_ds.model import IGPT, bert_mask, objective_loss
 from igpt_ds.pipe import IGPTPipe, bert_pipe_batch
-from igpt_ds.shards import GlobalBatchSampler, ShardSplit
+from igpt_ds.shards import MANIFEST, GlobalBatchSampler, ShardError, ShardSplit
 from igpt_ds.weights import load_consolidated
 
 
 def open_shards(model: ModelConfig, data: DataConfig, split: str) -> ShardSplit:
     """A shard split, checked against the model (n_px, vocabulary) before anything trains."""
-    if not (Path(data.shards) / "manifest.json").is_file():
-        raise ConfigError(f"data.shards={data.shards} holds no manifest.json; build shards with igpt-build-shards")
-    shards = ShardSplit(data.shards, split, verify=data.verify_checksums)
+    if not (Path(data.shards) / MANIFEST).is_file():
+        raise ConfigError(f"data.shards={data.shards} holds no {MANIFEST}; build shards with igpt-build-shards")
+    try:
+        shards = ShardSplit(data.shards, split, verify=data.verify_checksums)
+    except ShardError as e:
+        raise ConfigError(str(e)) from None
+    if not len(shards):
+        raise ConfigError(f"the {split} split of {data.shards} is empty")
     if (shards.n_px, shards.n_vocab) != (model.n_px, model.n_vocab):
         raise ConfigError(
             f"shards {data.shards} hold {shards.n_px}x{shards.n_px} images over {shards.n_vocab} colours but the "
@@ -109,7 +114,7 @@ class Run:
         the first and last pipeline stage, in a resumed run, and at any data-parallel size."""
         out = []
         for chunk in np.split(np.asarray(indices), len(indices) // self.cfg.train.micro_batch):
-            tokens = split.batch(chunk)[0].to(self.engine.device)
+            tokens = torch.from_numpy(split.batch(chunk)[0]).to(self.engine.device)
             mask = None
             if self.cfg.model.objective == "bert":
                 mask = torch.cat([self.sample_mask(key, int(i)) for i in chunk]).to(tokens.device)
@@ -233,12 +238,12 @@ def setup(cfg: PretrainConfig) -> Run:
 
 def train(cfg: PretrainConfig) -> dict[str, float]:
     """Pretrain per `cfg` (every rank), resuming from the run's latest checkpoint; returns final metrics."""
+    requested = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption / time limit: save after the current step, exit
+        signal.signal(sig, lambda signum, frame: requested.append(signum))
     run = setup(cfg)
     t, m = cfg.train, run.metrics
     last_step = t.stop_at or t.max_steps
-    requested = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm preemption / time limit: save, then exit
-        signal.signal(sig, lambda signum, frame: requested.append(signum))
     step, saved, window = run.start_step, run.start_step, 0
     loss_sum = torch.zeros((), device=run.engine.device)
     tic = time.perf_counter()

@@ -1,0 +1,108 @@
+"""Helpers for the pretraining tests: tiny digits shards, tiny configs, launching CPU ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = {"size": "igpt-tiny", "n_px": 8}
+
+
+def digits_shards(out: Path) -> Path:
+    """sklearn's 8x8 digits as shards (the real builder; no download)."""
+    subprocess.run(
+        [sys.executable, "-m", "data_tools.build_shards", "digits", "--out", str(out), "--n-px", "8"],
+        cwd=REPO,
+        env=env(),
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return out
+
+
+def write_config(path: Path, shards: Path, run_root: Path, n_vocab: int, **train) -> Path:
+    """A tiny-model preset: 2 layers, width 32, 8x8 pixels, 16-sample batches of 4-sample micro-batches."""
+    cfg = {
+        "model": dict(TINY_MODEL, n_vocab=n_vocab),
+        "data": {"shards": str(shards)},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {
+            "name": "run",
+            "run_root": str(run_root),
+            "ds_config": "ds_configs/cpu_zero3.json",
+            "global_batch": 16,
+            "micro_batch": 4,
+            "max_steps": 10,
+            "log_every": 1,
+            "eval_every": 5,
+            "eval_batches": 1,
+            "save_every": 5,
+            **train,
+        },
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **extra)
+    out.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(config: Path, *overrides: str, nprocs: int = 2, log_dir: Path) -> list[subprocess.Popen]:
+    """Start `nprocs` ranks of launcher/pretrain.py the way torchrun would (env://), logs in `log_dir`."""
+    port = str(free_port())
+    procs = []
+    for rank in range(nprocs):
+        rank_env = env(
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+        )
+        log = open(log_dir / f"rank{rank}.log", "a")
+        cmd = [sys.executable, "launcher/pretrain.py", "--config", str(config), *overrides]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def run_ranks(config: Path, *overrides: str, nprocs: int = 2, log_dir: Path, timeout: float = 300) -> str:
+    """Run ranks to completion; rank 0's log. Fails the test on a nonzero exit."""
+    procs = start_ranks(config, *overrides, nprocs=nprocs, log_dir=log_dir)
+    codes = [p.wait(timeout=timeout) for p in procs]
+    out = (log_dir / "rank0.log").read_text()
+    assert codes == [0] * nprocs, (
+        f"exit codes {codes}\n{out[-4000:]}\n{(log_dir / f'rank{nprocs - 1}.log').read_text()[-3000:]}"
+    )
+    return out
+
+
+def scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from TensorBoard event files (the last value wins for a repeated step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {}
+    for events in sorted(tb_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+def losses(run_dir: Path) -> list[float]:
+    train = scalars(run_dir / "tensorboard")["train/loss"]
+    return [train[s] for s in sorted(train)]

@@ -1,0 +1,132 @@
+"""Engine set-up checks that need no process group: LR table, DeepSpeed JSON, every validation error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from pretrain_support import REPO, digits_shards, env, write_config
+
+from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from igpt_ds.engine import OWNED_KEYS, build_ds_config, load_policy, lr_at
+
+
+def test_lr_table_warmup_then_cosine_to_zero():
+    optim = OptimConfig(lr=1.0, warmup_steps=4)
+    table = [lr_at(s, optim, total_steps=12) for s in range(13)]
+    assert table[:4] == [0.25, 0.5, 0.75, 1.0]  # linear, reaching the peak on the last warmup step
+    assert table[4] == 1.0 and table[8] == pytest.approx(0.5) and table[12] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(table[4:], table[5:], strict=False))  # monotone decay
+    constant = OptimConfig(lr=1.0, warmup_steps=2, schedule="constant")
+    assert [lr_at(s, constant, 12) for s in (0, 1, 2, 11)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def policy(tmp_path, **keys) -> str:
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}, **keys}))
+    return str(path)
+
+
+@pytest.mark.parametrize("key", sorted(OWNED_KEYS))
+def test_ds_json_that_sets_run_values_is_refused(tmp_path, key):
+    with pytest.raises(ConfigError, match=f"{key} \\(set "):
+        load_policy(policy(tmp_path, **{key: 1}))
+
+
+def test_build_ds_config_writes_batch_clipping_and_optimizer(tmp_path):
+    train = TrainConfig(ds_config=policy(tmp_path), global_batch=32, micro_batch=4)
+    cfg = build_ds_config(train, OptimConfig(lr=1e-3, grad_clip=0.5), world_size=2)
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (
+        32,
+        4,
+        4,
+    )
+    assert cfg["gradient_clipping"] == 0.5 and cfg["zero_optimization"] == {"stage": 3}
+    assert cfg["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True},
+    }
+    assert "checkpoint" not in cfg
+    assert build_ds_config(train, OptimConfig(), 2, load_universal=True)["checkpoint"] == {"load_universal": True}
+
+
+def test_offload_uses_deepspeed_cpu_adam():
+    train = TrainConfig(ds_config=str(REPO / "ds_configs" / "zero3_offload.json"))
+    assert "torch_adam" not in build_ds_config(train, OptimConfig(), 1)["optimizer"]["params"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_ds_config_is_policy_only(path):
+    layout = "pipeline" if "pipeline" in path.name else "zero"
+    build_ds_config(TrainConfig(ds_config=str(path), layout=layout), OptimConfig(), world_size=2)
+
+
+def test_batch_sizes_that_do_not_divide(tmp_path):
+    with pytest.raises(ConfigError, match="not divisible"):
+        build_ds_config(TrainConfig(ds_config=policy(tmp_path), global_batch=16, micro_batch=3), OptimConfig(), 1)
+    with pytest.raises(ConfigError, match="data-parallel size 3"):
+        build_ds_config(TrainConfig(ds_config=policy(tmp_path), global_batch=16, micro_batch=4), OptimConfig(), 3)
+
+
+def test_stage_count_must_divide_world_size():
+    train = TrainConfig(ds_config=str(REPO / "ds_configs" / "cpu.json"), layout="pipeline", pipeline_stages=3)
+    with pytest.raises(ConfigError, match="pipeline_stages=3 does not divide the world size 2"):
+        build_ds_config(train, OptimConfig(), 2)
+
+
+@pytest.mark.parametrize("name", ["zero2_bf16.json", "zero3_bf16.json", "cpu_zero3.json"])
+def test_pipeline_with_zero_2_or_3_is_rejected_with_the_reason(name):
+    train = TrainConfig(ds_config=str(REPO / "ds_configs" / name), layout="pipeline", pipeline_stages=2)
+    with pytest.raises(ConfigError, match="accepts ZeRO stage 0 or 1 only .*reduces them once per step"):
+        build_ds_config(train, OptimConfig(), 2)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return digits_shards(tmp_path_factory.mktemp("engine") / "shards")
+
+
+def test_shards_must_match_the_model(shards):
+    from igpt_ds.shards import ShardSplit
+    from igpt_ds.trainer import open_shards
+
+    n_vocab = ShardSplit(shards, "train").n_vocab
+    open_shards(ModelConfig(n_px=8, n_vocab=n_vocab), DataConfig(shards=str(shards)), "train")
+    with pytest.raises(ConfigError, match="8x8 images .* model.n_px=16"):
+        open_shards(ModelConfig(n_px=16, n_vocab=n_vocab), DataConfig(shards=str(shards)), "train")
+    with pytest.raises(ConfigError, match=f"over {n_vocab} colours .* model.n_vocab=7"):
+        open_shards(ModelConfig(n_px=8, n_vocab=7), DataConfig(shards=str(shards)), "train")
+
+
+def test_missing_shard_folder(tmp_path):
+    from igpt_ds.trainer import open_shards
+
+    with pytest.raises(ConfigError, match="holds no manifest.json"):
+        open_shards(ModelConfig(n_px=8), DataConfig(shards=str(tmp_path / "nowhere")), "train")
+
+
+def test_launcher_reports_a_config_error_in_one_line_before_training(tmp_path, shards):
+    from igpt_ds.shards import ShardSplit
+
+    config = write_config(
+        tmp_path / "c.yaml",
+        shards,
+        tmp_path / "runs",
+        ShardSplit(shards, "train").n_vocab,
+        layout="pipeline",
+        pipeline_stages=1,
+    )  # a ZeRO-3 JSON with the pipeline
+    out = subprocess.run(
+        [sys.executable, "launcher/pretrain.py", "--config", str(config)],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("config error:")]
+    assert len(errors) == 1 and "ZeRO stage 0 or 1" in errors[0]
+    assert not (tmp_path / "runs").exists()  # nothing started

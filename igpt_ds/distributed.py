@@ -23,6 +23,7 @@ from datetime import timedelta
 import deepspeed
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
 
 MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
@@ -31,7 +32,10 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     """Start the process group (idempotent); returns (rank, world_size)."""
     if not dist.is_initialized():
         mpi = "RANK" not in os.environ and any(k in os.environ for k in MPI_MARKERS)
-        if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        # mpirun inside a Slurm job starts its daemons with srun, so every rank inherits its daemon's
+        # SLURM_PROCID: Open MPI's own rank variables (which srun never sets) win over Slurm's.
+        slurm = "SLURM_PROCID" in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ
+        if "RANK" not in os.environ and slurm:
             os.environ.update(slurm_env(os.environ))
         elif "RANK" not in os.environ and not mpi:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
@@ -39,6 +43,8 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
         deepspeed.init_distributed(
             dist_backend=get_accelerator().communication_backend_name(),
             auto_mpi_discovery=mpi,
+            # DeepSpeed's MPI discovery sets MASTER_PORT to this argument, not from the environment.
+            distributed_port=int(os.environ.get("MASTER_PORT", TORCH_DISTRIBUTED_DEFAULT_PORT)),
             timeout=timedelta(seconds=timeout_s),
             verbose=False,
         )

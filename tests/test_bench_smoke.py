@@ -1,0 +1,77 @@
+"""The three benchmark scripts run on CPU in CI-sized form and write well-formed results (never timings).
+
+Each runs as a subprocess, the way bench/gpu_matrix.sh and people run them. Together ~1 minute on 2 cores.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pretrain_support import digits_shards
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_train_throughput(tmp_path):
+    shards = digits_shards(tmp_path / "shards")
+    # ZeRO-3 by override of the CPU policy; cudnn attention does not exist on CPU: a recorded failure.
+    peers = ["hf", "eager", "ds:stage=3,fused=1", "eager:sdpa=cudnn"]
+    args = ["--size", "igpt-tiny", "--n-px", "8", "--micro-batch", "2", "--warmup", "1", "--steps", "2"]
+    run("train_throughput.py", *args, "--shards", str(shards), "--peers", *peers, "--out-dir", str(tmp_path))
+    report = json.loads((tmp_path / "train_throughput.json").read_text())
+    assert report["shape"]["seq_len"] == 64 and report["data"] == str(shards)
+    results = {r["peer"]: r for r in report["results"]}
+    assert list(results) == peers
+    assert "No viable backend" in results["eager:sdpa=cudnn"]["error"]
+    for peer in peers[:3]:
+        r = results[peer]
+        assert r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0 and 0 <= r["data_wait_frac"] < 1, r
+        assert r["mfu"] is None  # no peak rate for a CPU
+        assert set(r["ratio"]) == {"x_hf", "x_eager"}
+    assert results["hf"]["attn_implementation"] == "eager"
+    assert results["ds:stage=3,fused=1"]["ds_config"]["zero_optimization"]["stage"] == 3
+    assert results["ds:stage=3,fused=1"]["ds_config"]["optimizer"]["params"]["fused"] is True
+    table = (tmp_path / "train_throughput.md").read_text()
+    assert table.count("\n| ") == 1 + len(peers) and "failed: " in table
+
+
+def test_data_throughput(tmp_path):
+    args = ["--synthetic", "300", "--n-px", "8", "--global-batch", "8", "--dp", "2", "--steps", "5", "--warmup", "1"]
+    run("data_throughput.py", *args, "--out-dir", str(tmp_path))
+    report = json.loads((tmp_path / "data_throughput.json").read_text())
+    assert report["per_rank_batch"] == 4 and report["n_px"] == 8
+    assert [r["peer"] for r in report["results"]] == ["reader", "in-memory"]
+    assert all(r["tokens_per_s"] > 0 and r["x_needed"] > 0 for r in report["results"])
+
+
+def test_sample_throughput(tmp_path):
+    out = tmp_path / "sample.json"
+    run(
+        "sample_throughput.py",
+        "--size",
+        "igpt-tiny",
+        "--n-px",
+        "4",
+        "--batch",
+        "2",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    )
+    report = json.loads(out.read_text())
+    assert set(report["tokens_per_s"]) == {"cached", "full_recompute", "hf_generate"}
+    assert all(v > 0 for v in report["tokens_per_s"].values())
+    assert isinstance(report["greedy_tokens_equal_hf"], bool)

@@ -38,6 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 
 from igpt_ds.config import ConfigError, ModelConfig, build
 from igpt_ds.distributed import barrier
@@ -85,7 +90,9 @@ def save(
         if path.exists():  # the leftovers of a save killed midway
             shutil.rmtree(path)
     barrier()
-    engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
+    # ds_to_universal refuses ZeRO-1/2 and pipeline checkpoints without this marker of the format.
+    universal_info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(str(root), tag=path.name, client_state=universal_info, save_latest=False)
     torch.save(rng_state(), path / f"rng_rank{rank:05d}.pt")
     if rank == 0:
         for name, text in files.items():
@@ -205,8 +212,12 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """The IGPT-named fp32 state dict of checkpoint folder `ckpt`, from either layout."""
     meta = read_meta(ckpt)
     if meta["layout"] == "pipeline":
-        from igpt_ds.pipe import state_dict_from_layer_files
+        from igpt_ds.pipe import state_dict_from_layer_files, state_dict_from_universal
 
+        ds_config = json.loads((ckpt / "ds_config.json").read_text())
+        if any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
+            # The layer files hold the 16-bit weights; the fp32 masters are in the ZeRO-1 shards.
+            return state_dict_from_universal(to_universal(ckpt), model_config(ckpt).n_layer)
         return state_dict_from_layer_files(ckpt, model_config(ckpt).n_layer)
     if meta["zero_stage"] == 0:
         return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]

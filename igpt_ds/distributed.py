@@ -5,7 +5,8 @@ One call, `init_distributed(timeout_s)`, works under
   set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT;
 - Slurm (`srun python launcher/pretrain.py ...`, one task per device): DeepSpeed reads no SLURM_*
   variables itself (REFERENCE.md), so they are translated here;
-- mpirun (`mpirun -np 4 python launcher/pretrain.py ...`): DeepSpeed's MPI discovery via mpi4py;
+- mpirun (`mpirun -np 4 -x MASTER_PORT python launcher/pretrain.py ...`): DeepSpeed's MPI discovery
+  via mpi4py (rank 0's address; the port is MASTER_PORT, else 29500);
 - nothing at all (`python launcher/pretrain.py ...`): a world of one on this machine.
 
 The collective timeout is deliberate (`train.dist_timeout_s`): when one rank dies, the others fail

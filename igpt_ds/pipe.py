@@ -106,14 +106,24 @@ def igpt_name(layer_idx: int, key: str, n_layer: int) -> str:
 def state_dict_from_layer_files(ckpt_dir: str | os.PathLike, n_layer: int) -> dict[str, Tensor]:
     """IGPT-named fp32 state dict from a pipeline checkpoint's `layer_XX-model_states.pt` files.
 
-    These hold the module weights in training precision (fp32 on CPU; under bf16 the fp32 master
-    copy lives in the ZeRO-1 optimizer shards, so this export is bf16-rounded).
+    These hold the module weights in training precision: exact for fp32 training; under bf16 use
+    `state_dict_from_universal` for the fp32 masters.
     """
     out = {}
     for path in glob.glob(os.path.join(ckpt_dir, "layer_*-model_states.pt")):
         idx = int(re.search(r"layer_(\d+)-", os.path.basename(path)).group(1))
         for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
             out[igpt_name(idx, key, n_layer)] = value.float()
+    return out
+
+
+def state_dict_from_universal(universal_dir: str | os.PathLike, n_layer: int) -> dict[str, Tensor]:
+    """IGPT-named fp32 master weights from the universal form of a pipeline checkpoint
+    (`zero/<layer>.<key>/fp32.pt`, written by deepspeed.checkpoint.ds_to_universal)."""
+    out = {}
+    for path in glob.glob(os.path.join(universal_dir, "zero", "*", "fp32.pt")):
+        idx, key = os.path.basename(os.path.dirname(path)).split(".", 1)
+        out[igpt_name(int(idx), key, n_layer)] = torch.load(path, map_location="cpu", weights_only=False)["param"]
     return out
 
 

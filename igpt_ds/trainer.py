@@ -186,8 +186,8 @@ class Run:
 
 
 def setup(cfg: PretrainConfig) -> Run:
-    # DeepSpeed's ZeRO calls a torch collective that warns of its deprecation on every step.
-    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated")
+    # DeepSpeed's ZeRO calls torch collectives that warn of their deprecation on every step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     rank, world = init_distributed(cfg.train.dist_timeout_s)
     ds_config = build_ds_config(cfg.train, cfg.optim, world)  # validates before anything heavy
     train_split, val_split = (open_shards(cfg.model, cfg.data, s) for s in (cfg.data.train_split, cfg.data.val_split))

@@ -219,53 +219,34 @@ def test_resume_two_ranks_on_one_through_universal_checkpoint(work, config, zero
     np.testing.assert_allclose(losses(work / "runs_at_5" / "resumed")[5:], losses(zero3_run)[5:], atol=LAYOUT_ATOL)
 
 
-def test_sigkill_during_save_resumes_from_previous_checkpoint(work, config):
+def test_rank_killed_during_save_leaves_the_previous_checkpoint(work, config):
+    """SIGKILL rank 1 while a checkpoint is being written: rank 0 fails on its own (no hang), the
+    half-written checkpoint is never picked, and the rerun resumes from the one before it."""
     root = work / "runs" / "killed" / "checkpoints"
-    procs = start_ranks(
-        config,
-        "--train.name",
-        "killed",
-        "--train.save_every",
-        "1",
-        "--train.max_steps",
-        "200",
-        "--train.eval_every",
-        "0",
-        log_dir=logs(work, "killed"),
-    )
+    args = ["--train.name", "killed", "--train.save_every", "1", "--train.max_steps", "200", "--train.eval_every", "0"]
+    procs = start_ranks(config, *args, "--train.dist_timeout_s", "30", log_dir=logs(work, "killed"))
     caught = None
     deadline = time.time() + 300
     while caught is None and time.time() < deadline and all(p.poll() is None for p in procs):
         done = checkpoint.latest(root) if root.is_dir() else None
         partial = [p for p in root.glob("step_*") if not (p / checkpoint.COMPLETE).exists()] if done else []
         if partial and any(partial[0].iterdir()):  # DeepSpeed is writing into it
-            for p in procs:
-                os.kill(p.pid, signal.SIGKILL)
+            os.kill(procs[1].pid, signal.SIGKILL)
             caught = partial[0]
         time.sleep(0.001)
-    for p in procs:
-        p.kill()
-        p.wait()
     assert caught is not None, "no save in progress was caught"
+    try:
+        assert procs[0].wait(timeout=90) != 0  # the survivor errors out instead of hanging
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
     previous = checkpoint.latest(root)
-    if (caught / checkpoint.COMPLETE).exists():
-        pytest.skip("the save completed between detection and SIGKILL")
     assert previous is not None and previous.name < caught.name
-    out = run_ranks(
-        config,
-        "--train.name",
-        "killed",
-        "--train.save_every",
-        "1",
-        "--train.max_steps",
-        "200",
-        "--train.eval_every",
-        "0",
-        "--train.stop_at",
-        str(int(previous.name[5:]) + 1),
-        log_dir=logs(work, "killed"),
-    )
-    assert f"resumed from {previous} at step {int(previous.name[5:])}" in out
+    assert not (caught / checkpoint.COMPLETE).exists()
+    step = int(previous.name[5:])
+    out = run_ranks(config, *args, "--train.stop_at", str(step + 1), log_dir=logs(work, "killed"))
+    assert f"resumed from {previous} at step {step}" in out
     assert checkpoint.latest(root).name == caught.name and (caught / checkpoint.COMPLETE).is_file()
 
 
@@ -307,3 +288,23 @@ def test_export_and_load_for_eval_from_both_layouts(work, zero3_run, pipe_run):
             with torch.no_grad():
                 loss = model.loss(tokens).item()
             assert loss == pytest.approx(scalars(run / "tensorboard")["val/loss"][10], abs=1e-5)
+
+
+def test_bf16_pipeline_exports_fp32_masters_and_resumes_on_one_stage(work, config):
+    """bf16 pipeline (the GPU recipe, here on CPU): export reads the fp32 masters from the ZeRO-1 shards
+    (through the universal form), not the bf16 layer files; 2 stages resume as 1 stage on 1 rank."""
+    policy = work / "cpu_pipeline_bf16.json"
+    policy.write_text(
+        '{"zero_optimization": {"stage": 1}, "bf16": {"enabled": true}, "data_types": {"grad_accum_dtype": "fp32"}}'
+    )
+    args = ["--train.name", "bf16pipe", "--train.layout", "pipeline", "--train.ds_config", str(policy)]
+    args += ["--train.max_steps", "4", "--train.eval_every", "0"]
+    run_ranks(config, *args, "--train.pipeline_stages", "2", "--train.stop_at", "2", log_dir=logs(work, "bf16"))
+    ckpt = checkpoint.latest(work / "runs" / "bf16pipe" / "checkpoints")
+    exported = checkpoint.consolidated_state_dict(ckpt)
+    bf16 = torch.load(ckpt / "layer_01-model_states.pt")["attn.c_attn.weight"]
+    master = exported["h.0.attn.c_attn.weight"]
+    assert bf16.dtype == torch.bfloat16 and master.dtype == torch.float32
+    assert not torch.equal(master, bf16.float()) and torch.equal(master.bfloat16(), bf16)
+    out = run_ranks(config, *args, "--train.pipeline_stages", "1", nprocs=1, log_dir=logs(work, "bf16"))
+    assert "at step 2 (universal checkpoint)" in out and "step 4/4" in out

@@ -1,0 +1,349 @@
+"""Fine-tuning a pretrained iGPT for classification on DeepSpeed (Chen et al. 2020, §3.4 and §4.3).
+
+A linear head on the mean-pooled final-norm output (`IGPT.forward_pooled`); the loss is
+L_CLF + λ·L_GEN with λ = `finetune.gen_weight` (the paper found the generative term helps; 0 drops it).
+The head reads the pooled features through a fixed standardisation measured before training (see
+`IGPTClassifier`) and may learn faster than the backbone (`finetune.head_lr_mult`).
+Constant learning rate after warmup (no cosine, paper §3.4), early stopping on validation accuracy:
+every improvement is saved to `<run>/best/` and scored on the test split at once, so the reported test
+accuracy is that of the checkpoint with the best validation accuracy; test never steers anything.
+Optional augmentation works on tokens: horizontal flips and translations of up to `finetune.shift`
+pixels (edge pixels repeated), seeded by (seed, step, rank) so a resumed run augments identically.
+
+Layout: DeepSpeed ZeRO (any stage; ZeRO-3 partitions the model as it is built). The pipeline layout
+is refused: its engine returns only the last micro-batch's outputs from `eval_batch`, so validation
+and test accuracy would need a second path through the loss function; a pipeline-pretrained
+checkpoint fine-tunes here all the same (its weights are read in any layout). Checkpoints, resume,
+resume at another world size (universal checkpoints) and run files reuse `igpt_ds.checkpoint` and the
+pretraining trainer's helpers.
+
+    deepspeed --num_gpus 8 launcher/finetune.py --config launcher/configs/finetune_cifar10.yaml \\
+        --train.init_from=runs/igpt-s-imagenet32
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import Tensor
+
+from igpt_ds import checkpoint
+from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
+from igpt_ds.distributed import init_distributed
+from igpt_ds.engine import build_ds_config, initialize, model_init_context, zero_stage
+from igpt_ds.model import IGPT, Linear, bert_mask, objective_loss
+from igpt_ds.shards import GlobalBatchSampler, ShardSplit, rank_slice
+from igpt_ds.trainer import git_revision, open_shards
+
+
+@dataclass
+class FinetuneSection:
+    gen_weight: float = 1.0
+    """λ in L_CLF + λ·L_GEN (paper: 1 beats 0); 0 trains the classifier loss alone."""
+    patience: int = 5
+    """Stop after this many evaluations without a new best validation accuracy (0 = never early)."""
+    flip: bool = True
+    """Augment: mirror each training image left-right with probability 1/2."""
+    shift: int = 0
+    """Augment: translate each training image by up to this many pixels each way (edges repeated)."""
+    head_lr_mult: float = 1.0
+    """The head's learning rate relative to optim.lr: a zero-initialised head has further to go than the
+    pretrained backbone, which a high LR would damage."""
+    stats_images: int = 4096
+    """Train images whose pooled features give the head's fixed standardisation (see IGPTClassifier)."""
+    test_split: str = "test"
+
+    def __post_init__(self) -> None:
+        if min(self.gen_weight, self.patience, self.shift) < 0 or self.head_lr_mult <= 0 or self.stats_images < 1:
+            raise ConfigError("finetune.gen_weight, patience, shift must be >= 0; head_lr_mult > 0; stats_images >= 1")
+
+
+def _optim_defaults() -> OptimConfig:
+    # About 10x below pretraining's LR and constant after warmup (REFERENCE.md "Fine-tuning").
+    return OptimConfig(lr=3e-4, warmup_steps=20, schedule="constant")
+
+
+@dataclass
+class FinetuneConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=_optim_defaults)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(name="finetune", eval_every=20))
+    """train.init_from: the pretrained model (run folder, checkpoint of either layout, consolidated folder);
+    train.eval_batches is unused: validation and test cover their whole splits."""
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+
+    def __post_init__(self) -> None:
+        if not self.train.init_from:
+            raise ConfigError("train.init_from must name the pretrained checkpoint to fine-tune")
+        if self.train.layout != "zero":
+            raise ConfigError("train.layout=pipeline is not supported for fine-tuning (see igpt_ds.finetune); use zero")
+
+
+class IGPTClassifier(IGPT):
+    """IGPT plus `clf_head` on the pooled final-norm output; backbone parameter names stay IGPT's.
+
+    The head sees the pooled features standardised by a fixed mean and std measured on the train split
+    before fine-tuning (as the linear probe standardises). That is still a linear head on the features,
+    but a well-conditioned one: pooled features vary little across images next to their mean (std ~0.08
+    vs ~0.5 in a small model), so a zero-initialised head on raw features barely learns at the backbone's LR.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_classes: int):
+        super().__init__(cfg)
+        self.clf_head = Linear(cfg.n_embd, n_classes, bias=True, std=0.0)  # zero: starts at uniform predictions
+        # Not in the state dict: set by the fine-tuner from run.json, so checkpoints keep DeepSpeed's format.
+        self.register_buffer("feat_mean", torch.zeros(cfg.n_embd), persistent=False)
+        self.register_buffer("feat_std", torch.ones(cfg.n_embd), persistent=False)
+
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(pixel logits (B, T, V), class logits (B, n_classes), pooled features (B, C))."""
+        logits, pooled = self.forward_pooled(tokens, mask)
+        return logits, self.clf_head((pooled - self.feat_mean) / self.feat_std), pooled
+
+
+def augment(tokens: Tensor, n_px: int, flip: bool, shift: int, gen: torch.Generator) -> Tensor:
+    """Random left-right flips and translations (edge pixels repeated) of raster token images (B, T)."""
+    B = tokens.shape[0]
+    grid = torch.arange(n_px)
+    dy, dx = torch.randint(-shift, shift + 1, (2, B), generator=gen) if shift else torch.zeros(2, B, dtype=torch.long)
+    rows = (grid[None] - dy[:, None]).clamp(0, n_px - 1)  # (B, n_px): source row of each output row
+    cols = (grid[None] - dx[:, None]).clamp(0, n_px - 1)
+    if flip:
+        cols = torch.where(torch.rand(B, generator=gen)[:, None] < 0.5, n_px - 1 - cols, cols)
+    image = tokens.view(B, n_px, n_px)
+    return image[torch.arange(B)[:, None, None], rows[:, :, None], cols[:, None, :]].reshape(B, -1)
+
+
+def labelled(split: ShardSplit, name: str) -> ShardSplit:
+    if (split.labels < 0).any():
+        raise ConfigError(
+            f"split {name!r} has {int((split.labels < 0).sum())} unlabelled images; fine-tuning needs labels"
+        )
+    return split
+
+
+def load_into(model: torch.nn.Module, state: dict[str, Tensor], zero3: bool) -> None:
+    """Copy the pretrained backbone into `model`; the head keeps its init. Under ZeRO-3 one parameter
+    is gathered at a time, so the whole model never materialises on a device (`state` is in CPU memory)."""
+    missing = [n for n, _ in model.named_parameters() if n not in state and not n.startswith("clf_head.")]
+    if missing:
+        raise ConfigError(f"train.init_from lacks parameters {missing[:4]}: not an iGPT checkpoint of this shape")
+    for name, p in model.named_parameters():
+        if name in state:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3), torch.no_grad():
+                if not zero3 or dist.get_rank() == 0:
+                    p.copy_(state[name])
+
+
+class Finetuner:
+    """Every rank builds one; `run()` trains with early stopping and returns the results (rank 0 logs)."""
+
+    def __init__(self, cfg: FinetuneConfig):
+        self.cfg, t = cfg, cfg.train
+        self.rank, self.world = init_distributed(t.dist_timeout_s)
+        ds_config = build_ds_config(t, cfg.optim, self.world)
+        ckpt = checkpoint.latest(t.run_dir / "checkpoints")
+        if ckpt is None:
+            pretrained, self.model_cfg, palette = checkpoint.load_model_for_eval(t.init_from)
+            state = pretrained.state_dict()
+        else:  # resuming: the weights come from the run's own checkpoint
+            self.model_cfg, state, palette = checkpoint.model_config(ckpt), None, None
+        splits = (cfg.data.train_split, cfg.data.val_split, cfg.finetune.test_split)
+        self.train, self.val, self.test = (labelled(open_shards(self.model_cfg, cfg.data, s), s) for s in splits)
+        self.palette = palette if palette is not None else self.train.palette
+        self.n_classes = len(self.train.class_names) or int(self.train.labels.max()) + 1
+        universal = ckpt is not None and checkpoint.needs_universal(
+            checkpoint.read_meta(ckpt), "zero", self.world, self.world
+        )
+        if universal:
+            if self.rank == 0:
+                checkpoint.to_universal(ckpt)
+            dist.barrier()
+            ds_config = build_ds_config(t, cfg.optim, self.world, load_universal=True)
+        torch.manual_seed(t.seed)
+        with model_init_context(ds_config):
+            model = IGPTClassifier(self.model_cfg, self.n_classes)
+        model.activation_checkpointing = t.activation_checkpointing
+        if state is not None:
+            load_into(model, state, zero_stage(ds_config) == 3)
+        head = [p for n, p in model.named_parameters() if n.startswith("clf_head.")]
+        body = [p for n, p in model.named_parameters() if not n.startswith("clf_head.")]
+        groups = [{"params": body}, {"params": head, "lr": cfg.optim.lr * cfg.finetune.head_lr_mult}]
+        self.engine = initialize(model, ds_config, cfg.optim, t.max_steps, groups)
+        self.sampler = GlobalBatchSampler(len(self.train), t.global_batch, self.rank, self.world, t.seed)
+        self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "start_val_acc": None, "done": False}
+        if ckpt is not None:
+            meta = checkpoint.load(self.engine, ckpt, universal)
+            self.sampler.load_state_dict(meta["sampler"])
+            self.state.update(meta["finetune"], step=meta["step"])
+        else:
+            self.state["feat_stats"] = self.feature_stats()
+        module = self.engine.module
+        for name, values in zip(("feat_mean", "feat_std"), self.state["feat_stats"], strict=True):
+            getattr(module, name).copy_(torch.tensor(values))
+        resolved = json.loads(json.dumps({**to_dict(cfg), "model": asdict(self.model_cfg)}))  # tuples -> lists
+        self.files = {"config.yaml": yaml.safe_dump(resolved, sort_keys=False),
+                      "ds_config.json": json.dumps(ds_config, indent=2), "git_rev.txt": git_revision()}  # fmt: skip
+        self.writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            t.run_dir.mkdir(parents=True, exist_ok=True)
+            for name, text in self.files.items():
+                (t.run_dir / name).write_text(text)
+            self.writer = SummaryWriter(str(t.run_dir / "tensorboard"))
+            if ckpt is not None:
+                self.log(f"resumed from {ckpt} at step {self.state['step']}")
+
+    def log(self, line: str, step: int | None = None, scalars: dict[str, float] | None = None) -> None:
+        if self.writer is None:
+            return
+        for k, v in (scalars or {}).items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+        print(line, flush=True)
+
+    def losses(self, tokens: Tensor, labels: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(L_CLF, L_GEN, correct count) of one micro-batch through the engine."""
+        logits, class_logits, _ = self.engine(tokens, mask)
+        clf = F.cross_entropy(class_logits.float(), labels)
+        return clf, objective_loss(logits, tokens, mask), (class_logits.argmax(dim=1) == labels).sum()
+
+    def frozen_batches(self, split: ShardSplit, n: int) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """(rows, tokens, labels) of this rank's slice of split[0:n], in eval mode without gradients. Every
+        rank yields the same number of batches (ZeRO-3 gathers parameters collectively): a rank out of rows
+        gets one repeated row with rows = 0, for the caller to leave uncounted."""
+        mb = self.cfg.train.micro_batch
+        mine = rank_slice(n, self.rank, self.world)
+        n_batches = max(math.ceil(len(rank_slice(n, r, self.world)) / mb) for r in range(self.world))
+        self.engine.eval()
+        with torch.no_grad():
+            for b in range(n_batches):
+                part = mine[b * mb : (b + 1) * mb]
+                tokens, labels = split.batch(np.asarray(part) if len(part) else np.zeros(1, np.int64))
+                yield (
+                    len(part),
+                    torch.from_numpy(tokens).to(self.engine.device),
+                    torch.from_numpy(labels).to(self.engine.device),
+                )
+        self.engine.train()
+
+    def feature_stats(self) -> tuple[list[float], list[float]]:
+        """Mean and std of the pretrained model's pooled features over the first train images."""
+        sums = torch.zeros(3, self.model_cfg.n_embd, dtype=torch.float64, device=self.engine.device)
+        for k, tokens, _ in self.frozen_batches(self.train, min(len(self.train), self.cfg.finetune.stats_images)):
+            pooled = self.engine(tokens)[2].double()[:k]
+            sums += torch.stack([pooled.sum(0), (pooled * pooled).sum(0), pooled.new_full(pooled.shape[1:], k)])
+        dist.all_reduce(sums)
+        mean = sums[0] / sums[2]
+        std = (sums[1] / sums[2] - mean * mean).clamp_min(0).sqrt()
+        std[std < 1e-6] = 1.0  # a constant feature stays at zero rather than blowing up
+        return mean.tolist(), std.tolist()
+
+    def train_step(self, step: int) -> Tensor:
+        """One optimizer step; sums (L_CLF, L_GEN, correct, images) of this rank's micro-batches."""
+        ft, n_px = self.cfg.finetune, self.model_cfg.n_px
+        gen = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + step) * 4096 + self.rank)
+        indices = self.sampler.next_indices()
+        sums = torch.zeros(4, device=self.engine.device)
+        for chunk in np.split(np.asarray(indices), len(indices) // self.cfg.train.micro_batch):
+            tokens, labels = map(torch.from_numpy, self.train.batch(chunk))
+            tokens = augment(tokens, n_px, ft.flip, ft.shift, gen) if ft.flip or ft.shift else tokens
+            mask = (
+                bert_mask(tokens.shape, self.model_cfg.mask_prob, gen) if self.model_cfg.objective == "bert" else None
+            )
+            tokens, labels = tokens.to(self.engine.device), labels.to(self.engine.device)
+            clf, lgen, correct = self.losses(tokens, labels, None if mask is None else mask.to(tokens.device))
+            self.engine.backward(clf + ft.gen_weight * lgen)
+            self.engine.step()
+            k = clf.new_tensor(len(chunk))
+            sums += torch.stack([clf.detach() * k, lgen.detach() * k, correct.float(), k])
+        return sums
+
+    def evaluate(self, split: ShardSplit) -> dict[str, float]:
+        """Accuracy and losses over a whole split, each rank a slice; inputs unmasked (for a BERT model
+        the gen loss is then over visible pixels, not comparable with training's)."""
+        sums = torch.zeros(4, device=self.engine.device)
+        for k, tokens, labels in self.frozen_batches(split, len(split)):
+            clf, lgen, correct = self.losses(tokens, labels, None)
+            k = clf.new_tensor(k)
+            sums += torch.stack([clf * k, lgen * k, correct.float() * (k > 0), k])
+        dist.all_reduce(sums)
+        clf, lgen, correct, count = sums.tolist()
+        return {"clf_loss": clf / count, "gen_loss": lgen / count, "acc": 100.0 * correct / count}
+
+    def save(self, root: str, keep: int) -> None:
+        meta = {"sampler": self.sampler.state_dict(), "world_size": self.world, "dp_size": self.world,
+                "layout": "zero", "zero_stage": zero_stage(self.engine.config), "finetune": self.state}  # fmt: skip
+        checkpoint.save(self.engine, self.cfg.train.run_dir / root, self.state["step"], meta, self.files,
+                        self.palette, keep)  # fmt: skip
+
+    def validate(self, step: int) -> bool:
+        """Evaluate on val; on a new best save it to best/ and score it on test. True = stop early."""
+        val, s = self.evaluate(self.val), self.state
+        scalars = {f"val/{k}": v for k, v in val.items()}
+        if s["start_val_acc"] is None:
+            s["start_val_acc"] = val["acc"]
+        improved = s["best"] is None or val["acc"] > s["best"]["val_acc"]
+        if improved:
+            test = self.evaluate(self.test)
+            s["bad_evals"], s["best"] = 0, {"step": step, "val_acc": val["acc"], "test_acc": test["acc"]}
+            scalars["test/acc_at_best_val"] = test["acc"]
+            self.save("best", keep=1)
+        else:
+            s["bad_evals"] += 1
+        best = s["best"]
+        line = f"step {step} val acc {val['acc']:.2f}% clf loss {val['clf_loss']:.4f} gen loss {val['gen_loss']:.4f}"
+        line += f" | best val {best['val_acc']:.2f}% (step {best['step']}, test {best['test_acc']:.2f}%)"
+        self.log(line, step, scalars)
+        patience = self.cfg.finetune.patience
+        return bool(patience) and s["bad_evals"] >= patience
+
+    def run(self) -> dict[str, Any]:
+        t, s = self.cfg.train, self.state
+        last_step = t.stop_at or t.max_steps
+        if s["start_val_acc"] is None:
+            self.validate(0)  # the starting point, so improvement is visible
+        window = torch.zeros(4, device=self.engine.device)
+        while not s["done"] and s["step"] < last_step:
+            window += self.train_step(s["step"])
+            s["step"] += 1
+            step = s["step"]
+            if step % t.log_every == 0:
+                dist.all_reduce(window)
+                clf, lgen, correct, count = window.tolist()
+                scalars = {"train/clf_loss": clf / count, "train/gen_loss": lgen / count,
+                           "train/acc": 100.0 * correct / count, "train/lr": self.engine.get_lr()[0]}  # fmt: skip
+                self.log(f"step {step}/{t.max_steps} clf loss {scalars['train/clf_loss']:.4f} gen loss "
+                         f"{scalars['train/gen_loss']:.4f} acc {scalars['train/acc']:.2f}%", step, scalars)  # fmt: skip
+                window.zero_()
+            if step % t.eval_every == 0 or step == t.max_steps:
+                s["done"] = self.validate(step) or step == t.max_steps
+            if step % t.save_every == 0 or s["done"] or step == last_step:
+                self.save("checkpoints", t.keep_checkpoints)
+        results = {"steps": s["step"], "finished": s["done"], "start_val_acc": s["start_val_acc"], "best": s["best"],
+                   "best_checkpoint": str(t.run_dir / "best"), "n_classes": self.n_classes}  # fmt: skip
+        if self.writer is not None:
+            (t.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            b = s["best"]
+            self.log(f"fine-tuning {'done' if s['done'] else 'paused'} at step {s['step']}: validation "
+                     f"{s['start_val_acc']:.2f}% -> best {b['val_acc']:.2f}% at step {b['step']}, test "
+                     f"{b['test_acc']:.2f}%; {t.run_dir / 'results.json'}")  # fmt: skip
+            self.writer.close()
+        dist.barrier()
+        return results
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune per `cfg` on every rank, resuming from the run's latest checkpoint."""
+    return Finetuner(cfg).run()

@@ -1,0 +1,47 @@
+"""The evaluation story on the embedded digits through the real entry points, as `make demo` tells it:
+shards -> short pretraining (launcher/pretrain.py, ZeRO-3) -> features of every layer -> probe table with
+the raw-pixel baseline -> completions grid -> fine-tuning that beats its starting validation accuracy."""
+
+import json
+
+import numpy as np
+import pytest
+from eval_support import check, run_entry
+from pretrain_support import digits_shards, run_ranks, scalars, write_config
+
+
+@pytest.mark.multiproc
+def test_digits_pretrain_probe_sample_finetune(tmp_path):
+    shards = digits_shards(tmp_path / "shards")
+    config = write_config(tmp_path / "pretrain.yaml", shards, tmp_path / "runs", n_vocab=512, global_batch=32,
+                          micro_batch=32, max_steps=150, log_every=50, eval_every=150, save_every=150)  # fmt: skip
+    run_ranks(config, nprocs=1, log_dir=tmp_path)
+    run = tmp_path / "runs" / "run"
+
+    features = tmp_path / "features"
+    check(run_entry("extract_features", "--checkpoint", str(run), "--shards", str(shards), "--out", str(features)))
+    table = check(run_entry("linear_probe", "--features", str(features)))
+    report = json.loads((features / "probe" / "probe.json").read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert names == ["layer 0", "layer 1", "final norm (2)", "concat 0-2", "pixels"], names
+    assert all(name in table for name in names)
+    per_layer = [r for r in report["rows"] if len(r["layers"]) == 1]
+    assert max(r["test_acc"] for r in per_layer) > 4 * report["chance"]  # chance is 10%
+    assert (features / "probe" / "probe.png").stat().st_size > 0
+    assert "probe/test_acc" in scalars(features / "probe" / "tensorboard")
+
+    samples = tmp_path / "samples"
+    check(run_entry("sample", "--checkpoint", str(run), "--shards", str(shards), "--out", str(samples),
+                    "--n_images", "3", "--n_completions", "2", "--n_unconditional", "4", "--top_k", "8"))  # fmt: skip
+    tokens = np.load(samples / "tokens.npz")
+    assert tokens["completions"].shape == (6, 64) and tokens["unconditional"].shape == (4, 64)
+    np.testing.assert_array_equal(tokens["completions"][:, :32], np.repeat(tokens["originals"][:, :32], 2, axis=0))
+    assert (samples / "completions.png").stat().st_size > 0 and (samples / "unconditional.png").stat().st_size > 0
+    assert list((samples / "tensorboard").glob("events.out.tfevents.*"))
+
+    preset = "launcher/configs/finetune_digits_cpu.yaml"
+    check(run_entry("finetune", "--config", preset, f"--data.shards={shards}", f"--train.init_from={run}",
+                    f"--train.run_root={tmp_path / 'runs'}", "--train.max_steps=60", "--train.eval_every=20",
+                    "--train.micro_batch=32", "--train.ds_config=ds_configs/cpu.json"))  # fmt: skip
+    results = json.loads((tmp_path / "runs" / "digits-finetune" / "results.json").read_text())
+    assert results["best"]["val_acc"] > results["start_val_acc"] + 10, results

@@ -1,0 +1,72 @@
+"""Fine-tuning: token augmentation, the classifier's parameter names, config checks, and a real 2-rank
+ZeRO-3 run on a separable dataset that stops midway, resumes on 1 rank and reaches >= 95% test accuracy."""
+
+import json
+
+import pytest
+import torch
+from eval_support import check, run_entry, separable_shards, tiny_checkpoint
+from pretrain_support import scalars
+
+from igpt_ds.config import ConfigError, ModelConfig, TrainConfig
+from igpt_ds.finetune import FinetuneConfig, FinetuneSection, IGPTClassifier, augment
+from igpt_ds.model import IGPT
+
+
+def test_augment_flip_and_shift():
+    image = torch.arange(16).view(1, 16)  # one 4x4 image, token = raster position
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(augment(image, 4, flip=False, shift=0, gen=gen), image)
+    batch = image.repeat(64, 1)
+    flipped = augment(batch, 4, flip=True, shift=0, gen=gen)
+    mirror = image.view(4, 4).flip(1).reshape(1, 16)
+    is_flip = (flipped == mirror).all(1)
+    assert ((flipped == image).all(1) | is_flip).all() and 10 < int(is_flip.sum()) < 54
+    shifted = augment(batch, 4, flip=False, shift=1, gen=gen).view(64, 4, 4)
+    # A translation by at most one pixel, edges repeated: every row/column index moves by <= 1.
+    rows, cols = shifted // 4, shifted % 4
+    assert (rows - torch.arange(4).view(1, 4, 1)).abs().max() <= 1 and (cols - torch.arange(4)).abs().max() <= 1
+    assert (rows.diff(dim=1) >= 0).all() and (cols.diff(dim=2) >= 0).all()  # order kept, no wrap-around
+    same = augment(batch, 4, True, 1, torch.Generator().manual_seed(3))
+    assert torch.equal(same, augment(batch, 4, True, 1, torch.Generator().manual_seed(3)))
+
+
+def test_classifier_keeps_igpt_names():
+    cfg = ModelConfig(size="igpt-tiny", n_px=8, n_vocab=16)
+    names = set(IGPTClassifier(cfg, 4).state_dict())
+    assert names - set(IGPT(cfg).state_dict()) == {"clf_head.weight", "clf_head.bias"}
+    logits, classes, pooled = IGPTClassifier(cfg, 4)(torch.zeros(2, 64, dtype=torch.long))
+    assert logits.shape == (2, 64, 16) and classes.shape == (2, 4) and not classes.any()  # zero head at start
+    assert pooled.shape == (2, 32)
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="init_from"):
+        FinetuneConfig()
+    with pytest.raises(ConfigError, match="pipeline"):
+        FinetuneConfig(train=TrainConfig(init_from="x", layout="pipeline", pipeline_stages=2))
+    with pytest.raises(ConfigError):
+        FinetuneSection(gen_weight=-1)
+
+
+@pytest.mark.multiproc
+def test_separable_zero3_two_ranks_then_resume(tmp_path):
+    shards = separable_shards(tmp_path / "shards")
+    ckpt = tiny_checkpoint(tmp_path / "pretrained", n_vocab=8)
+    args = [f"--train.init_from={ckpt}", f"--data.shards={shards}", f"--train.run_root={tmp_path}",
+            "--train.name=ft", "--train.ds_config=ds_configs/cpu_zero3.json", "--train.global_batch=32",
+            "--train.micro_batch=8", "--train.max_steps=40", "--train.eval_every=10", "--train.log_every=5",
+            "--train.save_every=10", "--optim.lr=1e-3", "--optim.warmup_steps=5", "--finetune.shift=1",
+            "--finetune.head_lr_mult=10"]  # fmt: skip
+    first = check(run_entry("finetune", *args, "--train.stop_at=20", nprocs=2))
+    assert "fine-tuning paused at step 20" in first
+    second = check(run_entry("finetune", *args))  # one rank: resumes through a universal checkpoint
+    assert "resumed from" in second and "fine-tuning done at step 40" in second
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert results["finished"] and results["start_val_acc"] < 50
+    assert results["best"]["val_acc"] >= 95 and results["best"]["test_acc"] >= 95, results
+    assert (tmp_path / "ft" / "best" / "latest").is_file()
+    logged = scalars(tmp_path / "ft" / "tensorboard")
+    for tag in ("train/clf_loss", "train/gen_loss", "train/acc", "val/acc", "val/clf_loss", "test/acc_at_best_val"):
+        assert tag in logged, tag
+    assert logged["train/acc"][40] > logged["train/acc"][5]

@@ -30,10 +30,15 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +82,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (Slurm's scancel, timeouts) unwinds like Ctrl-C, so the temporary folder is removed.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         build(args)
     except (UserError, PaletteError, ShardError) as e:
         print(f"igpt-build-shards: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -136,16 +145,18 @@ def _sample_pixels(train: Split, args: argparse.Namespace) -> np.ndarray:
     rng = np.random.default_rng(args.seed)
     n_img = min(len(train), math.ceil(PIXEL_POOL * args.palette_samples / args.n_px**2))
     chosen = train.subset(np.sort(rng.choice(len(train), n_img, replace=False)))
-    pixels = []
+    pixels, first_problem = [], None
     with _Workers(args.workers, args.n_px, args.resize, lut=None) as workers:
         chunks = tqdm(workers.map(_tasks(chosen)), total=math.ceil(n_img / CHUNK), desc="palette pixels", **BAR)
-        for rgb, problems in chunks:
-            if problems and args.strict:
-                raise UserError(f"{chosen.name(problems[0][0])}: {problems[0][1]} (--strict)")
+        for start, (rgb, problems) in zip(range(0, n_img, CHUNK), chunks, strict=True):
+            if problems:
+                first_problem = first_problem or f"{chosen.name(start + problems[0][0])}: {problems[0][1]}"
+                if args.strict:
+                    raise UserError(f"{first_problem} (--strict)")
             pixels.append(rgb.reshape(-1, 3))
     pixels = np.concatenate(pixels)
     if not len(pixels):
-        raise UserError(f"no readable images among {n_img} training samples; see the files in the source")
+        raise UserError(f"none of {n_img} sampled training images could be read, e.g. {first_problem}")
     return pixels[rng.choice(len(pixels), min(args.palette_samples, len(pixels)), replace=False)]
 
 
@@ -168,9 +179,10 @@ def _write_shards(tmp: Path, source: Source, palette: np.ndarray, lut: np.ndarra
                 writer.write(tokens, np.delete(labels, [j for j, _ in failed]))
                 bar.update(len(labels))
             splits[name] = writer.finish()
+            if name == "train" and not splits[name]["n"]:
+                example = ": ".join(problems[-1])
+                raise UserError(f"none of the {len(split)} training images could be read, e.g. {example}")
     _write(tmp / "problems.txt", "".join(f"{n}\t{r}\n" for n, r in problems).encode())
-    if not splits["train"]["n"]:
-        raise UserError(f"none of the {len(source.splits['train'])} training images could be read; see problems")
     # --workers and --overwrite cannot change the bytes and --out is where they are: leaving them
     # out keeps the manifest identical for any worker count and valid after a move.
     recorded = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
@@ -241,8 +253,16 @@ class _ShardWriter:
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(n_px: int, resize: str, lut: np.ndarray | None) -> None:
+def _init_worker(n_px: int, resize: str, lut: np.ndarray | None, parent: int | None = None) -> None:
     _STATE.update(n_px=n_px, resize=resize, lut=lut)
+    if parent is not None:  # in a pool process: do not outlive a killed conversion as an orphan
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def _convert(items: list[str] | np.ndarray) -> tuple[np.ndarray, list[tuple[int, str]]]:
@@ -269,10 +289,12 @@ class _Workers:
     """`map` runs `_convert` over tasks in order: in this process, or in a pool of processes."""
 
     def __init__(self, n: int, n_px: int, resize: str, lut: np.ndarray | None):
-        # spawn: workers start clean (no copied threads or locks) and get the table once each.
-        ctx = multiprocessing.get_context("spawn")
-        self.pool = ctx.Pool(n, _init_worker, (n_px, resize, lut)) if n > 1 else None
-        if self.pool is None:
+        self.pool = None
+        if n > 1:
+            # spawn: workers start clean (no inherited threads or locks) and get the table once each.
+            ctx = multiprocessing.get_context("spawn")
+            self.pool = ProcessPoolExecutor(n, ctx, initializer=_init_worker, initargs=(n_px, resize, lut, os.getpid()))
+        else:
             _init_worker(n_px, resize, lut)
         self.window = 4 * n
 
@@ -281,20 +303,22 @@ class _Workers:
             yield from map(_convert, tasks)
             return
         pending = deque()  # at most `window` tasks in flight: memory stays bounded on any source
-        for task in tasks:
-            pending.append(self.pool.apply_async(_convert, (task,)))
-            if len(pending) >= self.window:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        try:
+            for task in tasks:
+                pending.append(self.pool.submit(_convert, task))
+                if len(pending) >= self.window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise UserError("a worker process died (a decoder crash on a bad file?); rerun with --workers 1") from None
 
     def __enter__(self) -> _Workers:
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -320,10 +344,11 @@ def _sibling(out: Path, kind: str) -> Path:
 
 def _remove_stale(out: Path) -> None:
     """Delete temporary siblings left by killed runs on this host (a live pid's are kept)."""
-    for path in out.parent.glob(f".{out.name}.*-{socket.gethostname()}-*"):
-        pid = path.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+    for kind in ("tmp", "old"):
+        for path in out.parent.glob(f".{out.name}.{kind}-{socket.gethostname()}-*"):
+            pid = path.name.rsplit("-", 1)[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -8,9 +8,12 @@ works as-is and tokens agree with those tools.
 
 Exactness: the token of a colour is defined by `encode_bruteforce`: distances in float64 as
 ((r - cr)² + (g - cg)²) + (b - cb)², ties to the lowest index. `build_lut` evaluates that same
-expression for every one of the 2^24 colours, skipping only centres proven (with a safety margin far
-above float64 rounding) to be farther than another centre, so `encode` with the table is equal
-token for token to the brute force, ties included.
+expression for all 2^24 colours, cube of 8³ colours by cube, skipping only centres whose distance
+to every colour of the cube is larger than another centre's. Those bounds are built from the same
+float64 operations, and rounding is monotonic, so they hold for the computed distances too (a
+1e-6 margin is kept on top): `encode` with the table equals the brute force token for token,
+ties included. Building the table for k = 512 takes ~1 CPU-second; lookups are ~300x faster
+than the brute force (bench/results/data.md).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ MAX_K = 65535
 
 N_COLOURS = 1 << 24
 LUT_BLOCK = 8
-"""The table is built in cubes of 8³ colours; one cube's candidate centres are few (~7 of 512)."""
+"""The table is built in cubes of 8³ colours; a cube has few candidate centres (~7 of 512)."""
 
 
 class PaletteError(ValueError):

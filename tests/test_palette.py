@@ -63,10 +63,10 @@ def test_table_equals_bruteforce_on_every_colour_with_ties():
         + [[levels[4], levels[1], levels[4]], [levels[2]] * 3, [levels[2]] * 3, [0, 0, 0], [0, 0, 0]],
         dtype=np.float32,
     )
-    every = np.arange(P.N_COLOURS)
-    rgb = np.stack([every >> 16, (every >> 8) & 255, every & 255], axis=1).astype(np.uint8)
+    rgb = np.empty((256, 256, 256, 3), np.uint8)  # every colour, in table order
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = np.ogrid[:256, :256, :256]
     lut = P.build_lut(centres)
-    ref = P.encode_bruteforce(rgb, centres, chunk=1 << 20)
+    ref = P.encode_bruteforce(rgb, centres, chunk=1 << 16).reshape(-1)
     np.testing.assert_array_equal(lut, ref)
     assert not np.isin([7, 9], ref).any()  # duplicates lose every tie to the lower index
 

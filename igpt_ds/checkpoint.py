@@ -12,7 +12,8 @@ A run's checkpoints live in `runs/<name>/checkpoints/`:
 
 "Complete" means every rank returned from its save (a barrier) before rank 0 writes the marker and
 then swaps `latest`; a save killed midway leaves `latest` on the previous checkpoint, and the
-half-written folder is deleted by the next save. Durability against power loss is the filesystem's.
+half-written folder is deleted by the next save. The folder must be on a filesystem every rank sees;
+durability against power loss is the filesystem's.
 
 Resuming restores weights, optimizer and LR schedule (DeepSpeed), the step and sampler position
 (run.json) and each rank's RNG states. At a different data-parallel size or stage count a ZeRO
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_INFO,
     UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -132,7 +134,7 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
 
 
 def needs_universal(meta: dict[str, Any], layout: str, world_size: int, dp: int) -> bool:
-    """Whether `ckpt` must go through the universal format to load at this topology."""
+    """Whether the checkpoint described by `meta` must go through the universal form to load here."""
     if meta["layout"] != layout:
         raise ConfigError(
             f"the checkpoint to resume was written with train.layout={meta['layout']}, this run uses {layout}; "
@@ -203,8 +205,6 @@ def resolve(path: str | Path) -> Path:
 
 
 def model_config(ckpt: Path) -> ModelConfig:
-    import yaml
-
     return build(ModelConfig, yaml.safe_load((ckpt / "config.yaml").read_text())["model"], where="model.")
 
 
@@ -229,23 +229,26 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 def export_consolidated(path: str | Path, out_dir: str | Path) -> Path:
     """Write the weights of a run / checkpoint folder as a consolidated fp32 folder (igpt_ds.weights)."""
     ckpt = resolve(path)
-    palette = np.load(ckpt / PALETTE) if (ckpt / PALETTE).is_file() else None
     extra = {"source": str(ckpt), "step": read_meta(ckpt)["step"]}
-    return save_consolidated(out_dir, model_config(ckpt), consolidated_state_dict(ckpt), palette, extra)
+    return save_consolidated(out_dir, model_config(ckpt), consolidated_state_dict(ckpt), palette(ckpt), extra)
+
+
+def palette(ckpt: Path) -> np.ndarray | None:
+    return np.load(ckpt / PALETTE) if (ckpt / PALETTE).is_file() else None
 
 
 def load_model_for_eval(path: str | Path) -> tuple[IGPT, ModelConfig, np.ndarray | None]:
     """(IGPT in eval mode on CPU in fp32, its ModelConfig, palette or None) from a run folder,
     a DeepSpeed checkpoint folder of either layout, or a consolidated folder."""
     if is_consolidated(path):
-        cfg, state, palette = load_consolidated(path)
+        cfg, state, colours = load_consolidated(path)
     else:
         ckpt = resolve(path)
-        cfg, state = model_config(ckpt), consolidated_state_dict(ckpt)
-        palette = np.load(ckpt / PALETTE) if (ckpt / PALETTE).is_file() else None
-    model = IGPT(cfg)
-    model.load_state_dict(state)
-    return model.eval(), cfg, palette
+        cfg, state, colours = model_config(ckpt), consolidated_state_dict(ckpt), palette(ckpt)
+    with torch.device("meta"):  # no second copy of the weights: the model takes the loaded tensors
+        model = IGPT(cfg)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    return model.eval(), cfg, colours
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,10 +114,10 @@ class Run:
         the first and last pipeline stage, in a resumed run, and at any data-parallel size."""
         out = []
         for chunk in np.split(np.asarray(indices), len(indices) // self.cfg.train.micro_batch):
-            tokens = torch.from_numpy(split.batch(chunk)[0]).to(self.engine.device)
+            tokens = self.to_device(torch.from_numpy(split.batch(chunk)[0]))
             mask = None
             if self.cfg.model.objective == "bert":
-                mask = torch.cat([self.sample_mask(key, int(i)) for i in chunk]).to(tokens.device)
+                mask = self.to_device(torch.cat([self.sample_mask(key, int(i)) for i in chunk]))
             if self.pipeline:
                 out.append(
                     bert_pipe_batch(tokens, mask, self.cfg.model.n_vocab) if mask is not None else (tokens, tokens)
@@ -125,6 +125,12 @@ class Run:
             else:
                 out.append((tokens, mask))
         return out
+
+    def to_device(self, x: Tensor) -> Tensor:
+        """Copy from pinned memory without blocking: a pageable copy would wait for the GPU's queue."""
+        if self.engine.device.type == "cpu":
+            return x
+        return x.pin_memory().to(self.engine.device, non_blocking=True)
 
     def sample_mask(self, key: tuple[int, int], index: int) -> Tensor:
         seed = int(np.random.SeedSequence([self.cfg.train.seed, *key, index]).generate_state(1)[0])

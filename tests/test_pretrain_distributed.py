@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -81,18 +82,9 @@ def logs(work: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def zero3_run(work, config) -> Path:
     """10 steps of ZeRO-3 on 2 ranks, started by the real launcher: `deepspeed --num_gpus 2 launcher/pretrain.py`."""
-    cmd = [
-        "deepspeed",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "launcher/pretrain.py",
-        "--config",
-        str(config),
-        "--train.name",
-        "zero3",
-    ]
+    deepspeed = Path(sys.executable).parent / "deepspeed"  # the virtualenv's launcher script
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "launcher/pretrain.py"]
+    cmd += ["--config", str(config), "--train.name", "zero3"]
     out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return work / "runs" / "zero3"

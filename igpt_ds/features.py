@@ -10,12 +10,16 @@ filesystem for the output folder. A split's folder appears only once complete (w
 temporary name and renamed by rank 0):
 
     <out>/<split>/layer_00.npy ... layer_<n_layer>.npy   float32 (n, n_embd), whatever the compute dtype
-                  pixels.npy                             uint8 (n, n_px²·3) palette-decoded RGB (raw baseline;
-                                                         uint16 tokens (n, n_px²) when the data has no palette)
+                  pixels.npy                             uint8 (n, n_px²·3) palette-decoded RGB (raw baseline)
                   labels.npy                             int64 (n,)
                   meta.json                              checkpoint, layers, split, dimensions, classes
 
-Compute runs in bf16/fp16 autocast on GPU (`precision`) and fp32 on CPU.
+Compute runs in bf16/fp16 autocast on GPU (`precision`) and fp32 on CPU. Each rank holds the whole
+model (data-parallel inference: iGPT-XL's 6.8B fp32 weights take 27 GB, within one 80 GB GPU).
+
+    python launcher/extract_features.py --checkpoint runs/digits --shards demo_out/shards --out demo_out/features
+    deepspeed --num_gpus 8 launcher/extract_features.py --checkpoint runs/igpt-l --shards data/cifar10_32 \\
+        --out runs/igpt-l/features --layers '[16,20,24,28,32]'
 """
 
 from __future__ import annotations
@@ -113,8 +117,8 @@ def extract_split(
     """Write features of `split` (a `shards.ShardSplit`) for `layers` to `out_dir`; every rank calls it.
 
     `rank_rows` is this rank's contiguous slice of the split (`rank_slice(len(split), rank, world)`).
-    Also writes the raw pixels for the baseline probe: RGB through the split's palette, or the token
-    values when the split has none. Returns `out_dir`.
+    Also writes the split's pixels, decoded through its palette, for the raw-pixel baseline probe.
+    Returns `out_dir`.
     """
     out_dir = Path(out_dir)
     n, dim = len(split), model.cfg.n_embd
@@ -126,16 +130,12 @@ def extract_split(
     device = next(model.parameters()).device
     # A fixed temporary name every rank can find; a leftover from a killed run is discarded.
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    palette = split.palette
-    pixel_shape, pixel_dtype = (
-        ((n, split.seq_len * 3), np.uint8) if palette is not None else ((n, split.seq_len), np.uint16)
-    )
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for l in layers:
             np.lib.format.open_memmap(tmp / layer_file(l), mode="w+", dtype=np.float32, shape=(n, dim)).flush()
-        np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=pixel_dtype, shape=pixel_shape).flush()
+        np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.uint8, shape=(n, split.seq_len * 3)).flush()
     barrier()
 
     arrays = {l: np.load(tmp / layer_file(l), mmap_mode="r+") for l in layers}
@@ -148,7 +148,7 @@ def extract_split(
             feats = model.features(torch.from_numpy(tokens).to(device), layers)
         for l in layers:
             arrays[l][rows.start : rows.stop] = feats[l].float().cpu().numpy()
-        pixels[rows.start : rows.stop] = raw_pixels(tokens, palette)
+        pixels[rows.start : rows.stop] = decode(tokens, split.palette).reshape(len(rows), -1)
     for array in [*arrays.values(), pixels]:
         array.flush()
     del arrays, pixels
@@ -162,7 +162,6 @@ def extract_split(
             "dim": dim,
             "layers": layers,
             "n_layer": model.cfg.n_layer,
-            "pixels": "rgb" if palette is not None else "tokens",
             "class_names": list(split.class_names),
             "precision": str(compute_dtype(device, precision)).removeprefix("torch."),
             "model": asdict(model.cfg),
@@ -172,13 +171,6 @@ def extract_split(
         _publish(tmp, out_dir)
     barrier()
     return out_dir
-
-
-def raw_pixels(tokens: np.ndarray, palette: np.ndarray | None) -> np.ndarray:
-    """Baseline input: flattened uint8 RGB (B, T·3) through the palette, else the tokens (B, T)."""
-    if palette is None:
-        return tokens.astype(np.uint16)
-    return decode(tokens, palette).reshape(len(tokens), -1)
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -209,7 +201,7 @@ class FeatureSplit:
         return np.load(self.path / layer_file(l), mmap_mode="r")
 
     def pixels(self) -> np.ndarray:
-        """Raw-pixel baseline input (n, D): RGB bytes, or token values when the data had no palette."""
+        """Raw-pixel baseline input: uint8 RGB (n, n_px²·3)."""
         return np.load(self.path / "pixels.npy", mmap_mode="r")
 
 

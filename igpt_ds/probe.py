@@ -13,6 +13,9 @@ accuracy reported on the test split. Two solvers minimise the same objective,
 Beside the per-layer sweep the report holds the concatenation of k layers around the best one (the
 paper's 72% iGPT-XL ImageNet trick) and a raw-pixel baseline, so one sees what pretraining bought.
 Layer n_layer is the final norm's output; the best layer should be mid-depth (the curve is unimodal).
+
+    python launcher/linear_probe.py --features demo_out/features
+    deepspeed --num_gpus 8 launcher/linear_probe.py --features runs/igpt-l/features --solver torch
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ def test_digits_pretrain_probe_sample_finetune(tmp_path):
 
     features = tmp_path / "features"
     check(run_entry("extract_features", "--checkpoint", str(run), "--shards", str(shards), "--out", str(features)))
-    table = check(run_entry("linear_probe", "--features", str(features)))
+    table = check(run_entry("linear_probe", "--features", str(features), nprocs=2))  # ranks share the layers
     report = json.loads((features / "probe" / "probe.json").read_text())
     names = [r["name"] for r in report["rows"]]
     assert names == ["layer 0", "layer 1", "final norm (2)", "concat 0-2", "pixels"], names
@@ -32,7 +32,8 @@ def test_digits_pretrain_probe_sample_finetune(tmp_path):
 
     samples = tmp_path / "samples"
     check(run_entry("sample", "--checkpoint", str(run), "--shards", str(shards), "--out", str(samples),
-                    "--n_images", "3", "--n_completions", "2", "--n_unconditional", "4", "--top_k", "8"))  # fmt: skip
+                    "--n_images", "3", "--n_completions", "2", "--n_unconditional", "4", "--top_k", "8",
+                    nprocs=2))  # fmt: skip
     tokens = np.load(samples / "tokens.npz")
     assert tokens["completions"].shape == (6, 64) and tokens["unconditional"].shape == (4, 64)
     np.testing.assert_array_equal(tokens["completions"][:, :32], np.repeat(tokens["originals"][:, :32], 2, axis=0))

@@ -63,7 +63,10 @@ class ModelConfig:
             if getattr(self, name) == 0:
                 setattr(self, name, value)
         _require(self.n_layer > 0 and self.n_head > 0 and self.n_embd > 0, "model sizes must be > 0")
-        _require(self.n_embd % self.n_head == 0, f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        _require(
+            self.n_embd % self.n_head == 0,
+            f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}",
+        )
         _require(self.n_px > 0, f"model.n_px={self.n_px} must be > 0")
         _require(1 < self.n_vocab <= 65536, f"model.n_vocab={self.n_vocab} must be in 2..65536")
         _require(self.objective in ("ar", "bert"), f"model.objective={self.objective!r} must be 'ar' or 'bert'")
@@ -101,7 +104,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"optim.lr={self.lr} must be > 0")
         _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
-        _require(self.schedule in ("cosine", "constant"), f"optim.schedule={self.schedule!r} must be 'cosine' or 'constant'")
+        _require(
+            self.schedule in ("cosine", "constant"), f"optim.schedule={self.schedule!r} must be 'cosine' or 'constant'"
+        )
         _require(all(0 <= b < 1 for b in self.betas), f"optim.betas={self.betas} must lie in [0, 1)")
 
 
@@ -248,7 +253,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value, strict=True))
     if origin is list:
         (arg,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):

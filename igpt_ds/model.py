@@ -218,8 +218,12 @@ def objective_loss(logits: Tensor, tokens: Tensor, mask: Tensor | None) -> Tenso
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
 
 
-def bert_mask(shape: tuple[int, int], mask_prob: float, generator: torch.Generator | None = None,
-              device: torch.device | str = "cpu") -> Tensor:
+def bert_mask(
+    shape: tuple[int, int],
+    mask_prob: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
     """Boolean (B, T) mask with exactly max(1, round(mask_prob·T)) positions per image, uniform."""
     B, T = shape
     n_masked = max(1, round(mask_prob * T))

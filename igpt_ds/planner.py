@@ -296,7 +296,8 @@ def estimate(
     rate = cluster.tokens_per_s or cluster.peak_tflops * 1e12 * cluster.assumed_mfu / shape.flops_per_token
     efficiency = lambda micro: micro * cfg.seq_len / (micro * cfg.seq_len + cluster.half_rate_tokens)
     rate *= efficiency(layout.micro_batch) / efficiency(cluster.measured_micro_batch)
-    compute_s = global_batch * cfg.seq_len / dp / rate / layout.pp
+    # Each pipeline stage runs its share of the blocks (the most loaded stage sets the pace).
+    compute_s = global_batch * cfg.seq_len / dp / rate * math.ceil(cfg.n_layer / layout.pp) / cfg.n_layer
     compute_s *= 4 / 3 if layout.checkpointing else 1.0
     compute_s *= 1 + (layout.pp - 1) / accum
     offload_s = 0.0
@@ -312,20 +313,10 @@ def estimate(
     cpu_node = cpu_per_gpu * min(n_gpus, cluster.gpus_per_node) / GIB
     fits = mem["peak"] <= cluster.usable_fraction * cluster.gpu_mem_gib * GIB and cpu_node <= cluster.cpu_mem_gib
     return Estimate(
-        layout,
-        n_gpus,
-        dp,
-        accum,
-        {k: v / GIB for k, v in mem.items()},
-        cpu_node,
-        comm / 1e9,
-        compute_s,
-        comm_s,
-        offload_s,
-        step_s,
-        global_batch * cfg.seq_len / step_s,
-        fits,
-    )
+        layout=layout, n_gpus=n_gpus, dp=dp, grad_accum=accum, mem_gib={k: v / GIB for k, v in mem.items()},
+        cpu_mem_gib_per_node=cpu_node, comm_gb=comm / 1e9, compute_s=compute_s, comm_s=comm_s, offload_s=offload_s,
+        step_s=step_s, tokens_per_s=global_batch * cfg.seq_len / step_s, fits=fits,
+    )  # fmt: skip
 
 
 def layouts(shape: Shape, n_gpus: int, global_batch: int) -> Iterator[Layout]:

@@ -18,7 +18,8 @@ step_pid=
 on_usr1() {
   preempted=1
   echo "$(date '+%F %T') USR1: ranks save a checkpoint, then job $SLURM_JOB_ID requeues"
-  kill -USR1 "$step_pid"
+  # The step may have just exited (or not started yet): nothing to relay then, and no reason to fail.
+  kill -USR1 "$step_pid" 2>/dev/null || true
 }
 
 srun_requeueable() {

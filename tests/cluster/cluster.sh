@@ -48,8 +48,10 @@ install() {
 }
 
 slurm_up() {
-  local dir=$1 host
+  local dir=$1 host cpus
   host=$(hostname -s)
+  # nproc obeys OMP_NUM_THREADS, which test environments set to 1.
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
   # munged runs as the munge user, must reach its own subfolder and wants its socket's folder
   # open to all (clients of every user connect to it), its key private.
   chmod 755 "$dir"
@@ -90,7 +92,7 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/slurmd.log
-NodeName=$host CPUs=$(nproc) State=UNKNOWN
+NodeName=$host CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
   export SLURM_CONF=$dir/slurm.conf
@@ -122,6 +124,15 @@ UsePAM no
 # The test folder is not owned the way StrictModes wants ~/.ssh to be.
 StrictModes no
 EOF
+  # Each alias is its own host name too: a session runs in a new UTS namespace named after the
+  # address it came in on, so gethostname() differs per "host" as MPI's and DeepSpeed's node
+  # detection (local ranks, shared-memory peers) assume. Files, network and processes stay shared.
+  for i in "${!HOSTS[@]}"; do
+    cat >>"$dir/ssh/sshd_config" <<EOF
+Match LocalAddress ${HOST_IPS[$i]}
+  ForceCommand unshare --uts bash -c 'hostname ${HOSTS[$i]} && exec bash -c "\$SSH_ORIGINAL_COMMAND"'
+EOF
+  done
   /usr/sbin/sshd -f "$dir/ssh/sshd_config" -E "$dir/ssh/sshd.log"
 
   # Each alias resolves to its own loopback address, all of which reach this machine.

@@ -22,7 +22,9 @@ and loaded with `"checkpoint": {"load_universal": true}` (RNG states then restar
 
 Weights leave either layout as a consolidated fp32 folder (`igpt_ds.weights`): `export_consolidated`,
 or `python -m igpt_ds.checkpoint runs/<name> out_dir`. `load_model_for_eval` accepts a run folder,
-a checkpoint folder of either layout, or a consolidated folder.
+a checkpoint folder of either layout, or a consolidated folder. `load_weights` copies a state dict into
+a model of any ZeRO stage (pretraining's `train.init_from`, fine-tuning's backbone); weights that do not
+fit the model, and shards tokenised with another palette than the checkpoint's, are one-line ConfigErrors.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -49,12 +52,14 @@ from deepspeed.checkpoint.constants import (
 from igpt_ds.config import ConfigError, ModelConfig, build
 from igpt_ds.distributed import barrier
 from igpt_ds.model import IGPT
-from igpt_ds.weights import is_consolidated, load_consolidated, save_consolidated
+from igpt_ds.shards import ShardSplit
+from igpt_ds.weights import PALETTE_FILE, is_consolidated, load_consolidated, save_consolidated
 
 LATEST = "latest"
 COMPLETE = "complete"
 RUN_META = "run.json"
-PALETTE = "palette.npy"
+FINETUNE_HEAD = "clf_head."
+"""Parameter-name prefix of the fine-tuned classifier's head (igpt_ds.finetune.IGPTClassifier)."""
 
 
 def tag_for(step: int) -> str:
@@ -100,7 +105,7 @@ def save(
         for name, text in files.items():
             (path / name).write_text(text)
         if palette is not None:
-            np.save(path / PALETTE, palette)
+            np.save(path / PALETTE_FILE, palette)
         atomic_write(path / RUN_META, json.dumps(dict(meta, step=step), indent=2))
     barrier()  # every rank's files are written before the checkpoint counts
     if rank == 0:
@@ -234,20 +239,73 @@ def export_consolidated(path: str | Path, out_dir: str | Path) -> Path:
 
 
 def palette(ckpt: Path) -> np.ndarray | None:
-    return np.load(ckpt / PALETTE) if (ckpt / PALETTE).is_file() else None
+    return np.load(ckpt / PALETTE_FILE) if (ckpt / PALETTE_FILE).is_file() else None
+
+
+def check_palette(colours: np.ndarray | None, split: ShardSplit, source: str | Path) -> None:
+    """Refuse shards tokenised with another palette than checkpoint `source`'s (`colours`; None: no check):
+    token k would be another colour than the model learnt, so features and samples would be wrong silently."""
+    if colours is None or np.array_equal(np.asarray(colours, np.float32), split.palette):
+        return
+    where = Path(source) if is_consolidated(source) else resolve(source)
+    raise ConfigError(
+        f"shards {split.root} were tokenised with another palette than checkpoint {source}; tokenise them with "
+        f"the checkpoint's palette: igpt-build-shards SOURCE --out DIR --palette {where / PALETTE_FILE}"
+    )
+
+
+def check_weights(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], source: str) -> None:
+    """A one-line ConfigError naming `source` and the keys of `state` that do not fit `expected` (name -> shape)."""
+    shared = sorted(expected.keys() & state.keys())
+    problems = {
+        "missing": sorted(expected.keys() - state.keys()),
+        "unexpected": sorted(state.keys() - expected.keys()),
+        "wrong shape": [
+            f"{k} {tuple(state[k].shape)} != {tuple(expected[k])}"
+            for k in shared
+            if tuple(state[k].shape) != tuple(expected[k])
+        ],
+    }
+    more = lambda keys: f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
+    found = [f"{kind}: {', '.join(keys[:4])}{more(keys)}" for kind, keys in problems.items() if keys]
+    if found:
+        raise ConfigError(f"{source}: weights do not fit its model config ({'; '.join(found)})")
+
+
+def load_weights(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, keep_init: tuple[str, ...] = ()
+) -> None:
+    """Copy `state` (CPU tensors) into `model`'s parameters, except those whose names start with a prefix in
+    `keep_init` (a new head), which keep their initialisation. A ZeRO-3 parameter (built in zero.Init) is
+    gathered one at a time and written by rank 0, so the whole model never materialises on one device; a
+    whole parameter is written by every rank. Weights that do not fit are a ConfigError naming `source`."""
+    params = {n: p for n, p in model.named_parameters() if not n.startswith(keep_init)}
+    check_weights({n: getattr(p, "ds_shape", p.shape) for n, p in params.items()}, state, source)
+    for name, p in params.items():
+        # A no-op for a parameter that is not partitioned (ZeRO 0-2, no DeepSpeed).
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            if not hasattr(p, "ds_id") or dist.get_rank() == 0:
+                p.copy_(state[name])
 
 
 def load_model_for_eval(path: str | Path) -> tuple[IGPT, ModelConfig, np.ndarray | None]:
     """(IGPT in eval mode on CPU in fp32, its ModelConfig, palette or None) from a run folder,
-    a DeepSpeed checkpoint folder of either layout, or a consolidated folder."""
+    a DeepSpeed checkpoint folder of either layout, or a consolidated folder.
+
+    A fine-tuned run loads as its IGPT trunk, without the classifier head (`clf_head.*`): features,
+    probes and samples use the trunk only, and the head is meaningless without the feature
+    standardisation it was trained behind, which lives in the run's run.json, not in the weights.
+    Any other weights that do not fit the checkpoint's model config are a one-line ConfigError."""
     if is_consolidated(path):
         cfg, state, colours = load_consolidated(path)
     else:
         ckpt = resolve(path)
         cfg, state, colours = model_config(ckpt), consolidated_state_dict(ckpt), palette(ckpt)
+    state = {k: v.float() for k, v in state.items() if not k.startswith(FINETUNE_HEAD)}
     with torch.device("meta"):  # no second copy of the weights: the model takes the loaded tensors
         model = IGPT(cfg)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    check_weights({k: v.shape for k, v in model.state_dict().items()}, state, str(path))
+    model.load_state_dict(state, assign=True)
     return model.eval(), cfg, colours
 
 

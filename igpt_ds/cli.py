@@ -1,9 +1,9 @@
 """The command line shared by the evaluation entry points: `--config preset.yaml` plus dotted overrides.
 
 Precedence (igpt_ds.config): dataclass defaults < `--config` YAML < `--key=value` overrides. A
-configuration or input error (`ConfigError`: missing or incompatible checkpoint, split without labels,
-layers out of range, ...; `ShardError`: missing split, damaged shard) prints one line on stderr and
-exits with status 2, on every rank.
+configuration or input error (`ConfigError`: missing or incompatible checkpoint, shards tokenised with
+another palette than the checkpoint's, split without labels, layers out of range, ...; `ShardError`:
+missing split, damaged shard) prints one line on stderr and exits with status 2, on every rank.
 """
 
 from __future__ import annotations

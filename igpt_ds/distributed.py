@@ -11,17 +11,22 @@ One call, `init_distributed(timeout_s)`, works under
 
 The collective timeout is deliberate (`train.dist_timeout_s`): when one rank dies, the others fail
 with a timeout error after that long instead of hanging until the job's wall-clock limit.
+
+`StopSignal` turns SIGTERM / SIGUSR1 (Slurm preemption, `--signal` before the time limit) into one
+decision shared by every rank, so pretraining and fine-tuning save a checkpoint together and exit.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 from datetime import timedelta
 
 import deepspeed
+import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
@@ -89,3 +94,27 @@ def free_port() -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 as a request to save after the current step and exit; `agreed()` decides.
+
+    Create it before anything slow, so a signal during start-up is kept for the first step rather than
+    killing the process. The handler only notes the signal; `agreed()` is the decision, the same on every
+    rank (any rank signalled = all stop), because the save that follows is collective. The flag is
+    reduced over a CPU (gloo) group: no host-device sync in the loop, and NCCL cannot reduce a CPU tensor.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.group = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: self.received.append(signum))
+
+    def agreed(self) -> bool:
+        """Whether any rank has received a signal; collective: every rank calls it after the same step."""
+        if self.group is None:  # new_group is collective too; every rank's first call is at the same step
+            self.group = dist.new_group(backend="gloo")
+        flag = torch.tensor([float(bool(self.received))])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())

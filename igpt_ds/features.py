@@ -38,7 +38,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from igpt_ds.checkpoint import load_model_for_eval
+from igpt_ds.checkpoint import check_palette, load_model_for_eval
 from igpt_ds.config import ConfigError, DataConfig
 from igpt_ds.distributed import barrier, init_distributed
 from igpt_ds.model import IGPT
@@ -208,11 +208,13 @@ class FeatureSplit:
 def extract(cfg: ExtractConfig) -> dict[str, Path]:
     """Extract `cfg.layers` of every split in `cfg.splits` (every rank); returns split -> folder."""
     rank, world = init_distributed(cfg.dist_timeout_s)
-    model, model_cfg, _ = load_model_for_eval(cfg.checkpoint)
+    model, model_cfg, palette = load_model_for_eval(cfg.checkpoint)
     device = torch.device(get_accelerator().current_device_name())
     model.to(device)
     layers = resolve_layers(cfg.layers, model_cfg.n_layer)
     splits = {name: open_shards(model_cfg, DataConfig(shards=cfg.shards), name) for name in cfg.splits}
+    for split in splits.values():
+        check_palette(palette, split, cfg.checkpoint)
     outputs = {}
     for name, split in splits.items():
         rows = rank_slice(len(split), rank, world)

@@ -14,8 +14,8 @@ Layout: DeepSpeed ZeRO (any stage; ZeRO-3 partitions the model as it is built). 
 is refused: its engine returns only the last micro-batch's outputs from `eval_batch`, so validation
 and test accuracy would need a second path through the loss function; a pipeline-pretrained
 checkpoint fine-tunes here all the same (its weights are read in any layout). Checkpoints, resume,
-resume at another world size (universal checkpoints) and run files reuse `igpt_ds.checkpoint` and the
-pretraining trainer's helpers.
+resume at another world size (universal checkpoints), the save-and-exit on SIGTERM / SIGUSR1
+(`distributed.StopSignal`) and run files are pretraining's (`igpt_ds.checkpoint`, `igpt_ds.trainer`).
 
     deepspeed --num_gpus 8 launcher/finetune.py --config launcher/configs/finetune_cifar10.yaml \\
         --train.init_from=runs/igpt-s-imagenet32
@@ -29,7 +29,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -39,7 +38,7 @@ from torch import Tensor
 
 from igpt_ds import checkpoint
 from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
-from igpt_ds.distributed import init_distributed
+from igpt_ds.distributed import StopSignal, init_distributed
 from igpt_ds.engine import build_ds_config, initialize, model_init_context, zero_stage
 from igpt_ds.model import IGPT, Linear, bert_mask, objective_loss
 from igpt_ds.shards import GlobalBatchSampler, ShardSplit, rank_slice
@@ -132,23 +131,11 @@ def labelled(split: ShardSplit, name: str) -> ShardSplit:
     return split
 
 
-def load_into(model: torch.nn.Module, state: dict[str, Tensor], zero3: bool) -> None:
-    """Copy the pretrained backbone into `model`; the head keeps its init. Under ZeRO-3 one parameter
-    is gathered at a time, so the whole model never materialises on a device (`state` is in CPU memory)."""
-    missing = [n for n, _ in model.named_parameters() if n not in state and not n.startswith("clf_head.")]
-    if missing:
-        raise ConfigError(f"train.init_from lacks parameters {missing[:4]}: not an iGPT checkpoint of this shape")
-    for name, p in model.named_parameters():
-        if name in state:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3), torch.no_grad():
-                if not zero3 or dist.get_rank() == 0:
-                    p.copy_(state[name])
-
-
 class Finetuner:
     """Every rank builds one; `run()` trains with early stopping and returns the results (rank 0 logs)."""
 
     def __init__(self, cfg: FinetuneConfig):
+        self.stop = StopSignal()  # preemption / time limit: save after the current step, exit
         self.cfg, t = cfg, cfg.train
         self.rank, self.world = init_distributed(t.dist_timeout_s)
         ds_config = build_ds_config(t, cfg.optim, self.world)
@@ -157,9 +144,10 @@ class Finetuner:
             pretrained, self.model_cfg, palette = checkpoint.load_model_for_eval(t.init_from)
             state = pretrained.state_dict()
         else:  # resuming: the weights come from the run's own checkpoint
-            self.model_cfg, state, palette = checkpoint.model_config(ckpt), None, None
+            self.model_cfg, state, palette = checkpoint.model_config(ckpt), None, checkpoint.palette(ckpt)
         splits = (cfg.data.train_split, cfg.data.val_split, cfg.finetune.test_split)
         self.train, self.val, self.test = (labelled(open_shards(self.model_cfg, cfg.data, s), s) for s in splits)
+        checkpoint.check_palette(palette, self.train, ckpt or t.init_from)
         self.palette = palette if palette is not None else self.train.palette
         self.n_classes = len(self.train.class_names) or int(self.train.labels.max()) + 1
         universal = ckpt is not None and checkpoint.needs_universal(
@@ -174,10 +162,12 @@ class Finetuner:
         with model_init_context(ds_config):
             model = IGPTClassifier(self.model_cfg, self.n_classes)
         model.activation_checkpointing = t.activation_checkpointing
-        if state is not None:
-            load_into(model, state, zero_stage(ds_config) == 3)
-        head = [p for n, p in model.named_parameters() if n.startswith("clf_head.")]
-        body = [p for n, p in model.named_parameters() if not n.startswith("clf_head.")]
+        if state is not None:  # the pretrained backbone; the head keeps its (zero) initialisation
+            checkpoint.load_weights(
+                model, state, f"train.init_from={t.init_from}", keep_init=(checkpoint.FINETUNE_HEAD,)
+            )
+        head = [p for n, p in model.named_parameters() if n.startswith(checkpoint.FINETUNE_HEAD)]
+        body = [p for n, p in model.named_parameters() if not n.startswith(checkpoint.FINETUNE_HEAD)]
         groups = [{"params": body}, {"params": head, "lr": cfg.optim.lr * cfg.finetune.head_lr_mult}]
         self.engine = initialize(model, ds_config, cfg.optim, t.max_steps, groups)
         self.sampler = GlobalBatchSampler(len(self.train), t.global_batch, self.rank, self.world, t.seed)
@@ -327,10 +317,14 @@ class Finetuner:
                 self.log(f"step {step}/{t.max_steps} clf loss {scalars['train/clf_loss']:.4f} gen loss "
                          f"{scalars['train/gen_loss']:.4f} acc {scalars['train/acc']:.2f}%", step, scalars)  # fmt: skip
                 window.zero_()
-            if step % t.eval_every == 0 or step == t.max_steps:
+            if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
                 s["done"] = self.validate(step) or step == t.max_steps
-            if step % t.save_every == 0 or s["done"] or step == last_step:
+            stopping = self.stop.agreed()
+            if step % t.save_every == 0 or s["done"] or step == last_step or stopping:
                 self.save("checkpoints", t.keep_checkpoints)
+            if stopping:
+                self.log(f"stopped at step {step} on SIGTERM/SIGUSR1; rerun the same command to resume")
+                break
         results = {"steps": s["step"], "finished": s["done"], "start_val_acc": s["start_val_acc"], "best": s["best"],
                    "best_checkpoint": str(t.run_dir / "best"), "n_classes": self.n_classes}  # fmt: skip
         if self.writer is not None:

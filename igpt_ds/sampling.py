@@ -24,7 +24,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from torch import Tensor
 
-from igpt_ds.checkpoint import load_model_for_eval
+from igpt_ds.checkpoint import check_palette, load_model_for_eval
 from igpt_ds.config import ConfigError, DataConfig
 from igpt_ds.distributed import barrier, init_distributed
 from igpt_ds.features import autocast, compute_dtype, gather_objects
@@ -171,6 +171,7 @@ def sample(cfg: SampleConfig) -> dict[str, Path]:
     originals = torch.zeros(0, model_cfg.seq_len, dtype=torch.long)
     if cfg.shards and cfg.n_images and cfg.n_completions:
         split = open_shards(model_cfg, DataConfig(shards=cfg.shards), cfg.split)
+        check_palette(palette, split, cfg.checkpoint)
         palette = palette if palette is not None else split.palette
         picks = np.linspace(0, len(split) - 1, min(cfg.n_images, len(split))).round().astype(np.int64)
         originals = torch.from_numpy(split.batch(picks)[0])

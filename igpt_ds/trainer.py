@@ -6,7 +6,7 @@ on every rank. Two layouts: ZeRO data parallel (`train.layout=zero`, stage from 
 JSON) and pipeline x data parallel (`train.layout=pipeline`, igpt_ds.pipe).
 
 No host-device sync in the hot loop: the loss accumulates on the device and is read at log steps;
-the stop-request flag (SIGTERM/SIGUSR1) is agreed on through a CPU (gloo) group.
+the stop-request flag (SIGTERM/SIGUSR1, `distributed.StopSignal`) is agreed on through a CPU (gloo) group.
 
 Launch: `deepspeed --num_gpus 8 launcher/pretrain.py --config launcher/configs/igpt_s_imagenet32.yaml`.
 """
@@ -14,7 +14,6 @@ Launch: `deepspeed --num_gpus 8 launcher/pretrain.py --config launcher/configs/i
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import time
 import warnings
@@ -22,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -31,7 +29,7 @@ from torch import Tensor
 
 from igpt_ds import checkpoint
 from igpt_ds.config import ConfigError, DataConfig, ModelConfig, PretrainConfig, to_dict
-from igpt_ds.distributed import barrier, init_distributed
+from igpt_ds.distributed import StopSignal, barrier, init_distributed
 from igpt_ds.engine import apply_schedule, build_ds_config, dp_size, initialize, model_init_context, zero_stage
 from igpt_ds.metrics import Metrics
 from igpt_ds.model import IGPT, bert_mask, objective_loss
@@ -69,13 +67,8 @@ def build_model(cfg: PretrainConfig, ds_config: dict[str, Any], init: dict[str, 
     with model_init_context(ds_config):
         model = IGPT(cfg.model)
     model.activation_checkpointing = cfg.train.activation_checkpointing
-    if init is not None and zero_stage(ds_config) == 3:
-        for name, p in model.named_parameters():  # one parameter gathered at a time: never the whole model
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
-                if dist.get_rank() == 0:
-                    p.copy_(init[name])
-    elif init is not None:
-        model.load_state_dict(init)
+    if init is not None:
+        checkpoint.load_weights(model, init, f"train.init_from={cfg.train.init_from}")
     return model
 
 
@@ -101,7 +94,6 @@ class Run:
     dp: int
     start_step: int
     files: dict[str, str]
-    control: Any  # gloo group for the stop flag
 
     @property
     def pipeline(self) -> bool:
@@ -173,11 +165,6 @@ class Run:
         self.engine.train()
         return self.mean_over_ranks(torch.stack(losses).float().mean())
 
-    def stop_agreed(self, requested: bool) -> bool:
-        flag = torch.tensor([float(requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
-        return bool(flag.item())
-
     def save(self, step: int) -> None:
         meta = {
             "sampler": self.sampler.state_dict(),
@@ -238,15 +225,12 @@ def setup(cfg: PretrainConfig) -> Run:
     )
     if ckpt is not None:
         metrics.print(f"resumed from {ckpt} at step {start_step}" + (" (universal checkpoint)" if universal else ""))
-    control = dist.new_group(backend="gloo")
-    return Run(cfg, engine, metrics, train_split, val_split, sampler, dp_rank, dp, start_step, files, control)
+    return Run(cfg, engine, metrics, train_split, val_split, sampler, dp_rank, dp, start_step, files)
 
 
 def train(cfg: PretrainConfig) -> dict[str, float]:
     """Pretrain per `cfg` (every rank), resuming from the run's latest checkpoint; returns final metrics."""
-    requested = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption / time limit: save after the current step, exit
-        signal.signal(sig, lambda signum, frame: requested.append(signum))
+    stop = StopSignal()  # preemption / time limit: save after the current step, exit
     run = setup(cfg)
     t, m = cfg.train, run.metrics
     last_step = t.stop_at or t.max_steps
@@ -266,7 +250,7 @@ def train(cfg: PretrainConfig) -> dict[str, float]:
             window, tic = 0, time.perf_counter()
         if t.eval_every and step % t.eval_every == 0:
             m.val(step, run.evaluate())
-        stopping = run.stop_agreed(bool(requested))
+        stopping = stop.agreed()
         if step % t.save_every == 0 or stopping:
             run.save(step)
             saved = step

@@ -65,8 +65,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(config: Path, *overrides: str, nprocs: int = 2, log_dir: Path) -> list[subprocess.Popen]:
-    """Start `nprocs` ranks of launcher/pretrain.py the way torchrun would (env://), logs in `log_dir`."""
+def start_ranks(
+    config: Path, *overrides: str, nprocs: int = 2, log_dir: Path, script: str = "pretrain"
+) -> list[subprocess.Popen]:
+    """Start `nprocs` ranks of launcher/<script>.py the way torchrun would (env://), logs in `log_dir`."""
     port = str(free_port())
     procs = []
     for rank in range(nprocs):
@@ -74,14 +76,16 @@ def start_ranks(config: Path, *overrides: str, nprocs: int = 2, log_dir: Path) -
             RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
         )
         log = open(log_dir / f"rank{rank}.log", "a")
-        cmd = [sys.executable, "launcher/pretrain.py", "--config", str(config), *overrides]
+        cmd = [sys.executable, f"launcher/{script}.py", "--config", str(config), *overrides]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env, stdout=log, stderr=subprocess.STDOUT))
     return procs
 
 
-def run_ranks(config: Path, *overrides: str, nprocs: int = 2, log_dir: Path, timeout: float = 300) -> str:
+def run_ranks(
+    config: Path, *overrides: str, nprocs: int = 2, log_dir: Path, timeout: float = 300, script: str = "pretrain"
+) -> str:
     """Run ranks to completion; rank 0's log. Fails the test on a nonzero exit."""
-    procs = start_ranks(config, *overrides, nprocs=nprocs, log_dir=log_dir)
+    procs = start_ranks(config, *overrides, nprocs=nprocs, log_dir=log_dir, script=script)
     codes = [p.wait(timeout=timeout) for p in procs]
     out = (log_dir / "rank0.log").read_text()
     assert codes == [0] * nprocs, (

@@ -1,5 +1,6 @@
 """Feature extraction: the per-layer arrays equal the model's own features row by row, 2 ranks write exactly
-what 1 rank writes in the same order, outputs appear whole, and bad inputs give one-line errors (exit 2)."""
+what 1 rank writes in the same order, outputs appear whole, and bad inputs (among them shards tokenised with
+another palette than the checkpoint's) give one-line errors (exit 2)."""
 
 import numpy as np
 import pytest
@@ -89,3 +90,7 @@ def test_cli_errors_are_one_line(digits, tmp_path):
     assert layers.returncode == 2 and "out of range" in layers.stderr.strip().splitlines()[-1]
     split = run_entry("extract_features", "--checkpoint", str(ckpt), "--shards", str(shards), "--splits", "[nope]")
     assert split.returncode == 2 and "no split 'nope'" in split.stderr.strip().splitlines()[-1]
+    palette = ShardSplit(shards, "val").palette[::-1].copy()  # same colours, other tokens: silently wrong features
+    other = tiny_checkpoint(tmp_path / "other", n_vocab=len(palette), palette=palette)
+    mismatch = run_entry("extract_features", "--checkpoint", str(other), "--shards", str(shards))
+    assert mismatch.returncode == 2 and f"--palette {other / 'palette.npy'}" in mismatch.stderr.strip().splitlines()[-1]

@@ -1,13 +1,18 @@
-"""Fine-tuning: token augmentation, the classifier's parameter names, config checks, and a real 2-rank
-ZeRO-3 run on a separable dataset that stops midway, resumes on 1 rank and reaches >= 95% test accuracy."""
+"""Fine-tuning: token augmentation, the classifier's parameter names, config checks, a real 2-rank ZeRO-3
+run on a separable dataset that stops midway, resumes on 1 rank and reaches >= 95% test accuracy, and a
+2-rank run stopped by SIGTERM that saves, exits 0 and resumes from the step it saved."""
 
 import json
+import os
+import signal
+import time
 
 import pytest
 import torch
 from eval_support import check, run_entry, separable_shards, tiny_checkpoint
-from pretrain_support import scalars
+from pretrain_support import run_ranks, scalars, start_ranks
 
+from igpt_ds import checkpoint
 from igpt_ds.config import ConfigError, ModelConfig, TrainConfig
 from igpt_ds.finetune import FinetuneConfig, FinetuneSection, IGPTClassifier, augment
 from igpt_ds.model import IGPT
@@ -70,3 +75,40 @@ def test_separable_zero3_two_ranks_then_resume(tmp_path):
     for tag in ("train/clf_loss", "train/gen_loss", "train/acc", "val/acc", "val/clf_loss", "test/acc_at_best_val"):
         assert tag in logged, tag
     assert logged["train/acc"][40] > logged["train/acc"][5]
+
+
+@pytest.mark.multiproc
+def test_sigterm_saves_exits_and_resumes(tmp_path):
+    """As in pretraining: SIGTERM to every rank (Slurm preemption) -> checkpoint at the current step, exit 0;
+    the same command resumes from that step. The run is then readable as its trunk by the eval tools."""
+    shards = separable_shards(tmp_path / "shards")
+    ckpt = tiny_checkpoint(tmp_path / "pretrained", n_vocab=8)
+    preset = "launcher/configs/finetune_digits_cpu.yaml"
+    args = [f"--train.init_from={ckpt}", f"--data.shards={shards}", f"--train.run_root={tmp_path}",
+            "--train.name=term", "--train.ds_config=ds_configs/cpu_zero3.json", "--train.global_batch=16",
+            "--train.micro_batch=8", "--train.max_steps=500", "--train.log_every=1", "--train.eval_every=0",
+            "--train.save_every=500", "--finetune.stats_images=64"]  # fmt: skip
+    log = tmp_path / "logs"
+    log.mkdir()
+    procs = start_ranks(preset, *args, log_dir=log, script="finetune")
+    deadline = time.time() + 300
+    while "step 3/500" not in (log / "rank0.log").read_text() and time.time() < deadline:
+        time.sleep(0.05)
+    for p in procs:
+        os.kill(p.pid, signal.SIGTERM)
+    out = (log / "rank0.log").read_text
+    assert [p.wait(timeout=120) for p in procs] == [0, 0], out()[-3000:]
+    run = tmp_path / "term"
+    saved = checkpoint.latest(run / "checkpoints")
+    step = checkpoint.read_meta(saved)["step"]
+    assert 3 <= step < 500 and f"stopped at step {step} on SIGTERM" in out(), out()[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == step and not results["finished"]
+
+    resumed = run_ranks(preset, *args, f"--train.stop_at={step + 2}", log_dir=tmp_path, script="finetune")
+    assert f"resumed from {saved} at step {step}" in resumed
+    assert f"step {step + 1}/500" in resumed and f"step {step}/500" not in resumed.split("resumed from")[1]
+    assert json.loads((run / "results.json").read_text())["steps"] == step + 2
+
+    model, cfg, palette = checkpoint.load_model_for_eval(run)  # a fine-tuned run: its trunk, clf_head dropped
+    assert cfg.n_vocab == 8 and palette is not None and "clf_head.weight" not in model.state_dict()

@@ -1,11 +1,14 @@
-"""Sampling: the KV-cache decoder equals full recomputation token for token; completions keep their prefix."""
+"""Sampling: the KV-cache decoder equals full recomputation token for token; completions keep their prefix;
+shards tokenised with another palette than the checkpoint's are refused."""
 
 import pytest
 import torch
+from eval_support import run_entry, separable_shards, tiny_checkpoint
 
 from igpt_ds.config import ModelConfig
 from igpt_ds.model import IGPT
 from igpt_ds.sampling import generate, image_uniforms, pick, sample_images
+from igpt_ds.shards import ShardSplit
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +55,12 @@ def test_pick_top_k_and_greedy():
     assert set(pick(logits, u, temperature=1.0, top_k=2).tolist()) == {1, 3}
     assert set(pick(logits, u, temperature=0.0, top_k=0).tolist()) == {1}
     assert set(pick(logits, u, temperature=1.0, top_k=0).tolist()) == {0, 1, 2, 3}
+
+
+def test_shards_with_another_palette_are_refused(tmp_path):
+    shards = separable_shards(tmp_path / "shards")
+    palette = ShardSplit(shards, "test").palette[::-1].copy()  # same colours, other tokens
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", n_vocab=len(palette), palette=palette)
+    out = run_entry("sample", "--checkpoint", str(ckpt), "--shards", str(shards), "--out", str(tmp_path / "out"))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+    assert f"--palette {ckpt / 'palette.npy'}" in out.stderr and not (tmp_path / "out").exists()

@@ -1,0 +1,74 @@
+"""Weights in and out of checkpoints without a process group: a fine-tuned model loads as its trunk, weights
+that do not fit are one-line errors naming the checkpoint and the keys, `load_weights` keeps a new head's
+initialisation, and shards tokenised with another palette than the checkpoint's are refused.
+(Checkpoints written by DeepSpeed ranks: test_pretrain_distributed.py, test_finetune.py.)"""
+
+import numpy as np
+import pytest
+import torch
+from eval_support import separable_shards, tiny_checkpoint
+
+from igpt_ds.checkpoint import check_palette, load_model_for_eval, load_weights
+from igpt_ds.config import ConfigError, ModelConfig
+from igpt_ds.finetune import IGPTClassifier
+from igpt_ds.model import IGPT
+from igpt_ds.shards import ShardSplit
+from igpt_ds.weights import load_consolidated, save_consolidated
+
+CFG = ModelConfig(size="igpt-tiny", n_px=8, n_vocab=8)
+
+
+def one_line_error(path, state, *keys: str) -> str:
+    save_consolidated(path, CFG, state)
+    with pytest.raises(ConfigError) as e:
+        load_model_for_eval(path)
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message and all(k in message for k in keys), message
+    return message
+
+
+def test_fine_tuned_weights_load_as_the_trunk(tmp_path):
+    torch.manual_seed(0)
+    classifier = IGPTClassifier(CFG, n_classes=4)
+    save_consolidated(tmp_path / "ft", CFG, classifier.state_dict())
+    model, cfg, _ = load_model_for_eval(tmp_path / "ft")
+    assert type(model) is IGPT and cfg == CFG
+    trunk = {k: v for k, v in classifier.state_dict().items() if not k.startswith("clf_head.")}
+    assert model.state_dict().keys() == trunk.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trunk.items())
+
+
+def test_weights_that_do_not_fit_name_the_checkpoint_and_keys(tmp_path):
+    state = IGPT(CFG).state_dict()
+    missing = {k: v for k, v in state.items() if k != "ln_f.weight"}
+    assert "missing: ln_f.weight" in one_line_error(tmp_path / "missing", missing, "ln_f.weight")
+    extra = dict(state, **{"h.9.mlp.c_fc.weight": torch.zeros(2, 2)})
+    assert "unexpected: h.9.mlp.c_fc.weight" in one_line_error(tmp_path / "extra", extra)
+    wide = dict(state, **{"wte.weight": torch.zeros(9, 32)})  # a 9-colour embedding in an 8-colour model
+    assert "wrong shape: wte.weight (9, 32) != (8, 32)" in one_line_error(tmp_path / "shape", wide)
+
+
+def test_load_weights_keeps_the_head_and_checks_keys():
+    torch.manual_seed(0)
+    state = IGPT(CFG).state_dict()
+    model = IGPTClassifier(CFG, n_classes=3)
+    torch.nn.init.normal_(model.clf_head.weight)
+    head = model.clf_head.weight.clone()
+    load_weights(model, state, "pretrained", keep_init=("clf_head.",))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(model.clf_head.weight, head)
+    with pytest.raises(ConfigError, match=r"^pretrained: .*missing: clf_head\.bias, clf_head\.weight"):
+        load_weights(model, state, "pretrained")  # the head is not in a pretrained state dict
+
+
+def test_shards_with_another_palette_are_refused(tmp_path):
+    shards = separable_shards(tmp_path / "shards")
+    split = ShardSplit(shards, "val")
+    same = tiny_checkpoint(tmp_path / "same", n_vocab=8, palette=split.palette)
+    check_palette(load_consolidated(same)[2], split, same)
+    check_palette(None, split, same)  # a checkpoint without a palette decodes with the shards'
+    other = tiny_checkpoint(tmp_path / "other", n_vocab=8, palette=split.palette[::-1].copy())
+    with pytest.raises(ConfigError) as e:
+        check_palette(load_consolidated(other)[2], split, other)
+    assert f"--palette {other / 'palette.npy'}" in str(e.value) and str(shards) in str(e.value)
+    assert np.array_equal(load_consolidated(other)[2][::-1], split.palette)  # same colours, other token order

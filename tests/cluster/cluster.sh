@@ -68,7 +68,8 @@ slurm_up() {
   cat >"$dir/slurm.conf" <<EOF
 # One-node test cluster written by tests/cluster/cluster.sh (see REFERENCE.md).
 ClusterName=igpttest
-SlurmctldHost=$host
+# Addresses given, so the daemons do not depend on how this machine's name resolves.
+SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$(free_port)
 SlurmdPort=$(free_port)
 SlurmUser=root
@@ -92,7 +93,7 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/slurmd.log
-NodeName=$host CPUs=$cpus State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
   export SLURM_CONF=$dir/slurm.conf

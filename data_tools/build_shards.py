@@ -48,6 +48,7 @@ from tqdm import tqdm
 from data_tools import UserError
 from data_tools.images import RESIZE_MODES, load_rgb
 from data_tools.sources import Source, Split, hold_out_val, open_source
+from igpt_ds.atomic import publish_dir
 from igpt_ds.palette import MAX_K, PaletteError, encode, fit_palette, load_palette, palette_lut
 from igpt_ds.shards import FORMAT_VERSION, MANIFEST, TOKEN_DTYPE, ShardError
 
@@ -112,7 +113,7 @@ def build(args: argparse.Namespace) -> Path:
             palette = fit_palette(_sample_pixels(source.splits["train"], args), args.k or 512, args.seed)
         lut = palette_lut(palette, args.palette)
         manifest = _write_shards(tmp, source, palette, lut, args)
-        _replace(tmp, out)
+        publish_dir(tmp, out, aside=_sibling(out, "old"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -359,22 +360,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process
     return True
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place. An old one is renamed aside first and deleted after,
-    so `out` is always either absent, the old complete folder or the new complete folder."""
-    old = _sibling(out, "old") if out.exists() else None
-    if old is not None:
-        out.rename(old)
-    tmp.rename(out)
-    fd = os.open(out.parent, os.O_RDONLY)  # make the renames durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _summary(out: Path, manifest: dict) -> str:

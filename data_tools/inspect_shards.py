@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import secrets
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from igpt_ds.atomic import atomic_file
 from igpt_ds.palette import decode
 from igpt_ds.shards import ShardError, ShardSplit
 
@@ -89,25 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(shards))
         if not len(shards):
             raise ShardError(f"split {args.split!r} of {args.root} is empty; nothing to draw")
-        _save_png(grid(shards, args.n), args.out)
+        with atomic_file(args.out) as f:
+            grid(shards, args.n).save(f, format="PNG")
     except ShardError as e:
         print(f"igpt-inspect-shards: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")
     return 0
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    """Through a temporary file and a rename: no half-written PNG, even if interrupted."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 
+from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError, ModelConfig, build
 from igpt_ds.distributed import barrier
 from igpt_ds.model import IGPT
@@ -64,15 +65,6 @@ FINETUNE_HEAD = "clf_head."
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save(
@@ -106,11 +98,11 @@ def save(
             (path / name).write_text(text)
         if palette is not None:
             np.save(path / PALETTE_FILE, palette)
-        atomic_write(path / RUN_META, json.dumps(dict(meta, step=step), indent=2))
+        write_text(path / RUN_META, json.dumps(dict(meta, step=step), indent=2))
     barrier()  # every rank's files are written before the checkpoint counts
     if rank == 0:
-        atomic_write(path / COMPLETE, "")
-        atomic_write(root / LATEST, path.name)
+        write_text(path / COMPLETE, "")
+        write_text(root / LATEST, path.name)
         prune(root, keep)
     return path
 
@@ -166,7 +158,7 @@ def to_universal(ckpt: Path) -> Path:
             inject_missing_state=False,
         )
         ds_to_universal.main(args)
-        atomic_write(out / COMPLETE, "")
+        write_text(out / COMPLETE, "")
     return out
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
+from igpt_ds.atomic import publish_dir
 from igpt_ds.checkpoint import check_palette, load_model_for_eval
 from igpt_ds.config import ConfigError, DataConfig
 from igpt_ds.distributed import barrier, init_distributed
@@ -168,20 +168,9 @@ def extract_split(
             **(metadata or {}),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _publish(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     barrier()
     return out_dir
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename a finished folder into place, replacing an older one without a moment of absence."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
 
 
 class FeatureSplit:

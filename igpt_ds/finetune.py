@@ -37,6 +37,7 @@ import yaml
 from torch import Tensor
 
 from igpt_ds import checkpoint
+from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
 from igpt_ds.distributed import StopSignal, init_distributed
 from igpt_ds.engine import build_ds_config, initialize, model_init_context, zero_stage
@@ -328,7 +329,7 @@ class Finetuner:
         results = {"steps": s["step"], "finished": s["done"], "start_val_acc": s["start_val_acc"], "best": s["best"],
                    "best_checkpoint": str(t.run_dir / "best"), "n_classes": self.n_classes}  # fmt: skip
         if self.writer is not None:
-            (t.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            write_text(t.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
             b = s["best"]
             self.log(f"fine-tuning {'done' if s['done'] else 'paused'} at step {s['step']}: validation "
                      f"{s['start_val_acc']:.2f}% -> best {b['val_acc']:.2f}% at step {b['step']}, test "

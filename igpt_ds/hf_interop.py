@@ -40,11 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pickle
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +49,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from igpt_ds.atomic import atomic_dir
 from igpt_ds.config import MODEL_SIZES, ConfigError, ModelConfig
 from igpt_ds.model import IGPT, RMSNorm
 from igpt_ds.palette import PaletteError, load_palette, validate_palette
@@ -334,30 +331,9 @@ def convert_to_hf(ckpt_dir: str | Path, hf_dir: str | Path) -> Path:
     cfg, sd, palette = load_consolidated(ckpt_dir)
     hf_config, hf_sd = hf_config_from_model_config(cfg), state_dict_to_hf(cfg, sd)
 
-    def write(tmp: Path) -> None:
+    with atomic_dir(hf_dir) as tmp:
         (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(hf_sd, tmp / HF_WEIGHTS_FILE, metadata={"format": "pt"})  # transformers requires the format tag
         if palette is not None:
             (tmp / HF_PREPROCESSOR_FILE).write_text(json.dumps(hf_preprocessor_config(palette, cfg.n_px)) + "\n")
-
-    return _write_dir_atomically(hf_dir, write)
-
-
-def _write_dir_atomically(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp)` into a sibling temporary folder, then rename it to `out_dir` (replaced if present)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        write(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(hf_dir)

@@ -19,11 +19,11 @@ than the brute force (bench/results/data.md).
 from __future__ import annotations
 
 import hashlib
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
+
+from igpt_ds.atomic import atomic_file
 
 MAX_K = 65535
 """Tokens are stored as uint16."""
@@ -66,7 +66,7 @@ def load_palette(path: str | Path) -> np.ndarray:
 
 def save_palette(path: str | Path, centres: np.ndarray) -> None:
     """Write a validated palette as .npy, atomically."""
-    _atomic_save(Path(path), validate_palette(centres))
+    _save_npy(path, validate_palette(centres))
 
 
 def palette_key(centres: np.ndarray) -> str:
@@ -170,7 +170,7 @@ def palette_lut(centres: np.ndarray, palette_path: str | Path | None = None) -> 
             pass  # unreadable cache: rebuild it below
     lut = build_lut(centres)
     try:
-        _atomic_save(cache, lut)
+        _save_npy(cache, lut)
     except OSError:
         pass
     return lut
@@ -204,13 +204,6 @@ def _pack(rgb: np.ndarray) -> np.ndarray:
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    """np.save via a temporary file in the same folder and a rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _save_npy(path: str | Path, array: np.ndarray) -> None:
+    with atomic_file(path) as f:
+        np.save(f, array)

@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from igpt_ds.atomic import atomic_file  # noqa: E402
+
 
 def plot_probe(report: dict, path: str | Path) -> Path:
     """Validation and test accuracy against layer, with the concatenation, raw pixels and chance."""
@@ -37,10 +39,10 @@ def plot_probe(report: dict, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def image_grid(columns: list[np.ndarray], scale: int = 1, gap: int = 1) -> np.ndarray:
@@ -60,6 +62,6 @@ def image_grid(columns: list[np.ndarray], scale: int = 1, gap: int = 1) -> np.nd
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
-    path = Path(path)
-    Image.fromarray(image).save(path)
-    return path
+    with atomic_file(path) as f:
+        Image.fromarray(image).save(f, format="PNG")
+    return Path(path)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError
 from igpt_ds.distributed import barrier, init_distributed
 from igpt_ds.features import FeatureSplit, gather_objects
@@ -288,7 +289,7 @@ def write_report(report: dict, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     print(format_table(report))
-    (out / "probe.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text(out / "probe.json", json.dumps(report, indent=2) + "\n")
     plot_probe(report, out / "probe.png")
     writer = SummaryWriter(str(out / "tensorboard"))
     for r in report["rows"]:

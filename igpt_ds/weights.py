@@ -13,9 +13,6 @@ never sees half a checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from igpt_ds.atomic import atomic_dir
 from igpt_ds.config import ConfigError, ModelConfig, build
 
 WEIGHTS_FILE = "model.safetensors"
@@ -40,27 +38,14 @@ def save_consolidated(
     metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write weights (as fp32), config and palette atomically to `out_dir` (replaced if present)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
         save_file(tensors, tmp / WEIGHTS_FILE)
         meta = {"format_version": FORMAT_VERSION, "model": asdict(model_cfg), **(metadata or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if palette is not None:
             np.save(tmp / PALETTE_FILE, np.asarray(palette, dtype=np.float32))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def is_consolidated(path: str | Path) -> bool:

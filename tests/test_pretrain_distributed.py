@@ -180,22 +180,26 @@ def test_tensorboard_holds_the_scalars(zero3_run):
         assert (zero3_run / name).is_file()
 
 
-def test_stop_and_resume_equals_straight_run(work, config, zero3_run):
-    log = logs(work, "resume")
-    run_ranks(config, "--train.name", "resumed", "--train.stop_at", "5", log_dir=log)
+@pytest.fixture(scope="module")
+def stopped_at_5(work, config) -> Path:
+    """A 2-rank run stopped (and checkpointed) at step 5 of 10; a pristine copy sits in runs_at_5/."""
+    run_ranks(config, "--train.name", "resumed", "--train.stop_at", "5", log_dir=logs(work, "resume"))
     run = work / "runs" / "resumed"
     assert checkpoint.latest(run / "checkpoints").name == "step_00000005"
-    shutil.copytree(run, work / "runs_at_5" / "resumed")  # for the universal test
-    out = run_ranks(config, "--train.name", "resumed", log_dir=log)
+    shutil.copytree(run, work / "runs_at_5" / "resumed")
+    return run
+
+
+def test_stop_and_resume_equals_straight_run(work, config, zero3_run, stopped_at_5):
+    run = stopped_at_5
+    out = run_ranks(config, "--train.name", "resumed", log_dir=logs(work, "resume"))
     assert "resumed from" in out and "at step 5" in out
     assert losses(run) == losses(zero3_run)  # fp32 on CPU: bit for bit
     a, b = (checkpoint.load_model_for_eval(r)[0].state_dict() for r in (run, zero3_run))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_two_ranks_on_one_through_universal_checkpoint(work, config, zero3_run):
-    if not (work / "runs_at_5").is_dir():
-        pytest.skip("needs test_stop_and_resume_equals_straight_run's step-5 checkpoint")
+def test_resume_two_ranks_on_one_through_universal_checkpoint(work, config, zero3_run, stopped_at_5):
     out = run_ranks(
         config,
         "--train.name",

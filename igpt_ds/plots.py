@@ -12,9 +12,12 @@ matplotlib.use("Agg")  # headless: clusters and CI have no display
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 from igpt_ds.atomic import atomic_file  # noqa: E402
+
+TITLE_HEIGHT = 12
+"""Pixels of the header band that holds column titles (PIL's default bitmap font is ~11 px)."""
 
 
 def plot_probe(report: dict, path: str | Path) -> Path:
@@ -45,11 +48,11 @@ def plot_probe(report: dict, path: str | Path) -> Path:
     return Path(path)
 
 
-def image_grid(columns: list[np.ndarray], scale: int = 1, gap: int = 1) -> np.ndarray:
+def image_grid(columns: list[np.ndarray], scale: int = 1, gap: int = 1, titles: list[str] = ()) -> np.ndarray:
     """Tile columns of images, each (N, H, W, 3) uint8, into one (rows·H', cols·W', 3) picture.
 
     Images are enlarged `scale`× by pixel repetition (8×8 images are unreadable otherwise) and
-    separated by `gap` white pixels.
+    separated by `gap` white pixels; `titles` label the columns in a header band.
     """
     n, h, w, _ = columns[0].shape
     H, W = h * scale, w * scale
@@ -58,7 +61,13 @@ def image_grid(columns: list[np.ndarray], scale: int = 1, gap: int = 1) -> np.nd
         big = images.repeat(scale, axis=1).repeat(scale, axis=2)  # (N, H, W, 3)
         for r in range(n):
             grid[r * (H + gap) : r * (H + gap) + H, c * (W + gap) : c * (W + gap) + W] = big[r]
-    return grid
+    if not titles:
+        return grid
+    header = Image.new("RGB", (grid.shape[1], TITLE_HEIGHT), (255, 255, 255))
+    draw = ImageDraw.Draw(header)
+    for c, title in enumerate(titles):
+        draw.text((c * (W + gap) + 2, 1), title, fill=(0, 0, 0))
+    return np.concatenate([np.asarray(header), grid])
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:

@@ -24,6 +24,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from torch import Tensor
 
+from igpt_ds.atomic import atomic_file
 from igpt_ds.checkpoint import check_palette, load_model_for_eval
 from igpt_ds.config import ConfigError, DataConfig
 from igpt_ds.distributed import barrier, init_distributed
@@ -212,7 +213,8 @@ def write_outputs(
         columns = [to_rgb(originals), given]
         per_image = completions.view(len(originals), cfg.n_completions, -1)
         columns += [to_rgb(per_image[:, j]) for j in range(cfg.n_completions)]
-        grids["completions"] = image_grid(columns, scale)
+        titles = ["original", "given", *(f"sample {j + 1}" for j in range(cfg.n_completions))]
+        grids["completions"] = image_grid(columns, scale, titles=titles)
     if len(unconditional):
         width = min(8, len(unconditional))
         rows = to_rgb(unconditional)
@@ -220,8 +222,8 @@ def write_outputs(
         grids["unconditional"] = image_grid(list(rows.reshape(-1, width, n_px, n_px, 3).swapaxes(0, 1)), scale)
     paths = {name: save_png(grid, out / f"{name}.png") for name, grid in grids.items()}
     paths["tokens"] = out / "tokens.npz"
-    np.savez(paths["tokens"], originals=originals.numpy(), completions=completions.numpy(),
-             unconditional=unconditional.numpy())  # fmt: skip
+    with atomic_file(paths["tokens"]) as f:
+        np.savez(f, originals=originals.numpy(), completions=completions.numpy(), unconditional=unconditional.numpy())
     writer = SummaryWriter(str(out / "tensorboard"))
     for name, grid in grids.items():
         writer.add_image(f"samples/{name}", grid, dataformats="HWC")

@@ -1,6 +1,5 @@
 """Process-group start-up: Slurm variables, nodelists, mpirun."""
 
-import shutil
 import subprocess
 import sys
 
@@ -31,7 +30,6 @@ def test_first_host_of_a_nodelist(nodelist, first, monkeypatch):
 
 
 @pytest.mark.multiproc
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")
 def test_two_ranks_under_mpirun(tmp_path):
     shards = digits_shards(tmp_path / "shards")
     n_vocab = ShardSplit(shards, "train").n_vocab

@@ -128,13 +128,20 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def add_input_embeddings(module: nn.Module, cfg: ModelConfig) -> None:
+    """Give `module` the input parameters wte, wpe and sos (IGPT and the pipeline's first stage).
+
+    Called from the owner's own __init__, so zero.Init partitions them with their owner."""
+    module.wte = Embedding(cfg.n_vocab, cfg.n_embd, std=0.02)
+    module.wpe = Embedding(cfg.seq_len, cfg.n_embd, std=0.01)
+    module.sos = nn.Parameter(torch.randn(cfg.n_embd) * 0.02)
+
+
 class IGPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.wte = Embedding(cfg.n_vocab, cfg.n_embd, std=0.02)
-        self.wpe = Embedding(cfg.seq_len, cfg.n_embd, std=0.01)
-        self.sos = nn.Parameter(torch.randn(cfg.n_embd) * 0.02)
+        add_input_embeddings(self, cfg)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = RMSNorm(cfg.n_embd)
         self.lm_head = Linear(cfg.n_embd, cfg.n_vocab, bias=False, std=0.0)

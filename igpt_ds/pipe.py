@@ -29,7 +29,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import Tensor, nn
 
 from igpt_ds.config import ModelConfig
-from igpt_ds.model import IGPT, Block, Embedding, Linear, RMSNorm
+from igpt_ds.model import IGPT, Block, Linear, RMSNorm, add_input_embeddings
 
 IGNORE = -100
 
@@ -40,9 +40,7 @@ class EmbedPipe(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.wte = Embedding(cfg.n_vocab, cfg.n_embd, std=0.02)
-        self.wpe = Embedding(cfg.seq_len, cfg.n_embd, std=0.01)
-        self.sos = nn.Parameter(torch.randn(cfg.n_embd) * 0.02)
+        add_input_embeddings(self, cfg)
 
     def forward(self, tokens: Tensor) -> Tensor:
         mask = tokens == self.cfg.n_vocab if self.cfg.objective == "bert" else None

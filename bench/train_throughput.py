@@ -167,21 +167,18 @@ def deepspeed_step(peer: Peer, cfg: ModelConfig, args: argparse.Namespace, devic
         pipeline_stages=world if pipeline else 1, activation_checkpointing=bool(opts.pop("ckpt", False)),
         global_batch=args.micro_batch * world, micro_batch=args.micro_batch, max_steps=args.warmup + args.steps,
     )  # fmt: skip
-    run = PretrainConfig(model=cfg, train=train)
+    run = PretrainConfig(model=cfg, optim=OptimConfig(fused=bool(opts.pop("fused", False))), train=train)
     ds_config = build_ds_config(train, run.optim, world)
     # Bench-time levers, applied to this run's copy only: the policy files in ds_configs/ stay as they are.
     ds_config["bf16"] = {"enabled": args.precision == "bf16"}
-    if opts.pop("fused", False):
-        ds_config["optimizer"]["params"]["fused"] = True  # reaches torch.optim.AdamW(fused=True)
-    engine_compile = opts.pop("compile", False)
     opts.pop("sdpa", None)
+    engine_compile = bool(opts.pop("compile", False))
     zero = ds_config.setdefault("zero_optimization", {})
     if "stage" in opts:
         zero["stage"] = opts.pop("stage")
     zero.update(opts)
-    engine = initialize(build_model(run, ds_config, None), ds_config, run.optim, total_steps=train.max_steps)
-    if engine_compile:
-        engine.compile()
+    model = build_model(run, ds_config, None)
+    engine = initialize(model, ds_config, run.optim, train.max_steps, compile_model=engine_compile)
 
     def step(tokens: torch.Tensor) -> torch.Tensor:
         if pipeline:

@@ -100,6 +100,9 @@ class OptimConfig:
     """'cosine' (to 0 at train.max_steps) or 'constant' after warmup."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 disables)."""
+    fused: bool = False
+    """torch.optim.AdamW(fused=True): one kernel for all parameters instead of a loop of them. Not with
+    ZeRO optimizer offload, where DeepSpeed's CPU Adam steps the states."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"optim.lr={self.lr} must be > 0")
@@ -122,6 +125,8 @@ class TrainConfig:
     pipeline_stages: int = 1
     activation_checkpointing: bool = False
     """Recompute transformer blocks in backward (blocks only, never the embedding)."""
+    compile: bool = False
+    """Compile the model with torch.compile through DeepSpeed's engine.compile() (the pipeline: each layer)."""
     global_batch: int = 16
     """Samples per optimizer step over all data-parallel ranks."""
     micro_batch: int = 8

@@ -6,9 +6,9 @@ into it from the dataclasses, and it refuses a JSON that sets any of them itself
 in one place. Recipe (paper §3.3, REFERENCE.md): Adam β=(0.9, 0.95), no weight decay, linear
 warmup then cosine decay to 0 (`lr_at`).
 
-The optimizer is DeepSpeed's "AdamW" type with `torch_adam: true` (torch.optim.AdamW: no FusedAdam
-JIT build, runs on CPU); with ZeRO optimizer offload DeepSpeed's own CPU Adam steps the offloaded
-states instead.
+The optimizer is DeepSpeed's "AdamW" type with `torch_adam: true` (torch.optim.AdamW, fused when
+`optim.fused`: no FusedAdam JIT build, runs on CPU); with ZeRO optimizer offload DeepSpeed's own
+CPU Adam steps the offloaded states instead.
 
 Any model trains through here, not only IGPT (fine-tuning passes its own module and loss):
 
@@ -93,7 +93,14 @@ def build_ds_config(
         raise ConfigError(f"train.pipeline_stages={train.pipeline_stages} needs train.layout=pipeline")
     dp = dp_size(train, world_size)
     offload = policy.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if offload and optim.fused:
+        raise ConfigError(
+            f"optim.fused=true with ZeRO optimizer offload ({train.ds_config}): DeepSpeed's CPU Adam steps the "
+            "offloaded states, torch's fused AdamW is not used; set optim.fused=false"
+        )
     adam = dict(lr=optim.lr, betas=list(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    if optim.fused:
+        adam["fused"] = True  # reaches torch.optim.AdamW; unset, torch picks its default (foreach on a GPU)
     cfg = dict(
         policy,
         train_batch_size=train.global_batch,
@@ -132,11 +139,13 @@ def initialize(
     optim: OptimConfig,
     total_steps: int,
     params: Iterable[nn.Parameter] | list[dict[str, Any]] | None = None,
+    compile_model: bool = False,
 ) -> deepspeed.DeepSpeedEngine:
     """deepspeed.initialize with the schedule of `lr_at` (a PipelineModule gives a PipelineEngine).
 
     `params`: the trainable parameters or torch-style param groups (default: all that require
-    grad); a group's own "lr" is scaled by the same schedule.
+    grad); a group's own "lr" is scaled by the same schedule. `compile_model`: engine.compile()
+    (torch.compile of the module, compiled on the first forward).
     """
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -147,6 +156,8 @@ def initialize(
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=params, config=ds_config, lr_scheduler=scheduler, dist_init_required=False
     )
+    if compile_model:
+        engine.compile()
     return engine
 
 

@@ -170,7 +170,7 @@ class Finetuner:
         head = [p for n, p in model.named_parameters() if n.startswith(checkpoint.FINETUNE_HEAD)]
         body = [p for n, p in model.named_parameters() if not n.startswith(checkpoint.FINETUNE_HEAD)]
         groups = [{"params": body}, {"params": head, "lr": cfg.optim.lr * cfg.finetune.head_lr_mult}]
-        self.engine = initialize(model, ds_config, cfg.optim, t.max_steps, groups)
+        self.engine = initialize(model, ds_config, cfg.optim, t.max_steps, groups, compile_model=t.compile)
         self.sampler = GlobalBatchSampler(len(self.train), t.global_batch, self.rank, self.world, t.seed)
         self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "start_val_acc": None, "done": False}
         if ckpt is not None:
@@ -326,6 +326,7 @@ class Finetuner:
             if stopping:
                 self.log(f"stopped at step {step} on SIGTERM/SIGUSR1; rerun the same command to resume")
                 break
+        self.stop.finish()
         results = {"steps": s["step"], "finished": s["done"], "start_val_acc": s["start_val_acc"], "best": s["best"],
                    "best_checkpoint": str(t.run_dir / "best"), "n_classes": self.n_classes}  # fmt: skip
         if self.writer is not None:

@@ -2,10 +2,11 @@
 when stdout is a terminal.
 
 Scalars: train/loss (nats/pixel), train/bits_per_pixel, train/lr, train/grad_norm,
-perf/tokens_per_s, perf/samples_per_s, perf/step_time_s, perf/tflops_per_device and perf/mfu (GPU
-only: model FLOPs per token and device peak from `igpt_ds.flops`), memory/max_allocated_gib (GPU)
-or memory/max_rss_gib (CPU), val/loss, val/bits_per_pixel; the resolved config as text, and
-hparams with the final losses at the end of a run. DeepSpeed's own monitor does not log the
+perf/tokens_per_s, perf/samples_per_s, perf/step_time_s, perf/data_wait_frac (the share of the time the
+loop waited for batches), perf/tflops_per_device and perf/mfu (GPU only: model FLOPs per token and
+device peak from `igpt_ds.flops`), memory/max_allocated_gib (GPU) or memory/max_rss_gib (CPU),
+val/loss, val/bits_per_pixel; the resolved config as text, and hparams with the final losses at the
+end of a run. DeepSpeed's own monitor does not log the
 training loss (REFERENCE.md), so none of this relies on it.
 
 `tensorboard --logdir runs/` shows them.
@@ -76,8 +77,11 @@ class Metrics:
         if self.bar is not None:
             self.bar.update(1)
 
-    def train(self, step: int, loss: float, lr: float, grad_norm: float | None, steps: int, seconds: float) -> None:
-        """Log the mean training loss and the throughput of the last `steps` steps, which took `seconds`."""
+    def train(
+        self, step: int, loss: float, lr: float, grad_norm: float | None, steps: int, seconds: float, data_wait_s: float
+    ) -> None:
+        """Log the mean training loss and the throughput of the last `steps` steps, which took `seconds`, of
+        which the loop spent `data_wait_s` waiting for their batches."""
         if not self.enabled:
             return
         samples_per_s = steps * self.global_batch / seconds
@@ -89,6 +93,7 @@ class Metrics:
             "perf/tokens_per_s": tokens_per_s,
             "perf/samples_per_s": samples_per_s,
             "perf/step_time_s": seconds / steps,
+            "perf/data_wait_frac": data_wait_s / seconds,
             **memory_gib(),
         }
         if grad_norm is not None:
@@ -102,6 +107,7 @@ class Metrics:
         self.print(
             f"step {step}/{self.max_steps} loss {loss:.4f} ({loss / math.log(2):.3f} bits/px) lr {lr:.2e}{grad}"
             f" | {tokens_per_s / 1e3:.1f}k tok/s {samples_per_s:.1f} samples/s {seconds / steps:.3f} s/step{mfu}"
+            f" data wait {data_wait_s / seconds:.1%}"
         )
 
     def val(self, step: int, loss: float) -> None:

@@ -151,13 +151,15 @@ class IGPT(nn.Module):
     def embed(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         """Input embeddings (B, T, C). AR: SOS then pixels 0..T-2. BERT: masked pixels' token emb zeroed."""
         if self.cfg.objective == "ar":
-            sos = self.sos.to(self.wte.weight.dtype).expand(tokens.shape[0], 1, -1)
-            x = torch.cat([sos, self.wte(tokens[:, :-1])], dim=1)
+            x = self.wte(tokens[:, :-1])
+            x = torch.cat([self.sos.to(x.dtype).expand(tokens.shape[0], 1, -1), x], dim=1)
         else:
             x = self.wte(tokens)
             if mask is not None:
                 x = x.masked_fill(mask.unsqueeze(-1), 0.0)
-        return x + self.wpe.weight[: tokens.shape[1]]
+        # Looked up through the module, not sliced from its weight: ZeRO-3's module hooks then gather the
+        # weight, which direct access from a parent's forward does not get under torch.compile.
+        return x + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
 
     def blocks(self, x: Tensor) -> Tensor:
         for block in self.h:
@@ -211,7 +213,7 @@ class IGPT(nn.Module):
         x = self.wte(tokens)
         if start == 0:
             x = torch.cat([self.sos.to(x.dtype).expand(tokens.shape[0], 1, -1), x], dim=1)
-        x = x + self.wpe.weight[start : start + x.shape[1]]
+        x = x + self.wpe(torch.arange(start, start + x.shape[1], device=x.device))
         for l, block in enumerate(self.h):
             x = block(x, cache, l)
         cache.length += x.shape[1]
@@ -232,11 +234,14 @@ def bert_mask(
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """Boolean (B, T) mask with exactly max(1, round(mask_prob·T)) positions per image, uniform."""
-    B, T = shape
-    n_masked = max(1, round(mask_prob * T))
-    scores = torch.rand(B, T, generator=generator, device=device)
-    chosen = scores.argsort(dim=1)[:, :n_masked]
-    return torch.zeros(B, T, dtype=torch.bool, device=device).scatter_(1, chosen, True)
+    return lowest_scores_mask(torch.rand(shape, generator=generator, device=device), mask_prob)
+
+
+def lowest_scores_mask(scores: Tensor, mask_prob: float) -> Tensor:
+    """True at the max(1, round(mask_prob·T)) lowest of each row's scores (B, T)."""
+    n_masked = max(1, round(mask_prob * scores.shape[1]))
+    chosen = scores.topk(n_masked, dim=1, largest=False).indices
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, chosen, True)
 
 
 def count_parameters(cfg: ModelConfig) -> int:

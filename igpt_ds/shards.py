@@ -169,14 +169,20 @@ class GlobalBatchSampler:
 
     def next_indices(self) -> np.ndarray:
         """This rank's indices (per_rank,) int64 for the next global step."""
-        start = self.consumed + self.dp_rank * self.per_rank
+        out = self.indices_at(self.consumed)
+        self.consumed += self.global_batch
+        return out
+
+    def indices_at(self, consumed: int) -> np.ndarray:
+        """This rank's indices for the global step that starts after `consumed` samples; no state changes,
+        so a step can be read ahead of the one training."""
+        start = consumed + self.dp_rank * self.per_rank
         positions = np.arange(start, start + self.per_rank)
         epochs = positions // self.n_samples
         out = np.empty(self.per_rank, dtype=np.int64)
         for e in np.unique(epochs):  # a step spans at most a few epochs
             hit = epochs == e
             out[hit] = self._permutation(int(e))[positions[hit] % self.n_samples]
-        self.consumed += self.global_batch
         return out
 
     def state_dict(self) -> dict[str, Any]:

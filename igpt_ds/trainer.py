@@ -6,7 +6,8 @@ on every rank. Two layouts: ZeRO data parallel (`train.layout=zero`, stage from 
 JSON) and pipeline x data parallel (`train.layout=pipeline`, igpt_ds.pipe).
 
 No host-device sync in the hot loop: the loss accumulates on the device and is read at log steps;
-the stop-request flag (SIGTERM/SIGUSR1, `distributed.StopSignal`) is agreed on through a CPU (gloo) group.
+the next step's batches are read in a background thread (`StepReader`); the stop-request flag
+(SIGTERM/SIGUSR1, `distributed.StopSignal`) is reduced over a CPU (gloo) group, in the background.
 
 Launch: `deepspeed --num_gpus 8 launcher/pretrain.py --config launcher/configs/igpt_s_imagenet32.yaml`.
 """
@@ -17,7 +18,9 @@ import json
 import subprocess
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ from igpt_ds.config import ConfigError, DataConfig, ModelConfig, PretrainConfig,
 from igpt_ds.distributed import StopSignal, barrier, init_distributed
 from igpt_ds.engine import apply_schedule, build_ds_config, dp_size, initialize, model_init_context, zero_stage
 from igpt_ds.metrics import Metrics
-from igpt_ds.model import IGPT, bert_mask, objective_loss
+from igpt_ds.model import IGPT, lowest_scores_mask, objective_loss
 from igpt_ds.pipe import IGPTPipe, bert_pipe_batch
 from igpt_ds.shards import MANIFEST, GlobalBatchSampler, ShardError, ShardSplit
 from igpt_ds.weights import load_consolidated
@@ -80,6 +83,51 @@ def load_init(cfg: PretrainConfig) -> dict[str, Tensor]:
     return state
 
 
+HostBatch = tuple[Tensor, Tensor | None]  # tokens (B, T) and the BERT mask (B, T) or None, on the host
+
+
+def keyed_bert_masks(seed: int, stream: int, step: int, indices: np.ndarray, seq_len: int, mask_prob: float) -> Tensor:
+    """`bert_mask` for the samples `indices` (B, seq_len), each drawn from a counter-based generator (Philox)
+    keyed by (seed, stream, step, sample index): a sample's mask is the same whichever batch, rank or
+    process draws it, and costs one small generator, not a seeded torch.Generator, per sample."""
+    scores = np.stack(
+        [
+            np.random.Generator(np.random.Philox(key=[seed, int(i)], counter=[0, 0, step, stream])).random(
+                seq_len, dtype=np.float32
+            )
+            for i in indices
+        ]
+    )
+    return lowest_scores_mask(torch.from_numpy(scores), mask_prob)
+
+
+class StepReader:
+    """The training split's host batches step by step, the next step's read in a background thread while this
+    one trains: shard rows, BERT masks and pinning cost milliseconds a step at 1024+ tokens, which the GPU would
+    otherwise wait for. The sampler advances only when a step takes its batches, so a checkpoint's sampler
+    state counts exactly the steps trained."""
+
+    def __init__(self, read: Callable[[np.ndarray, int], list[HostBatch]], sampler: GlobalBatchSampler):
+        self.read, self.sampler = read, sampler
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="igpt-reader")
+        self.ahead: tuple[int, Future] | None = None  # (sampler position, its batches being read)
+
+    def take(self, step: int) -> list[HostBatch]:
+        """Step `step`'s batches (at the sampler's position), and start reading the step after."""
+        at, after = self.sampler.consumed, self.sampler.consumed + self.sampler.global_batch
+        pending = self.ahead[1] if self.ahead is not None and self.ahead[0] == at else self.submit(at, step)
+        self.ahead = (after, self.submit(after, step + 1))
+        batches = pending.result()
+        self.sampler.consumed = after
+        return batches
+
+    def submit(self, consumed: int, step: int) -> Future:
+        return self.pool.submit(lambda: self.read(self.sampler.indices_at(consumed), step))
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
 @dataclass
 class Run:
     """Everything the loop needs, built and checked by `setup`."""
@@ -94,43 +142,50 @@ class Run:
     dp: int
     start_step: int
     files: dict[str, str]
+    reader: StepReader = field(init=False)
+    data_wait_s: float = field(init=False, default=0.0)
+    """Time the loop waited for training batches since the last log line."""
+
+    def __post_init__(self) -> None:
+        self.reader = StepReader(lambda indices, step: self.host_batches(self.train, indices, (0, step)), self.sampler)
 
     @property
     def pipeline(self) -> bool:
         return self.cfg.train.layout == "pipeline"
 
-    def batches(self, split: ShardSplit, indices: np.ndarray, key: tuple[int, int]) -> list[tuple[Tensor, Tensor]]:
-        """This rank's micro-batches: (tokens, BERT mask or None), or (inputs, labels) for the pipeline.
+    def host_batches(self, split: ShardSplit, indices: np.ndarray, key: tuple[int, int]) -> list[HostBatch]:
+        """This rank's micro-batches on the host, pinned when the engine is on a GPU: (tokens, BERT mask or None).
 
-        A sample's BERT mask is drawn from a generator seeded by (seed, `key`, sample index): the same on
-        the first and last pipeline stage, in a resumed run, and at any data-parallel size."""
+        A sample's BERT mask depends on (seed, `key`, sample index) only: the same on the first and last
+        pipeline stage, in a resumed run, and at any data-parallel size."""
+        pin = self.engine.device.type != "cpu"
         out = []
         for chunk in np.split(np.asarray(indices), len(indices) // self.cfg.train.micro_batch):
-            tokens = self.to_device(torch.from_numpy(split.batch(chunk)[0]))
+            tokens = torch.from_numpy(split.batch(chunk)[0])
             mask = None
             if self.cfg.model.objective == "bert":
-                mask = self.to_device(torch.cat([self.sample_mask(key, int(i)) for i in chunk]))
-            if self.pipeline:
-                out.append(
-                    bert_pipe_batch(tokens, mask, self.cfg.model.n_vocab) if mask is not None else (tokens, tokens)
-                )
-            else:
-                out.append((tokens, mask))
+                model = self.cfg.model
+                mask = keyed_bert_masks(self.cfg.train.seed, *key, chunk, model.seq_len, model.mask_prob)
+            out.append((tokens.pin_memory(), None if mask is None else mask.pin_memory()) if pin else (tokens, mask))
         return out
 
-    def to_device(self, x: Tensor) -> Tensor:
-        """Copy from pinned memory without blocking: a pageable copy would wait for the GPU's queue."""
-        if self.engine.device.type == "cpu":
-            return x
-        return x.pin_memory().to(self.engine.device, non_blocking=True)
-
-    def sample_mask(self, key: tuple[int, int], index: int) -> Tensor:
-        seed = int(np.random.SeedSequence([self.cfg.train.seed, *key, index]).generate_state(1)[0])
-        return bert_mask((1, self.cfg.model.seq_len), self.cfg.model.mask_prob, torch.Generator().manual_seed(seed))
+    def device_batches(self, host: list[HostBatch]) -> list[tuple[Tensor, Tensor | None]]:
+        """`host` on the engine's device, copied without blocking; (inputs, labels) for the pipeline."""
+        out = []
+        for tokens, mask in host:
+            tokens = tokens.to(self.engine.device, non_blocking=True)
+            mask = None if mask is None else mask.to(self.engine.device, non_blocking=True)
+            if not self.pipeline:
+                out.append((tokens, mask))
+            else:
+                out.append((tokens, tokens) if mask is None else bert_pipe_batch(tokens, mask, self.cfg.model.n_vocab))
+        return out
 
     def train_step(self, step: int) -> Tensor:
         """Optimizer step `step`; the mean loss over the global batch (pipeline) or this rank's share."""
-        batches = self.batches(self.train, self.sampler.next_indices(), (0, step))
+        tic = time.perf_counter()
+        batches = self.device_batches(self.reader.take(step))
+        self.data_wait_s += time.perf_counter() - tic
         if self.pipeline:
             return self.engine.train_batch(iter(batches))
         total = torch.zeros((), device=self.engine.device)
@@ -157,7 +212,7 @@ class Run:
         losses = []
         self.engine.eval()
         for i in range(self.cfg.train.eval_batches):
-            batches = self.batches(self.val, sampler.next_indices(), (1, i))
+            batches = self.device_batches(self.host_batches(self.val, sampler.next_indices(), (1, i)))
             if self.pipeline:
                 losses.append(self.engine.eval_batch(iter(batches)))
             else:
@@ -194,7 +249,7 @@ def setup(cfg: PretrainConfig) -> Run:
         ds_config = build_ds_config(cfg.train, cfg.optim, world, load_universal=True)
     init = load_init(cfg) if cfg.train.init_from and ckpt is None else None
     model = build_model(cfg, ds_config, init)
-    engine = initialize(model, ds_config, cfg.optim, cfg.train.max_steps)
+    engine = initialize(model, ds_config, cfg.optim, cfg.train.max_steps, compile_model=cfg.train.compile)
     dp_rank = model.topology().get_coord(rank).data if cfg.train.layout == "pipeline" else rank
     sampler = GlobalBatchSampler(len(train_split), cfg.train.global_batch, dp_rank, dp, cfg.train.seed)
     start_step = 0
@@ -245,7 +300,9 @@ def train(cfg: PretrainConfig) -> dict[str, float]:
         if step % t.log_every == 0 or step == last_step:
             grad_norm = run.engine.get_global_grad_norm()
             loss = run.mean_over_ranks(loss_sum) / window
-            m.train(step, loss, lr, None if grad_norm is None else float(grad_norm), window, time.perf_counter() - tic)
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            m.train(step, loss, lr, grad_norm, window, time.perf_counter() - tic, run.data_wait_s)
+            run.data_wait_s = 0.0
             loss_sum.zero_()
             window, tic = 0, time.perf_counter()
         if t.eval_every and step % t.eval_every == 0:
@@ -259,6 +316,8 @@ def train(cfg: PretrainConfig) -> dict[str, float]:
             break
     if saved != step:
         run.save(step)
+    run.reader.close()
+    stop.finish()
     m.close(to_dict(cfg))
     return dict(m.last)
 

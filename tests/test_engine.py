@@ -55,6 +55,13 @@ def test_build_ds_config_writes_batch_clipping_and_optimizer(tmp_path):
 def test_offload_uses_deepspeed_cpu_adam():
     train = TrainConfig(ds_config=str(REPO / "ds_configs" / "zero3_offload.json"))
     assert "torch_adam" not in build_ds_config(train, OptimConfig(), 1)["optimizer"]["params"]
+    with pytest.raises(ConfigError, match="optim.fused=true with ZeRO optimizer offload .*zero3_offload.json"):
+        build_ds_config(train, OptimConfig(fused=True), 1)
+
+
+def test_fused_adamw_reaches_torch(tmp_path):
+    params = build_ds_config(TrainConfig(ds_config=policy(tmp_path)), OptimConfig(fused=True), 1)["optimizer"]["params"]
+    assert params["fused"] is True and params["torch_adam"] is True
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)

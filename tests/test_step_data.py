@@ -1,0 +1,134 @@
+"""The pretraining loop's data path and stop flag, in one process: keyed BERT masks, the read-ahead
+StepReader, the asynchronous stop-signal reduction."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from pretrain_support import free_port
+
+from igpt_ds.distributed import StopSignal
+from igpt_ds.shards import GlobalBatchSampler
+from igpt_ds.trainer import StepReader, keyed_bert_masks
+
+
+def test_keyed_masks_mask_exactly_the_fraction_and_depend_only_on_the_key():
+    masks = keyed_bert_masks(0, 0, 7, np.arange(16), 1024, 0.15)
+    assert masks.shape == (16, 1024) and masks.dtype == torch.bool
+    assert (masks.sum(dim=1) == round(0.15 * 1024)).all()
+    # A sample's mask is the same in any batch: other neighbours, other order, alone.
+    alone = keyed_bert_masks(0, 0, 7, np.array([5]), 1024, 0.15)
+    shuffled = keyed_bert_masks(0, 0, 7, np.array([9, 5, 3]), 1024, 0.15)
+    assert torch.equal(alone[0], masks[5]) and torch.equal(shuffled[1], masks[5])
+    # Every part of the key matters: seed, stream (train/val), step, sample.
+    for other in ((1, 0, 7, 5), (0, 1, 7, 5), (0, 0, 8, 5), (0, 0, 7, 6)):
+        assert not torch.equal(keyed_bert_masks(*other[:3], np.array([other[3]]), 1024, 0.15)[0], masks[5]), other
+    # Positions are chosen uniformly: over many samples every position is masked about 15% of the time.
+    rate = keyed_bert_masks(3, 0, 0, np.arange(4000), 64, 0.25).float().mean(dim=0)
+    assert rate.min() > 0.2 and rate.max() < 0.3
+
+
+class RecordingRead:
+    """A read function that records the sampler positions it was asked for and returns the indices."""
+
+    def __init__(self, delay_s: float = 0.0):
+        self.calls: list[tuple[int, int]] = []  # (first index, step)
+        self.delay_s = delay_s
+        self.done = threading.Event()
+
+    def __call__(self, indices: np.ndarray, step: int) -> list[np.ndarray]:
+        time.sleep(self.delay_s)
+        self.calls.append((int(indices[0]), step))
+        self.done.set()
+        return [indices]
+
+
+def test_step_reader_gives_the_sampler_sequence_and_reads_one_step_ahead():
+    def sampler() -> GlobalBatchSampler:
+        return GlobalBatchSampler(50, 8, dp_rank=1, dp_size=2, seed=3)
+
+    read, reference = RecordingRead(), sampler()
+    reader = StepReader(read, sampler())
+    try:
+        for step in range(10):  # crosses the epoch boundary (50 samples, 8 a step)
+            (got,) = reader.take(step)
+            np.testing.assert_array_equal(got, reference.next_indices())
+            assert reader.sampler.consumed == reference.consumed  # a checkpoint sees exactly the steps taken
+        read.done.clear()
+        assert read.done.wait(5)  # the step after the last one taken is read in the background
+        assert read.calls[-1][1] == 10 and len(read.calls) == 11
+    finally:
+        reader.close()
+
+
+def test_step_reader_rereads_when_the_sampler_moved():
+    """A sampler restored from a checkpoint (a new position) makes the read-ahead stale: it is not used."""
+    read = RecordingRead()
+    reader = StepReader(read, GlobalBatchSampler(100, 10, 0, 1, seed=0, shuffle=False))
+    try:
+        (first,) = reader.take(0)
+        reader.sampler.load_state_dict({"consumed": 60})
+        (moved,) = reader.take(6)
+        np.testing.assert_array_equal(first, np.arange(10))
+        np.testing.assert_array_equal(moved, np.arange(60, 70))
+    finally:
+        reader.close()
+
+
+def test_step_reader_overlaps_reading_with_the_step():
+    """With a read shorter than a step, taking batches costs about nothing once the loop runs (without the
+    read-ahead each take would wait the read's 50 ms)."""
+    read, step_s = RecordingRead(delay_s=0.05), 0.1
+    reader = StepReader(read, GlobalBatchSampler(1000, 4, 0, 1, seed=0))
+    try:
+        reader.take(0)
+        waits = []
+        for step in range(1, 6):
+            time.sleep(step_s)  # the training step
+            tic = time.perf_counter()
+            reader.take(step)
+            waits.append(time.perf_counter() - tic)
+        assert max(waits) < 0.03, waits
+    finally:
+        reader.close()
+
+
+def test_step_reader_passes_a_read_error_to_the_loop():
+    def failing(indices, step):
+        raise OSError("shard unreadable")
+
+    reader = StepReader(failing, GlobalBatchSampler(10, 2, 0, 1, seed=0))
+    try:
+        with pytest.raises(OSError, match="shard unreadable"):
+            reader.take(0)
+    finally:
+        reader.close()
+
+
+@pytest.fixture
+def one_rank_group():
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+
+
+def test_stop_signal_is_acted_on_one_call_after_it_is_reduced(one_rank_group):
+    stop = StopSignal()
+    assert not stop.agreed()  # starts the first reduction (no signal yet)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.1)
+    assert stop.received == [signal.SIGUSR1]
+    assert not stop.agreed()  # reads the reduction started before the signal; starts one that carries it
+    assert stop.agreed()
+    stop.finish()
+    assert stop.pending is None and not stop.finish()

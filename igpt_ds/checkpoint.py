@@ -35,6 +35,7 @@ import os
 import random
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ from igpt_ds.config import ConfigError, ModelConfig, build
 from igpt_ds.distributed import barrier
 from igpt_ds.model import IGPT
 from igpt_ds.shards import ShardSplit
-from igpt_ds.weights import PALETTE_FILE, is_consolidated, load_consolidated, save_consolidated
+from igpt_ds.weights import PALETTE_FILE, is_consolidated, open_consolidated, save_consolidated, tensor_shapes
 
 LATEST = "latest"
 COMPLETE = "complete"
@@ -246,16 +247,14 @@ def check_palette(colours: np.ndarray | None, split: ShardSplit, source: str | P
     )
 
 
-def check_weights(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], source: str) -> None:
-    """A one-line ConfigError naming `source` and the keys of `state` that do not fit `expected` (name -> shape)."""
-    shared = sorted(expected.keys() & state.keys())
+def check_weights(expected: dict[str, torch.Size], found: dict[str, torch.Size], source: str) -> None:
+    """A one-line ConfigError naming `source` and the weights `found` that do not fit `expected` (name -> shape)."""
+    shared = sorted(expected.keys() & found.keys())
     problems = {
-        "missing": sorted(expected.keys() - state.keys()),
-        "unexpected": sorted(state.keys() - expected.keys()),
+        "missing": sorted(expected.keys() - found.keys()),
+        "unexpected": sorted(found.keys() - expected.keys()),
         "wrong shape": [
-            f"{k} {tuple(state[k].shape)} != {tuple(expected[k])}"
-            for k in shared
-            if tuple(state[k].shape) != tuple(expected[k])
+            f"{k} {tuple(found[k])} != {tuple(expected[k])}" for k in shared if tuple(found[k]) != tuple(expected[k])
         ],
     }
     more = lambda keys: f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
@@ -265,19 +264,30 @@ def check_weights(expected: dict[str, torch.Size], state: dict[str, torch.Tensor
 
 
 def load_weights(
-    model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, keep_init: tuple[str, ...] = ()
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, keep_init: tuple[str, ...] = ()
 ) -> None:
-    """Copy `state` (CPU tensors) into `model`'s parameters, except those whose names start with a prefix in
-    `keep_init` (a new head), which keep their initialisation. A ZeRO-3 parameter (built in zero.Init) is
-    gathered one at a time and written by rank 0, so the whole model never materialises on one device; a
-    whole parameter is written by every rank. Weights that do not fit are a ConfigError naming `source`."""
+    """Copy `state` (CPU tensors; a TensorFile is read tensor by tensor) into `model`'s parameters, except
+    those whose names start with a prefix in `keep_init` (a new head), which keep their initialisation
+    (such weights in `state` are ignored). A ZeRO-3 parameter (built in zero.Init) is gathered one at a time
+    and written by rank 0, the only rank that reads it, so the whole model never materialises on one device;
+    a whole parameter is written by every rank. Weights that do not fit are a ConfigError naming `source`."""
     params = {n: p for n, p in model.named_parameters() if not n.startswith(keep_init)}
-    check_weights({n: getattr(p, "ds_shape", p.shape) for n, p in params.items()}, state, source)
+    found = {n: shape for n, shape in tensor_shapes(state).items() if not n.startswith(keep_init)}
+    check_weights({n: getattr(p, "ds_shape", p.shape) for n, p in params.items()}, found, source)
     for name, p in params.items():
         # A no-op for a parameter that is not partitioned (ZeRO 0-2, no DeepSpeed).
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
             if not hasattr(p, "ds_id") or dist.get_rank() == 0:
                 p.copy_(state[name])
+
+
+def pretrained_weights(path: str | Path) -> tuple[ModelConfig, Mapping[str, torch.Tensor], np.ndarray | None]:
+    """(model config, IGPT-named fp32 weights, palette or None) of a run folder, a DeepSpeed checkpoint folder
+    of either layout, or a consolidated folder, whose weights are then read tensor by tensor as looked up."""
+    if is_consolidated(path):
+        return open_consolidated(path)
+    ckpt = resolve(path)
+    return model_config(ckpt), consolidated_state_dict(ckpt), palette(ckpt)
 
 
 def load_model_for_eval(path: str | Path) -> tuple[IGPT, ModelConfig, np.ndarray | None]:
@@ -288,15 +298,11 @@ def load_model_for_eval(path: str | Path) -> tuple[IGPT, ModelConfig, np.ndarray
     probes and samples use the trunk only, and the head is meaningless without the feature
     standardisation it was trained behind, which lives in the run's run.json, not in the weights.
     Any other weights that do not fit the checkpoint's model config are a one-line ConfigError."""
-    if is_consolidated(path):
-        cfg, state, colours = load_consolidated(path)
-    else:
-        ckpt = resolve(path)
-        cfg, state, colours = model_config(ckpt), consolidated_state_dict(ckpt), palette(ckpt)
+    cfg, state, colours = pretrained_weights(path)
     state = {k: v.float() for k, v in state.items() if not k.startswith(FINETUNE_HEAD)}
     with torch.device("meta"):  # no second copy of the weights: the model takes the loaded tensors
         model = IGPT(cfg)
-    check_weights({k: v.shape for k, v in model.state_dict().items()}, state, str(path))
+    check_weights({k: v.shape for k, v in model.state_dict().items()}, tensor_shapes(state), str(path))
     model.load_state_dict(state, assign=True)
     return model.eval(), cfg, colours
 

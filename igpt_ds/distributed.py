@@ -54,8 +54,14 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
             timeout=timedelta(seconds=timeout_s),
             verbose=False,
         )
-    if get_accelerator().device_name() != "cpu":
-        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        # A scheduler that gives each task its own device (Slurm --gpus-per-task=1, a CUDA_VISIBLE_DEVICES
+        # per rank) leaves fewer visible devices than tasks on the node; DeepSpeed's engine picks its device
+        # by LOCAL_RANK, so it becomes the index among the visible ones.
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) % accelerator.device_count()
+        os.environ["LOCAL_RANK"] = str(local_rank)
+        accelerator.set_device(local_rank)
     return dist.get_rank(), dist.get_world_size()
 
 

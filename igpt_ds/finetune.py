@@ -142,8 +142,7 @@ class Finetuner:
         ds_config = build_ds_config(t, cfg.optim, self.world)
         ckpt = checkpoint.latest(t.run_dir / "checkpoints")
         if ckpt is None:
-            pretrained, self.model_cfg, palette = checkpoint.load_model_for_eval(t.init_from)
-            state = pretrained.state_dict()
+            self.model_cfg, state, palette = checkpoint.pretrained_weights(t.init_from)
         else:  # resuming: the weights come from the run's own checkpoint
             self.model_cfg, state, palette = checkpoint.model_config(ckpt), None, checkpoint.palette(ckpt)
         splits = (cfg.data.train_split, cfg.data.val_split, cfg.finetune.test_split)

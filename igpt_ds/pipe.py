@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +89,7 @@ class IGPTPipe(PipelineModule):
         """(global layer index, layer) for the layers this stage holds."""
         return [(self._local_start + i, layer) for i, layer in enumerate(self.forward_funcs)]
 
-    def load_igpt_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+    def load_igpt_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load this stage's layers from an IGPT-named (consolidated) state dict."""
         with torch.no_grad():
             for idx, layer in self.local_layers():

@@ -18,7 +18,7 @@ import json
 import subprocess
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,7 @@ from igpt_ds.metrics import Metrics
 from igpt_ds.model import IGPT, lowest_scores_mask, objective_loss
 from igpt_ds.pipe import IGPTPipe, bert_pipe_batch
 from igpt_ds.shards import MANIFEST, GlobalBatchSampler, ShardError, ShardSplit
-from igpt_ds.weights import load_consolidated
+from igpt_ds.weights import open_consolidated
 
 
 def open_shards(model: ModelConfig, data: DataConfig, split: str) -> ShardSplit:
@@ -59,7 +59,7 @@ def open_shards(model: ModelConfig, data: DataConfig, split: str) -> ShardSplit:
     return shards
 
 
-def build_model(cfg: PretrainConfig, ds_config: dict[str, Any], init: dict[str, Tensor] | None) -> torch.nn.Module:
+def build_model(cfg: PretrainConfig, ds_config: dict[str, Any], init: Mapping[str, Tensor] | None) -> torch.nn.Module:
     """IGPT (ZeRO layout, built inside zero.Init under ZeRO-3) or IGPTPipe, optionally loaded with `init`."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     if cfg.train.layout == "pipeline":
@@ -75,8 +75,9 @@ def build_model(cfg: PretrainConfig, ds_config: dict[str, Any], init: dict[str, 
     return model
 
 
-def load_init(cfg: PretrainConfig) -> dict[str, Tensor]:
-    init_cfg, state, _ = load_consolidated(cfg.train.init_from)
+def load_init(cfg: PretrainConfig) -> Mapping[str, Tensor]:
+    """train.init_from's weights, read tensor by tensor as the model takes them."""
+    init_cfg, state, _ = open_consolidated(cfg.train.init_from)
     shape = ("n_layer", "n_head", "n_embd", "n_px", "n_vocab", "bias")
     if any(getattr(init_cfg, k) != getattr(cfg.model, k) for k in shape):
         raise ConfigError(f"train.init_from={cfg.train.init_from} holds a model of another shape: {init_cfg}")

@@ -13,12 +13,14 @@ never sees half a checkpoint.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from igpt_ds.atomic import atomic_dir
@@ -53,9 +55,49 @@ def is_consolidated(path: str | Path) -> bool:
     return (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file()
 
 
+class TensorFile(Mapping[str, torch.Tensor]):
+    """A safetensors file as a read-only state dict whose tensors are read when looked up: a rank that
+    loads one layer reads one layer, and one that loads all of them holds one extra tensor at a time,
+    never the whole file (27 GB for igpt-xl)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with safe_open(path, framework="pt") as f:
+            self.shapes = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}  # header only
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.shapes:
+            raise KeyError(key)
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def tensor_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
+    """Name -> shape of a state dict, without reading a TensorFile's tensors."""
+    return dict(state.shapes) if isinstance(state, TensorFile) else {k: v.shape for k, v in state.items()}
+
+
+def open_consolidated(path: str | Path) -> tuple[ModelConfig, TensorFile, np.ndarray | None]:
+    """`load_consolidated` with the weights read tensor by tensor as they are looked up."""
+    path = Path(path)
+    model_cfg, palette = read_consolidated_meta(path)
+    return model_cfg, TensorFile(path / WEIGHTS_FILE), palette
+
+
 def load_consolidated(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], np.ndarray | None]:
     """(model config, fp32 state dict, palette or None) from a consolidated checkpoint folder."""
     path = Path(path)
+    model_cfg, palette = read_consolidated_meta(path)
+    return model_cfg, load_file(path / WEIGHTS_FILE), palette
+
+
+def read_consolidated_meta(path: Path) -> tuple[ModelConfig, np.ndarray | None]:
     if not is_consolidated(path):
         raise ConfigError(f"{path} is not a consolidated checkpoint (needs {WEIGHTS_FILE} and {CONFIG_FILE})")
     meta = json.loads((path / CONFIG_FILE).read_text())
@@ -63,4 +105,4 @@ def load_consolidated(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
         raise ConfigError(f"{path / CONFIG_FILE}: format_version {meta.get('format_version')} unsupported")
     model_cfg = build(ModelConfig, meta["model"], where="model.")
     palette = np.load(path / PALETTE_FILE) if (path / PALETTE_FILE).is_file() else None
-    return model_cfg, load_file(path / WEIGHTS_FILE), palette
+    return model_cfg, palette

@@ -1,7 +1,12 @@
 """Shared test setup: CPU DeepSpeed, a cached op-build folder, deterministic seeds."""
 
 import os
+import signal
+import socket
 from pathlib import Path
+
+import pytest
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -9,3 +14,17 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group (torch.distributed only), torn down after; signal handlers restored."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for s, handler in handlers.items():
+        signal.signal(s, handler)

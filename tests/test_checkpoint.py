@@ -13,7 +13,7 @@ from igpt_ds.config import ConfigError, ModelConfig
 from igpt_ds.finetune import IGPTClassifier
 from igpt_ds.model import IGPT
 from igpt_ds.shards import ShardSplit
-from igpt_ds.weights import load_consolidated, save_consolidated
+from igpt_ds.weights import TensorFile, load_consolidated, open_consolidated, save_consolidated, tensor_shapes
 
 CFG = ModelConfig(size="igpt-tiny", n_px=8, n_vocab=8)
 
@@ -59,6 +59,26 @@ def test_load_weights_keeps_the_head_and_checks_keys():
     assert torch.equal(model.clf_head.weight, head)
     with pytest.raises(ConfigError, match=r"^pretrained: .*missing: clf_head\.bias, clf_head\.weight"):
         load_weights(model, state, "pretrained")  # the head is not in a pretrained state dict
+
+
+def test_weights_read_tensor_by_tensor_load_like_the_whole_file(tmp_path):
+    """`open_consolidated` reads shapes from the header and each tensor when it is looked up; loading through
+    it gives the same model as the whole state dict, and a fine-tuned run's head is ignored, not an error."""
+    torch.manual_seed(0)
+    classifier = IGPTClassifier(CFG, n_classes=4)
+    save_consolidated(tmp_path / "ft", CFG, classifier.state_dict())
+    cfg, lazy, _ = open_consolidated(tmp_path / "ft")
+    _, whole, _ = load_consolidated(tmp_path / "ft")
+    assert isinstance(lazy, TensorFile) and cfg == CFG and len(lazy) == len(whole)
+    assert tensor_shapes(lazy) == {k: v.shape for k, v in whole.items()}
+    assert torch.equal(lazy["h.1.attn.c_proj.weight"], whole["h.1.attn.c_proj.weight"])
+    with pytest.raises(KeyError):
+        lazy["h.7.attn.c_proj.weight"]
+    model = IGPTClassifier(CFG, n_classes=4)
+    load_weights(model, lazy, "lazy", keep_init=("clf_head.",))
+    trunk = {k: v for k, v in whole.items() if not k.startswith("clf_head.")}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trunk.items())
+    assert torch.equal(model.clf_head.weight, torch.zeros_like(model.clf_head.weight))  # kept its zero init
 
 
 def test_shards_with_another_palette_are_refused(tmp_path):

@@ -1,11 +1,13 @@
 """Process-group start-up: Slurm variables, nodelists, mpirun."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 from pretrain_support import REPO, digits_shards, env, free_port, write_config
 
+from igpt_ds import distributed
 from igpt_ds.distributed import first_host, slurm_env
 from igpt_ds.shards import ShardSplit
 
@@ -42,3 +44,27 @@ def test_two_ranks_under_mpirun(tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "step 2/2" in out.stdout and (tmp_path / "runs" / "run" / "checkpoints" / "step_00000002").is_dir()
+
+
+class OneDeviceAccelerator:
+    """What a task sees when the scheduler binds it one GPU: a CUDA accelerator with one device."""
+
+    def __init__(self):
+        self.bound: list[int] = []
+
+    def device_name(self, index=None):
+        return "cuda"
+
+    def device_count(self):
+        return 1
+
+    def set_device(self, index):
+        self.bound.append(index)
+
+
+def test_a_task_bound_to_one_device_uses_it_whatever_its_local_rank(one_rank_group, monkeypatch):
+    accelerator = OneDeviceAccelerator()
+    monkeypatch.setattr(distributed, "get_accelerator", lambda: accelerator)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # the 4th task of its node (SLURM_LOCALID=3)
+    assert distributed.init_distributed(60) == (0, 1)
+    assert accelerator.bound == [0] and os.environ["LOCAL_RANK"] == "0"  # DeepSpeed's engine reads LOCAL_RANK

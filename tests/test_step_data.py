@@ -11,8 +11,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-from pretrain_support import free_port
 
 from igpt_ds.distributed import StopSignal
 from igpt_ds.shards import GlobalBatchSampler
@@ -110,16 +108,6 @@ def test_step_reader_passes_a_read_error_to_the_loop():
             reader.take(0)
     finally:
         reader.close()
-
-
-@pytest.fixture
-def one_rank_group():
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for s, handler in handlers.items():
-        signal.signal(s, handler)
 
 
 def test_stop_signal_is_acted_on_one_call_after_it_is_reduced(one_rank_group):

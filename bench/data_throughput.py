@@ -1,12 +1,14 @@
 """Data-path throughput: tokens/s one data-parallel rank's shard reader and sampler deliver.
 
-Issue 6, part 1. The pretraining loop (igpt_ds.trainer) asks `GlobalBatchSampler.next_indices()` for
-this rank's share of each global batch and reads it with `ShardSplit.batch()` (memory-mapped
-uint16 rows -> int64); on a GPU the batch is then pinned and copied to the device. Peers in the
-same run:
+Issue 6, part 1. The pretraining loop (igpt_ds.trainer) reads this rank's share of each global batch
+with `read_micro_batches` (memory-mapped uint16 rows -> int64 tensors, the BERT objective's keyed masks,
+pinned on a GPU) in a background thread one step ahead (`StepReader`), then copies it to the device
+without blocking. Peers in the same run, each reading one step at a time on the calling thread:
 
-  reader     sampler + ShardSplit.batch + torch tensor (+ pin_memory and a non-blocking device copy on CUDA)
-  in-memory  the same indices gathered from the whole split held in RAM: the ceiling for any reader
+  reader     sampler + igpt_ds.trainer.read_micro_batches (+ a non-blocking device copy on CUDA)
+  in-memory  the same indices gathered from the whole split held in RAM, no masks: the ceiling for any reader
+
+With --objective bert the reader also draws the masks, which cost more than the rows at 1024 tokens.
 
 and `needed`: the tokens/s one GPU consumes when it trains at --train-tokens-per-s (default: the
 H200 anchor of REFERENCE.md, 530k tokens/s for iGPT-S compiled), so headroom = reader / needed.
@@ -15,6 +17,7 @@ slower and is not what this measures.
 
     python bench/data_throughput.py --shards demo_out/shards
     python bench/data_throughput.py --synthetic 20000 --n-px 32 --global-batch 128 --dp 8
+    python bench/data_throughput.py --synthetic 20000 --n-px 32 --objective bert
 
 --synthetic N writes N random 3-channel images to a temporary folder and builds shards from them with
 data_tools.build_shards (a 16-colour palette: the vocabulary size does not change the reading cost).
@@ -37,6 +40,7 @@ import torch
 
 from data_tools.build_shards import main as build_shards
 from igpt_ds.shards import GlobalBatchSampler, ShardSplit
+from igpt_ds.trainer import read_micro_batches
 
 REPO = Path(__file__).resolve().parent.parent
 ANCHOR_TOKENS_PER_S = 530_000
@@ -54,7 +58,7 @@ def synthetic_shards(n_images: int, n_px: int, folder: Path) -> Path:
     return out
 
 
-def rate(fetch: Callable[[np.ndarray], torch.Tensor], sampler: GlobalBatchSampler, steps: int, warmup: int) -> float:
+def rate(fetch: Callable[[np.ndarray], Any], sampler: GlobalBatchSampler, steps: int, warmup: int) -> float:
     """Steps per second of `fetch(sampler.next_indices())`, after `warmup` untimed steps."""
     device = torch.device("cuda") if torch.cuda.is_available() else None
     for _ in range(warmup):
@@ -74,11 +78,13 @@ def measure(split: ShardSplit, args: argparse.Namespace) -> dict[str, Any]:
     def to_device(host: torch.Tensor) -> torch.Tensor:
         return host.pin_memory().to("cuda", non_blocking=True) if cuda else host
 
+    def read(idx: np.ndarray) -> list[torch.Tensor]:
+        mask_key = (0, 0, int(idx[0])) if args.objective == "bert" else None
+        batches = read_micro_batches(split, idx, args.micro_batch, 0.15, mask_key, pin=cuda)
+        return [t.to("cuda", non_blocking=True) if cuda else t for batch in batches for t in batch if t is not None]
+
     whole = split.batch(np.arange(len(split)))[0]  # the split in RAM, for the ceiling
-    fetchers = {
-        "reader": lambda idx: to_device(torch.from_numpy(split.batch(idx)[0])),
-        "in-memory": lambda idx: to_device(torch.from_numpy(whole[idx])),
-    }
+    fetchers = {"reader": read, "in-memory": lambda idx: to_device(torch.from_numpy(whole[idx]))}
     per_rank = args.global_batch // args.dp
     results = []
     for name, fetch in fetchers.items():
@@ -92,7 +98,8 @@ def measure(split: ShardSplit, args: argparse.Namespace) -> dict[str, Any]:
         r["x_needed"] = r["tokens_per_s"] / args.train_tokens_per_s
     return {
         "shards": str(args.shards or f"synthetic ({args.synthetic} random images)"), "n_images": len(split),
-        "n_px": split.n_px, "global_batch": args.global_batch, "dp": args.dp, "per_rank_batch": per_rank,
+        "n_px": split.n_px, "objective": args.objective, "global_batch": args.global_batch, "dp": args.dp,
+        "per_rank_batch": per_rank, "micro_batch": args.micro_batch,
         "device_copy": cuda, "needed_tokens_per_s": args.train_tokens_per_s, "steps": args.steps, "results": results,
     }  # fmt: skip
 
@@ -106,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="train")
     p.add_argument("--global-batch", type=int, default=128)
     p.add_argument("--dp", type=int, default=1, help="data-parallel ranks sharing the global batch")
+    p.add_argument("--micro-batch", type=int, default=16, help="samples a forward pass (a rank's share is split so)")
+    p.add_argument("--objective", choices=("ar", "bert"), default="ar", help="bert: the reader draws masks too")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--train-tokens-per-s", type=float, default=ANCHOR_TOKENS_PER_S)
@@ -116,8 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.global_batch % args.dp:
-        raise SystemExit(f"--global-batch {args.global_batch} must be divisible by --dp {args.dp}")
+    if args.global_batch % (args.dp * args.micro_batch):
+        raise SystemExit(f"--global-batch {args.global_batch} must be divisible by --dp {args.dp} x --micro-batch "
+                         f"{args.micro_batch}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         root = args.shards or synthetic_shards(args.synthetic, args.n_px, Path(tmp))
         report = measure(ShardSplit(root, args.split), args)

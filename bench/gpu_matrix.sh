@@ -83,6 +83,7 @@ done
 if (( SECONDS + 30 <= BUDGET_S )); then
     echo "== data (${SECONDS}s spent)"
     python3 bench/data_throughput.py "${SYNTH[@]}" --out-dir "$SCRATCH" --name data
+    python3 bench/data_throughput.py "${SYNTH[@]}" --out-dir "$SCRATCH" --name data_bert --objective bert
 fi
 
 python3 - "$SCRATCH" "$OUT" <<'EOF'

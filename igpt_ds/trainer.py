@@ -102,6 +102,25 @@ def keyed_bert_masks(seed: int, stream: int, step: int, indices: np.ndarray, seq
     return lowest_scores_mask(torch.from_numpy(scores), mask_prob)
 
 
+def read_micro_batches(
+    split: ShardSplit,
+    indices: np.ndarray,
+    micro_batch: int,
+    mask_prob: float,
+    mask_key: tuple[int, int, int] | None,
+    pin: bool,
+) -> list[HostBatch]:
+    """`indices`' rows of `split` as micro-batches of (tokens, BERT mask or None) on the host, pinned for a
+    GPU. With `mask_key` = (seed, stream, step), each sample's mask is `keyed_bert_masks`': the same on the
+    first and last pipeline stage, in a resumed run, and at any data-parallel size."""
+    out = []
+    for chunk in np.split(np.asarray(indices), len(indices) // micro_batch):
+        tokens = torch.from_numpy(split.batch(chunk)[0])
+        mask = None if mask_key is None else keyed_bert_masks(*mask_key, chunk, split.seq_len, mask_prob)
+        out.append((tokens.pin_memory(), None if mask is None else mask.pin_memory()) if pin else (tokens, mask))
+    return out
+
+
 class StepReader:
     """The training split's host batches step by step, the next step's read in a background thread while this
     one trains: shard rows, BERT masks and pinning cost milliseconds a step at 1024+ tokens, which the GPU would
@@ -155,20 +174,10 @@ class Run:
         return self.cfg.train.layout == "pipeline"
 
     def host_batches(self, split: ShardSplit, indices: np.ndarray, key: tuple[int, int]) -> list[HostBatch]:
-        """This rank's micro-batches on the host, pinned when the engine is on a GPU: (tokens, BERT mask or None).
-
-        A sample's BERT mask depends on (seed, `key`, sample index) only: the same on the first and last
-        pipeline stage, in a resumed run, and at any data-parallel size."""
+        """This rank's micro-batches on the host: `read_micro_batches` with BERT masks keyed by (seed, *key)."""
+        mask_key = (self.cfg.train.seed, *key) if self.cfg.model.objective == "bert" else None
         pin = self.engine.device.type != "cpu"
-        out = []
-        for chunk in np.split(np.asarray(indices), len(indices) // self.cfg.train.micro_batch):
-            tokens = torch.from_numpy(split.batch(chunk)[0])
-            mask = None
-            if self.cfg.model.objective == "bert":
-                model = self.cfg.model
-                mask = keyed_bert_masks(self.cfg.train.seed, *key, chunk, model.seq_len, model.mask_prob)
-            out.append((tokens.pin_memory(), None if mask is None else mask.pin_memory()) if pin else (tokens, mask))
-        return out
+        return read_micro_batches(split, indices, self.cfg.train.micro_batch, self.cfg.model.mask_prob, mask_key, pin)
 
     def device_batches(self, host: list[HostBatch]) -> list[tuple[Tensor, Tensor | None]]:
         """`host` on the engine's device, copied without blocking; (inputs, labels) for the pipeline."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from pretrain_support import digits_shards
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,11 +48,13 @@ def test_train_throughput(tmp_path):
     assert table.count("\n| ") == 1 + len(peers) and "failed: " in table
 
 
-def test_data_throughput(tmp_path):
-    args = ["--synthetic", "300", "--n-px", "8", "--global-batch", "8", "--dp", "2", "--steps", "5", "--warmup", "1"]
+@pytest.mark.parametrize("objective", ["ar", "bert"])
+def test_data_throughput(tmp_path, objective):
+    args = ["--synthetic", "300", "--n-px", "8", "--global-batch", "8", "--dp", "2", "--micro-batch", "2"]
+    args += ["--steps", "5", "--warmup", "1", "--objective", objective]
     run("data_throughput.py", *args, "--out-dir", str(tmp_path))
     report = json.loads((tmp_path / "data_throughput.json").read_text())
-    assert report["per_rank_batch"] == 4 and report["n_px"] == 8
+    assert report["per_rank_batch"] == 4 and report["n_px"] == 8 and report["objective"] == objective
     assert [r["peer"] for r in report["results"]] == ["reader", "in-memory"]
     assert all(r["tokens_per_s"] > 0 and r["x_needed"] > 0 for r in report["results"])
 

@@ -47,12 +47,12 @@ ANCHOR_TOKENS_PER_S = 530_000
 """REFERENCE.md: iGPT-S shape, torch.compile, one H200."""
 
 
-def synthetic_shards(n_images: int, n_px: int, folder: Path) -> Path:
-    """Random images -> shards under `folder` through the real shard builder."""
+def synthetic_shards(n_images: int, n_px: int, folder: Path, k: int = 16) -> Path:
+    """Random images -> shards (a k-colour palette) under `folder` through the real shard builder."""
     images = np.random.default_rng(0).integers(0, 256, (n_images, n_px, n_px, 3), dtype=np.uint8)
     np.save(folder / "images.npy", images)
     out = folder / "shards"
-    argv = [str(folder / "images.npy"), "--out", str(out), "--n-px", str(n_px), "--k", "16"]
+    argv = [str(folder / "images.npy"), "--out", str(out), "--n-px", str(n_px), "--k", str(k)]
     if build_shards([*argv, "--palette-samples", "20000", "--workers", "1", "--val-fraction", "0"]) != 0:
         raise SystemExit("building synthetic shards failed")
     return out

@@ -22,7 +22,8 @@ SCRATCH=$(mktemp -d)
 
 if [[ ${1:-} == --cpu ]]; then
     export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
-    S=(--size igpt-tiny --n-px 8 --micro-batch 4 --precision fp32 --warmup 1 --steps 3)
+    PX=8
+    S=(--size igpt-tiny --n-px $PX --micro-batch 4 --precision fp32 --warmup 1 --steps 3)
     M=(--size igpt-mini --n-px 8 --micro-batch 4 --precision fp32 --warmup 1 --steps 3)
     ZERO1=ds_configs/cpu.json MICRO=(2 8) SYNTH=(--synthetic 500 --n-px 8 --steps 20)
     COMPILE=0  # inductor on a shared 2-core CPU takes minutes a peer; the GPU run compiles
@@ -31,7 +32,8 @@ else
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             .whl/*.whl && export PYTHONPATH=/tmp/site || exit
     fi
-    S=(--size igpt-s --n-px 32 --micro-batch 16 --precision bf16 --warmup 5 --steps 20)
+    PX=32
+    S=(--size igpt-s --n-px $PX --micro-batch 16 --precision bf16 --warmup 5 --steps 20)
     M=(--size igpt-m --n-px 32 --micro-batch 16 --precision bf16 --warmup 5 --steps 15)
     ZERO1=ds_configs/zero1_bf16.json MICRO=(8 32) SYNTH=(--synthetic 20000 --n-px 32 --steps 200)
     COMPILE=1
@@ -63,6 +65,13 @@ group() {
 # 1. The anchor of REFERENCE.md, in one run: peers and DeepSpeed's stages at the policies' defaults
 #    (zero1_bf16.json is the iGPT-S preset's policy).
 group s_headline 120 hf eager compile ds ds:stage=2 "ds:config=$ZERO3" -- "${S[@]}"
+# 1b. The pretraining entry point itself (igpt_ds.trainer.train: reader thread, logging, stop flag) on
+#     shards of random 32x32 images over a 512-colour palette, against compiled plain PyTorch.
+if (( SECONDS + 90 <= BUDGET_S )); then
+    python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); from data_throughput import \
+synthetic_shards; synthetic_shards(2000, $PX, Path('$SCRATCH'), k=512)" >/dev/null || echo "building shards failed"
+    group s_trainer 90 compile trainer trainer:compile=1,fused=1 -- "${S[@]}" --shards "$SCRATCH/shards"
+fi
 # 2. iGPT-M, the >= 45% MFU target: its preset's zero3 policy, ZeRO-1 fused, ZeRO-3 holding every parameter.
 group m_headline 150 eager compile "ds:config=$ZERO3" ds:fused=1 \
     "ds:config=$ZERO3,fused=1,stage3_param_persistence_threshold=1e9" -- "${M[@]}"

@@ -12,11 +12,14 @@ like with like:
   compile   the same, model.loss under torch.compile
   ds        IGPT through igpt_ds.trainer.build_model + igpt_ds.engine: the pretraining path
   pipe      IGPTPipe through DeepSpeed's pipeline engine (one stage per process here)
+  trainer   the pretraining entry point itself, igpt_ds.trainer.train, on --shards (reader thread,
+            logging, stop flag; ZeRO layout); its figures are the last log window's, read from its
+            metrics, which starts after at least --warmup steps
 
 A peer is `NAME[:key=value,...]`. Keys: `ckpt=1` activation checkpointing, `fused=1` fused AdamW,
 `sdpa=flash|efficient|cudnn|math` pin the attention kernel; for ds/pipe also `config=PATH` (policy
 JSON, default --ds-config), `stage=N`, `compile=1` (DeepSpeed's engine.compile()), and any other key
-as a zero_optimization override (`stage3_param_persistence_threshold=1e5`, `overlap_comm=false`).
+(ds, pipe, trainer) as a zero_optimization override (`stage3_param_persistence_threshold=1e5`, `overlap_comm=false`).
 Each peer runs in its own child process: its peak memory, DeepSpeed state and compile caches are its
 own, and one failure (out of memory, say) is recorded without losing the others.
 
@@ -54,11 +57,11 @@ import torch
 
 from igpt_ds.config import ModelConfig, OptimConfig, PretrainConfig, TrainConfig
 from igpt_ds.flops import mfu, peak_flops, train_flops_per_token
-from igpt_ds.model import IGPT, objective_loss
+from igpt_ds.model import IGPT, count_parameters, objective_loss
 
 REPO = Path(__file__).resolve().parent.parent
 
-IMPLS = ("hf", "eager", "compile", "ds", "pipe")
+IMPLS = ("hf", "eager", "compile", "ds", "pipe", "trainer")
 PLAIN_OPTIONS = {"hf": {"fused"}, "eager": {"fused", "ckpt", "sdpa"}, "compile": {"fused", "ckpt", "sdpa"}}
 """Options the plain loops understand; DeepSpeed peers pass unknown keys to zero_optimization, which checks them."""
 SDPA_BACKENDS = {
@@ -156,29 +159,14 @@ def plain_step(peer: Peer, cfg: ModelConfig, args: argparse.Namespace, device: t
 def deepspeed_step(peer: Peer, cfg: ModelConfig, args: argparse.Namespace, device: torch.device):
     """The pretraining path: igpt_ds.trainer.build_model + igpt_ds.engine, ZeRO or pipeline engine."""
     from igpt_ds.distributed import init_distributed
-    from igpt_ds.engine import build_ds_config, initialize
+    from igpt_ds.engine import initialize
     from igpt_ds.trainer import build_model
 
     _, world = init_distributed(timeout_s=600)
-    opts = dict(peer.options)
     pipeline = peer.impl == "pipe"
-    train = TrainConfig(
-        ds_config=str(opts.pop("config", args.ds_config)), layout="pipeline" if pipeline else "zero",
-        pipeline_stages=world if pipeline else 1, activation_checkpointing=bool(opts.pop("ckpt", False)),
-        global_batch=args.micro_batch * world, micro_batch=args.micro_batch, max_steps=args.warmup + args.steps,
-    )  # fmt: skip
-    run = PretrainConfig(model=cfg, optim=OptimConfig(fused=bool(opts.pop("fused", False))), train=train)
-    ds_config = build_ds_config(train, run.optim, world)
-    # Bench-time levers, applied to this run's copy only: the policy files in ds_configs/ stay as they are.
-    ds_config["bf16"] = {"enabled": args.precision == "bf16"}
-    opts.pop("sdpa", None)
-    engine_compile = bool(opts.pop("compile", False))
-    zero = ds_config.setdefault("zero_optimization", {})
-    if "stage" in opts:
-        zero["stage"] = opts.pop("stage")
-    zero.update(opts)
+    run, ds_config = pretrain_config(peer, cfg, args, world, args.warmup + args.steps)
     model = build_model(run, ds_config, None)
-    engine = initialize(model, ds_config, run.optim, train.max_steps, compile_model=engine_compile)
+    engine = initialize(model, ds_config, run.optim, run.train.max_steps, compile_model=run.train.compile)
 
     def step(tokens: torch.Tensor) -> torch.Tensor:
         if pipeline:
@@ -190,6 +178,64 @@ def deepspeed_step(peer: Peer, cfg: ModelConfig, args: argparse.Namespace, devic
 
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     return step, {"ds_config": ds_config, "n_params": n_params}
+
+
+def pretrain_config(
+    peer: Peer, cfg: ModelConfig, args: argparse.Namespace, world: int, max_steps: int
+) -> tuple[PretrainConfig, dict[str, Any]]:
+    """The run config and DeepSpeed config of a ds / pipe / trainer peer: one micro-batch a step."""
+    from igpt_ds.engine import build_ds_config
+
+    opts = dict(peer.options)
+    pipeline = peer.impl == "pipe"
+    train = TrainConfig(
+        ds_config=str(opts.pop("config", args.ds_config)), layout="pipeline" if pipeline else "zero",
+        pipeline_stages=world if pipeline else 1, activation_checkpointing=bool(opts.pop("ckpt", False)),
+        compile=bool(opts.pop("compile", False)), global_batch=args.micro_batch * world,
+        micro_batch=args.micro_batch, max_steps=max_steps,
+    )  # fmt: skip
+    run = PretrainConfig(model=cfg, optim=OptimConfig(fused=bool(opts.pop("fused", False))), train=train)
+    ds_config = build_ds_config(train, run.optim, world)
+    # Bench-time levers, applied to this run's copy only: the policy files in ds_configs/ stay as they are.
+    ds_config["bf16"] = {"enabled": args.precision == "bf16"}
+    opts.pop("sdpa", None)
+    zero = ds_config.setdefault("zero_optimization", {})
+    if "stage" in opts:
+        zero["stage"] = opts.pop("stage")
+    zero.update(opts)
+    return run, ds_config
+
+
+def measure_trainer(peer: Peer, cfg: ModelConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """Run igpt_ds.trainer.train on --shards and report its last log window (whole steps, no warmup)."""
+    from igpt_ds.config import DataConfig
+    from igpt_ds.engine import OWNED_KEYS
+    from igpt_ds.shards import ShardSplit
+    from igpt_ds.trainer import train
+
+    if not args.shards:
+        raise SystemExit("the trainer peer reads shards: pass --shards")
+    cfg = ModelConfig(size=cfg.size, n_px=cfg.n_px, n_vocab=ShardSplit(args.shards, "train").n_vocab)
+    windows = 1 + -(-args.warmup // args.steps)  # whole windows of --steps; the first ones hold the warmup
+    run, ds_config = pretrain_config(peer, cfg, args, 1, windows * args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = Path(tmp) / "policy.json"  # the bench's DeepSpeed config, less what the run config owns
+        policy.write_text(json.dumps({k: v for k, v in ds_config.items() if k not in OWNED_KEYS}))
+        run.data = DataConfig(shards=args.shards, val_split="train")  # evaluation is off: any split will do
+        run.train.ds_config, run.train.run_root = str(policy), tmp
+        run.train.log_every, run.train.eval_every, run.train.save_every = args.steps, 0, run.train.max_steps
+        last = train(run)
+    tokens_per_s = last["perf/tokens_per_s"]
+    memory = last.get("memory/max_allocated_gib", last.get("memory/max_rss_gib"))
+    return {
+        "peer": peer.spec, "impl": peer.impl, "options": peer.options,
+        "tokens_per_s": tokens_per_s, "samples_per_s": last["perf/samples_per_s"],
+        "step_ms": 1e3 * last["perf/step_time_s"], "tflops": tokens_per_s * train_flops_per_token(cfg) / 1e12,
+        "mfu": mfu(tokens_per_s, cfg, peak_flops()), "peak_mem_gib": memory,
+        "mem_kind": "trainer's memory/max_allocated_gib (cuda) or max_rss_gib (cpu)",
+        "data_wait_frac": last["perf/data_wait_frac"], "mean_loss": last["train/loss"], "ds_config": ds_config,
+        "n_params": count_parameters(cfg),
+    }  # fmt: skip
 
 
 class Batches:
@@ -239,6 +285,8 @@ def measure(peer: Peer, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     cfg = ModelConfig(size=args.size, n_px=args.n_px)
+    if peer.impl == "trainer":
+        return measure_trainer(peer, cfg, args)
     rss_start = _rss_bytes("VmRSS")
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -28,7 +28,7 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_train_throughput(tmp_path):
     shards = digits_shards(tmp_path / "shards")
     # ZeRO-3 by override of the CPU policy; cudnn attention does not exist on CPU: a recorded failure.
-    peers = ["hf", "eager", "ds:stage=3,fused=1", "eager:sdpa=cudnn"]
+    peers = ["hf", "eager", "ds:stage=3,fused=1", "trainer:stage=3", "eager:sdpa=cudnn"]
     args = ["--size", "igpt-tiny", "--n-px", "8", "--micro-batch", "2", "--warmup", "1", "--steps", "2"]
     run("train_throughput.py", *args, "--shards", str(shards), "--peers", *peers, "--out-dir", str(tmp_path))
     report = json.loads((tmp_path / "train_throughput.json").read_text())
@@ -36,7 +36,7 @@ def test_train_throughput(tmp_path):
     results = {r["peer"]: r for r in report["results"]}
     assert list(results) == peers
     assert "No viable backend" in results["eager:sdpa=cudnn"]["error"]
-    for peer in peers[:3]:
+    for peer in peers[:4]:
         r = results[peer]
         assert r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0 and 0 <= r["data_wait_frac"] < 1, r
         assert r["mfu"] is None  # no peak rate for a CPU
@@ -44,6 +44,8 @@ def test_train_throughput(tmp_path):
     assert results["hf"]["attn_implementation"] == "eager"
     assert results["ds:stage=3,fused=1"]["ds_config"]["zero_optimization"]["stage"] == 3
     assert results["ds:stage=3,fused=1"]["ds_config"]["optimizer"]["params"]["fused"] is True
+    trainer = results["trainer:stage=3"]  # the pretraining entry point on the shards, ZeRO-3 by override
+    assert trainer["ds_config"]["zero_optimization"]["stage"] == 3 and 0 < trainer["mean_loss"] < 7
     table = (tmp_path / "train_throughput.md").read_text()
     assert table.count("\n| ") == 1 + len(peers) and "failed: " in table
 

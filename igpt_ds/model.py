@@ -137,12 +137,32 @@ def add_input_embeddings(module: nn.Module, cfg: ModelConfig) -> None:
     module.sos = nn.Parameter(torch.randn(cfg.n_embd) * 0.02)
 
 
+def seed_layer(seed: int | None, layer_idx: int) -> None:
+    """With a seed, reseed torch's RNG for layer `layer_idx` (0: input embeddings, 1..n_layer: blocks,
+    n_layer + 1: final norm and head), so that a layer's initial weights depend on (seed, its index) only:
+    the same in IGPT and in whichever pipeline stage builds it, and different in every layer. Without one,
+    the RNG is left as it is."""
+    if seed is not None:
+        torch.manual_seed(seed * LAYER_SEED_STRIDE + layer_idx)
+
+
+LAYER_SEED_STRIDE = 1 << 20
+"""More than any model's layer count: (seed, layer) pairs never share a torch seed."""
+
+
 class IGPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, seed: int | None = None):
+        """`seed`: initialise layer by layer from it (`seed_layer`), as the pipeline layout does."""
         super().__init__()
         self.cfg = cfg
+        seed_layer(seed, 0)
         add_input_embeddings(self, cfg)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        blocks = []
+        for i in range(cfg.n_layer):
+            seed_layer(seed, i + 1)
+            blocks.append(Block(cfg))
+        self.h = nn.ModuleList(blocks)
+        seed_layer(seed, cfg.n_layer + 1)
         self.ln_f = RMSNorm(cfg.n_embd)
         self.lm_head = Linear(cfg.n_embd, cfg.n_vocab, bias=False, std=0.0)
         self.activation_checkpointing = False

@@ -30,7 +30,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import Tensor, nn
 
 from igpt_ds.config import ModelConfig
-from igpt_ds.model import IGPT, Block, Linear, RMSNorm, add_input_embeddings
+from igpt_ds.model import IGPT, Block, Linear, RMSNorm, add_input_embeddings, seed_layer
 
 IGNORE = -100
 
@@ -68,13 +68,28 @@ def pipe_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE)
 
 
+class SeededLayerSpec(LayerSpec):
+    """A LayerSpec whose layer is built right after `seed_layer(seed, layer_idx)`. DeepSpeed builds the specs
+    of every stage on every rank to count their parameters, then each stage its own layers; without a seed a
+    layer, the first blocks of different stages would start from the same RNG state, with identical weights."""
+
+    def __init__(self, seed: int, layer_idx: int, typename: type, *module_args):
+        super().__init__(typename, *module_args)
+        self.seed, self.layer_idx = seed, layer_idx
+
+    def build(self, log: bool = False) -> nn.Module:
+        seed_layer(self.seed, self.layer_idx)
+        return super().build(log)
+
+
 class IGPTPipe(PipelineModule):
-    def __init__(self, cfg: ModelConfig, num_stages: int, activation_checkpointing: bool = False):
+    def __init__(self, cfg: ModelConfig, num_stages: int, activation_checkpointing: bool = False, seed: int = 0):
+        """`seed`: layer i starts from the weights `IGPT(cfg, seed)` gives it, whatever the stage count."""
         self.cfg = cfg
         layers = [
-            LayerSpec(EmbedPipe, cfg),
-            *(LayerSpec(Block, cfg) for _ in range(cfg.n_layer)),
-            LayerSpec(HeadPipe, cfg),
+            SeededLayerSpec(seed, 0, EmbedPipe, cfg),
+            *(SeededLayerSpec(seed, i + 1, Block, cfg) for i in range(cfg.n_layer)),
+            SeededLayerSpec(seed, cfg.n_layer + 1, HeadPipe, cfg),
         ]
         super().__init__(
             layers=layers,

@@ -61,14 +61,15 @@ def open_shards(model: ModelConfig, data: DataConfig, split: str) -> ShardSplit:
 
 def build_model(cfg: PretrainConfig, ds_config: dict[str, Any], init: Mapping[str, Tensor] | None) -> torch.nn.Module:
     """IGPT (ZeRO layout, built inside zero.Init under ZeRO-3) or IGPTPipe, optionally loaded with `init`."""
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    # Initial weights from (train.seed, layer index): identical on every rank, in both layouts and at any
+    # stage count.
     if cfg.train.layout == "pipeline":
-        model = IGPTPipe(cfg.model, cfg.train.pipeline_stages, cfg.train.activation_checkpointing)
+        model = IGPTPipe(cfg.model, cfg.train.pipeline_stages, cfg.train.activation_checkpointing, cfg.train.seed)
         if init is not None:
             model.load_igpt_state_dict(init)
         return model
     with model_init_context(ds_config):
-        model = IGPT(cfg.model)
+        model = IGPT(cfg.model, cfg.train.seed)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     if init is not None:
         checkpoint.load_weights(model, init, f"train.init_from={cfg.train.init_from}")

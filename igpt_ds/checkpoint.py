@@ -281,6 +281,19 @@ def load_weights(
                 p.copy_(state[name])
 
 
+def consolidated_for_ranks(path: str | Path, export_dir: Path) -> Path:
+    """A consolidated folder of `path`'s weights that every rank can read tensor by tensor: `path` itself when
+    it is one; otherwise rank 0 exports it to `export_dir` (kept: a rerun finds it), so one process, not
+    every rank, gathers the DeepSpeed checkpoint's shards into a whole model. Collective."""
+    if is_consolidated(path):
+        return Path(path)
+    ckpt = resolve(path)  # on every rank: a bad path is the same ConfigError everywhere, before the barrier
+    if dist.get_rank() == 0 and not is_consolidated(export_dir):
+        export_consolidated(ckpt, export_dir)
+    barrier()
+    return export_dir
+
+
 def pretrained_weights(path: str | Path) -> tuple[ModelConfig, Mapping[str, torch.Tensor], np.ndarray | None]:
     """(model config, IGPT-named fp32 weights, palette or None) of a run folder, a DeepSpeed checkpoint folder
     of either layout, or a consolidated folder, whose weights are then read tensor by tensor as looked up."""

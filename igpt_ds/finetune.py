@@ -13,7 +13,9 @@ pixels (edge pixels repeated), seeded by (seed, step, rank) so a resumed run aug
 Layout: DeepSpeed ZeRO (any stage; ZeRO-3 partitions the model as it is built). The pipeline layout
 is refused: its engine returns only the last micro-batch's outputs from `eval_batch`, so validation
 and test accuracy would need a second path through the loss function; a pipeline-pretrained
-checkpoint fine-tunes here all the same (its weights are read in any layout). Checkpoints, resume,
+checkpoint fine-tunes here all the same (its weights are read in any layout). The pretrained weights are
+read tensor by tensor from a consolidated folder; a DeepSpeed checkpoint is first exported to one,
+`<run>/init_weights/`, by rank 0 alone (`checkpoint.consolidated_for_ranks`). Checkpoints, resume,
 resume at another world size (universal checkpoints), the save-and-exit on SIGTERM / SIGUSR1
 (`distributed.StopSignal`) and run files are pretraining's (`igpt_ds.checkpoint`, `igpt_ds.trainer`).
 
@@ -44,6 +46,7 @@ from igpt_ds.engine import build_ds_config, initialize, model_init_context, zero
 from igpt_ds.model import IGPT, Linear, bert_mask, objective_loss
 from igpt_ds.shards import GlobalBatchSampler, ShardSplit, rank_slice
 from igpt_ds.trainer import git_revision, open_shards
+from igpt_ds.weights import open_consolidated
 
 
 @dataclass
@@ -142,7 +145,8 @@ class Finetuner:
         ds_config = build_ds_config(t, cfg.optim, self.world)
         ckpt = checkpoint.latest(t.run_dir / "checkpoints")
         if ckpt is None:
-            self.model_cfg, state, palette = checkpoint.pretrained_weights(t.init_from)
+            init = checkpoint.consolidated_for_ranks(t.init_from, t.run_dir / "init_weights")
+            self.model_cfg, state, palette = open_consolidated(init)
         else:  # resuming: the weights come from the run's own checkpoint
             self.model_cfg, state, palette = checkpoint.model_config(ckpt), None, checkpoint.palette(ckpt)
         splits = (cfg.data.train_split, cfg.data.val_split, cfg.finetune.test_split)

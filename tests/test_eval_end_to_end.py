@@ -6,8 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from eval_support import check, run_entry
 from pretrain_support import digits_shards, run_ranks, scalars, write_config
+
+from igpt_ds import checkpoint
+from igpt_ds.weights import load_consolidated
 
 
 @pytest.mark.multiproc
@@ -46,3 +50,7 @@ def test_digits_pretrain_probe_sample_finetune(tmp_path):
                     "--train.micro_batch=32", "--train.ds_config=ds_configs/cpu.json"))  # fmt: skip
     results = json.loads((tmp_path / "runs" / "digits-finetune" / "results.json").read_text())
     assert results["best"]["val_acc"] > results["start_val_acc"] + 10, results
+    # The pretrained ZeRO-3 run was exported once, by rank 0, to the weights every rank read lazily.
+    cfg, weights, palette = load_consolidated(tmp_path / "runs" / "digits-finetune" / "init_weights")
+    assert cfg.n_layer == 2 and palette is not None
+    assert torch.equal(weights["wte.weight"], checkpoint.load_model_for_eval(run)[0].wte.weight)

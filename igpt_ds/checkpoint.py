@@ -294,6 +294,16 @@ def consolidated_for_ranks(path: str | Path, export_dir: Path) -> Path:
     return export_dir
 
 
+def load_model_for_ranks(path: str | Path, export_dir: Path) -> tuple[IGPT, ModelConfig, np.ndarray | None]:
+    """`load_model_for_eval` on every rank of a distributed job (features, samples: each rank holds the
+    model). With several ranks, a DeepSpeed checkpoint is first consolidated once, by rank 0, into
+    `export_dir` (`consolidated_for_ranks`); otherwise every rank would gather all its shards (for igpt-xl
+    ~80 GB of ZeRO states a rank). Collective."""
+    if dist.get_world_size() > 1:
+        path = consolidated_for_ranks(path, export_dir)
+    return load_model_for_eval(path)
+
+
 def pretrained_weights(path: str | Path) -> tuple[ModelConfig, Mapping[str, torch.Tensor], np.ndarray | None]:
     """(model config, IGPT-named fp32 weights, palette or None) of a run folder, a DeepSpeed checkpoint folder
     of either layout, or a consolidated folder, whose weights are then read tensor by tensor as looked up."""

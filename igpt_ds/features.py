@@ -15,7 +15,9 @@ temporary name and renamed by rank 0):
                   meta.json                              checkpoint, layers, split, dimensions, classes
 
 Compute runs in bf16/fp16 autocast on GPU (`precision`) and fp32 on CPU. Each rank holds the whole
-model (data-parallel inference: iGPT-XL's 6.8B fp32 weights take 27 GB, within one 80 GB GPU).
+model (data-parallel inference: iGPT-XL's 6.8B fp32 weights take 27 GB, within one 80 GB GPU). With
+several ranks and a DeepSpeed checkpoint, rank 0 first consolidates its weights into `<out>/weights/`
+(once), which every rank then reads.
 
     python launcher/extract_features.py --checkpoint runs/digits --shards demo_out/shards --out demo_out/features
     deepspeed --num_gpus 8 launcher/extract_features.py --checkpoint runs/igpt-l --shards data/cifar10_32 \\
@@ -38,7 +40,7 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from igpt_ds.atomic import publish_dir
-from igpt_ds.checkpoint import check_palette, load_model_for_eval
+from igpt_ds.checkpoint import check_palette, load_model_for_ranks
 from igpt_ds.config import ConfigError, DataConfig
 from igpt_ds.distributed import barrier, init_distributed
 from igpt_ds.model import IGPT
@@ -197,7 +199,7 @@ class FeatureSplit:
 def extract(cfg: ExtractConfig) -> dict[str, Path]:
     """Extract `cfg.layers` of every split in `cfg.splits` (every rank); returns split -> folder."""
     rank, world = init_distributed(cfg.dist_timeout_s)
-    model, model_cfg, palette = load_model_for_eval(cfg.checkpoint)
+    model, model_cfg, palette = load_model_for_ranks(cfg.checkpoint, Path(cfg.out) / "weights")
     device = torch.device(get_accelerator().current_device_name())
     model.to(device)
     layers = resolve_layers(cfg.layers, model_cfg.n_layer)

@@ -11,7 +11,8 @@ baseline `bench/sample_throughput.py` measures the speed-up against).
 
 Randomness: image i at position t draws its token by inverse-CDF sampling with one uniform number
 from a generator seeded by (seed, i). A sample therefore depends on the seed and its image index
-only: the same on any batch size, any number of ranks, cached or not.
+only: the same on any batch size, any number of ranks, cached or not. With several ranks and a
+DeepSpeed checkpoint, rank 0 first consolidates its weights into `<out>/weights/` (once).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from deepspeed.accelerator import get_accelerator
 from torch import Tensor
 
 from igpt_ds.atomic import atomic_file
-from igpt_ds.checkpoint import check_palette, load_model_for_eval
+from igpt_ds.checkpoint import check_palette, load_model_for_ranks
 from igpt_ds.config import ConfigError, DataConfig
 from igpt_ds.distributed import barrier, init_distributed
 from igpt_ds.features import autocast, compute_dtype, gather_objects
@@ -165,7 +166,7 @@ def sample(cfg: SampleConfig) -> dict[str, Path]:
     """Completions of real images and unconditional samples (every rank samples a slice); rank 0 writes
     the PNG grids, the tokens and TensorBoard images. Returns the paths written (rank 0)."""
     rank, world = init_distributed(cfg.dist_timeout_s)
-    model, model_cfg, palette = load_model_for_eval(cfg.checkpoint)
+    model, model_cfg, palette = load_model_for_ranks(cfg.checkpoint, Path(cfg.out) / "weights")
     model.to(torch.device(get_accelerator().current_device_name()))
     gen = dict(temperature=cfg.temperature, top_k=cfg.top_k, precision=cfg.precision)
     half = model_cfg.seq_len // 2  # the top n_px/2 rows in raster order

@@ -23,7 +23,9 @@ def test_digits_pretrain_probe_sample_finetune(tmp_path):
     run = tmp_path / "runs" / "run"
 
     features = tmp_path / "features"
-    check(run_entry("extract_features", "--checkpoint", str(run), "--shards", str(shards), "--out", str(features)))
+    extract = ("extract_features", "--checkpoint", str(run), "--shards", str(shards), "--out", str(features))
+    check(run_entry(*extract, nprocs=2))  # from the ZeRO-3 run: rank 0 consolidates it once for both ranks
+    assert load_consolidated(features / "weights")[0].n_layer == 2
     table = check(run_entry("linear_probe", "--features", str(features), nprocs=2))  # ranks share the layers
     report = json.loads((features / "probe" / "probe.json").read_text())
     names = [r["name"] for r in report["rows"]]

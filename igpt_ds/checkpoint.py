@@ -55,7 +55,7 @@ from igpt_ds.config import ConfigError, ModelConfig, build
 from igpt_ds.distributed import barrier
 from igpt_ds.model import IGPT
 from igpt_ds.shards import ShardSplit
-from igpt_ds.weights import PALETTE_FILE, is_consolidated, open_consolidated, save_consolidated, tensor_shapes
+from igpt_ds.weights import PALETTE_FILE, is_consolidated, load_consolidated, save_consolidated, tensor_shapes
 
 LATEST = "latest"
 COMPLETE = "complete"
@@ -304,15 +304,6 @@ def load_model_for_ranks(path: str | Path, export_dir: Path) -> tuple[IGPT, Mode
     return load_model_for_eval(path)
 
 
-def pretrained_weights(path: str | Path) -> tuple[ModelConfig, Mapping[str, torch.Tensor], np.ndarray | None]:
-    """(model config, IGPT-named fp32 weights, palette or None) of a run folder, a DeepSpeed checkpoint folder
-    of either layout, or a consolidated folder, whose weights are then read tensor by tensor as looked up."""
-    if is_consolidated(path):
-        return open_consolidated(path)
-    ckpt = resolve(path)
-    return model_config(ckpt), consolidated_state_dict(ckpt), palette(ckpt)
-
-
 def load_model_for_eval(path: str | Path) -> tuple[IGPT, ModelConfig, np.ndarray | None]:
     """(IGPT in eval mode on CPU in fp32, its ModelConfig, palette or None) from a run folder,
     a DeepSpeed checkpoint folder of either layout, or a consolidated folder.
@@ -321,7 +312,11 @@ def load_model_for_eval(path: str | Path) -> tuple[IGPT, ModelConfig, np.ndarray
     probes and samples use the trunk only, and the head is meaningless without the feature
     standardisation it was trained behind, which lives in the run's run.json, not in the weights.
     Any other weights that do not fit the checkpoint's model config are a one-line ConfigError."""
-    cfg, state, colours = pretrained_weights(path)
+    if is_consolidated(path):
+        cfg, state, colours = load_consolidated(path)
+    else:
+        ckpt = resolve(path)
+        cfg, state, colours = model_config(ckpt), consolidated_state_dict(ckpt), palette(ckpt)
     state = {k: v.float() for k, v in state.items() if not k.startswith(FINETUNE_HEAD)}
     with torch.device("meta"):  # no second copy of the weights: the model takes the loaded tensors
         model = IGPT(cfg)

@@ -70,8 +70,8 @@ def pipe_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 class SeededLayerSpec(LayerSpec):
     """A LayerSpec whose layer is built right after `seed_layer(seed, layer_idx)`. DeepSpeed builds the specs
-    of every stage on every rank to count their parameters, then each stage its own layers; without a seed a
-    layer, the first blocks of different stages would start from the same RNG state, with identical weights."""
+    of every stage on every rank to count their parameters, then each stage its own layers; without a seed
+    per layer, the first blocks of different stages would start from the same RNG state: identical weights."""
 
     def __init__(self, seed: int, layer_idx: int, typename: type, *module_args):
         super().__init__(typename, *module_args)

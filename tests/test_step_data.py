@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import numpy as np
@@ -38,11 +37,9 @@ class RecordingRead:
 
     def __init__(self):
         self.calls: list[tuple[int, int]] = []  # (first index, step)
-        self.done = threading.Event()
 
     def __call__(self, indices: np.ndarray, step: int) -> list[np.ndarray]:
         self.calls.append((int(indices[0]), step))
-        self.done.set()
         return [indices]
 
 
@@ -57,9 +54,9 @@ def test_step_reader_gives_the_sampler_sequence_and_reads_one_step_ahead():
             (got,) = reader.take(step)
             np.testing.assert_array_equal(got, reference.next_indices())
             assert reader.sampler.consumed == reference.consumed  # a checkpoint sees exactly the steps taken
-        read.done.clear()
-        assert read.done.wait(5)  # the step after the last one taken is read in the background
-        assert read.calls[-1][1] == 10 and len(read.calls) == 11
+        position, ahead = reader.ahead  # the step after the last one taken, read in the background
+        ahead.result(timeout=5)
+        assert position == reference.consumed and read.calls[-1][1] == 10 and len(read.calls) == 11
     finally:
         reader.close()
 

@@ -52,10 +52,17 @@ from deepspeed.checkpoint.constants import (
 
 from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError, ModelConfig, build
-from igpt_ds.distributed import barrier
+from igpt_ds.distributed import barrier, on_rank0
 from igpt_ds.model import IGPT
 from igpt_ds.shards import ShardSplit
-from igpt_ds.weights import PALETTE_FILE, is_consolidated, load_consolidated, save_consolidated, tensor_shapes
+from igpt_ds.weights import (
+    CONFIG_FILE,
+    PALETTE_FILE,
+    is_consolidated,
+    open_consolidated,
+    save_consolidated,
+    tensor_shapes,
+)
 
 LATEST = "latest"
 COMPLETE = "complete"
@@ -227,7 +234,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 def export_consolidated(path: str | Path, out_dir: str | Path) -> Path:
     """Write the weights of a run / checkpoint folder as a consolidated fp32 folder (igpt_ds.weights)."""
     ckpt = resolve(path)
-    extra = {"source": str(ckpt), "step": read_meta(ckpt)["step"]}
+    extra = {"source": str(ckpt.resolve()), "step": read_meta(ckpt)["step"]}
     return save_consolidated(out_dir, model_config(ckpt), consolidated_state_dict(ckpt), palette(ckpt), extra)
 
 
@@ -283,45 +290,67 @@ def load_weights(
 
 def consolidated_for_ranks(path: str | Path, export_dir: Path) -> Path:
     """A consolidated folder of `path`'s weights that every rank can read tensor by tensor: `path` itself when
-    it is one; otherwise rank 0 exports it to `export_dir` (kept: a rerun finds it), so one process, not
-    every rank, gathers the DeepSpeed checkpoint's shards into a whole model. Collective."""
-    if is_consolidated(path):
-        return Path(path)
-    ckpt = resolve(path)  # on every rank: a bad path is the same ConfigError everywhere, before the barrier
-    if dist.get_rank() == 0 and not is_consolidated(export_dir):
-        export_consolidated(ckpt, export_dir)
-    barrier()
-    return export_dir
+    it is one; otherwise rank 0 exports it to `export_dir` (kept, and reused by a rerun while it holds the same
+    checkpoint), so one process, not every rank, gathers the DeepSpeed checkpoint's shards into a whole model.
+    Collective; the export may take many minutes for a large model, so it runs under `on_rank0`, where no rank
+    waits for it inside a timed collective."""
+
+    def export() -> Path:
+        if is_consolidated(path):
+            return Path(path)
+        ckpt = resolve(path)  # a bad path is the same ConfigError on every rank
+        if not exported_from(export_dir, ckpt):
+            export_consolidated(ckpt, export_dir)
+        return Path(export_dir)
+
+    return on_rank0(export)
 
 
-def load_model_for_ranks(path: str | Path, export_dir: Path) -> tuple[IGPT, ModelConfig, np.ndarray | None]:
+def exported_from(folder: Path, ckpt: Path) -> bool:
+    """Whether `folder` is a consolidated export of checkpoint folder `ckpt` (same folder, same step)."""
+    if not is_consolidated(folder):
+        return False
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    return meta.get("source") == str(ckpt.resolve()) and meta.get("step") == read_meta(ckpt)["step"]
+
+
+def load_model_for_ranks(
+    path: str | Path, export_dir: Path, device: torch.device | str = "cpu"
+) -> tuple[IGPT, ModelConfig, np.ndarray | None]:
     """`load_model_for_eval` on every rank of a distributed job (features, samples: each rank holds the
     model). With several ranks, a DeepSpeed checkpoint is first consolidated once, by rank 0, into
-    `export_dir` (`consolidated_for_ranks`); otherwise every rank would gather all its shards (for igpt-xl
-    ~80 GB of ZeRO states a rank). Collective."""
-    if dist.get_world_size() > 1:
+    `export_dir` (`consolidated_for_ranks`), which every rank then reads tensor by tensor; otherwise every
+    rank would gather all its shards (for igpt-xl ~80 GB of ZeRO states a rank). Collective."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
         path = consolidated_for_ranks(path, export_dir)
-    return load_model_for_eval(path)
+    return load_model_for_eval(path, device)
 
 
-def load_model_for_eval(path: str | Path) -> tuple[IGPT, ModelConfig, np.ndarray | None]:
-    """(IGPT in eval mode on CPU in fp32, its ModelConfig, palette or None) from a run folder,
+def load_model_for_eval(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[IGPT, ModelConfig, np.ndarray | None]:
+    """(IGPT in eval mode in fp32 on `device`, its ModelConfig, palette or None) from a run folder,
     a DeepSpeed checkpoint folder of either layout, or a consolidated folder.
 
+    A consolidated folder is read tensor by tensor, each copied to `device` before the next is read: host
+    memory holds one tensor, not the model (27 GB for igpt-xl). A DeepSpeed checkpoint is gathered whole in
+    this process first (`consolidated_state_dict`); `load_model_for_ranks` spares several ranks that.
     A fine-tuned run loads as its IGPT trunk, without the classifier head (`clf_head.*`): features,
-    probes and samples use the trunk only, and the head is meaningless without the feature
-    standardisation it was trained behind, which lives in the run's run.json, not in the weights.
-    Any other weights that do not fit the checkpoint's model config are a one-line ConfigError."""
+    probes and samples use the trunk only. Any other weights that do not fit the checkpoint's model config
+    are a one-line ConfigError."""
     if is_consolidated(path):
-        cfg, state, colours = load_consolidated(path)
+        cfg, state, colours = open_consolidated(path)
     else:
         ckpt = resolve(path)
         cfg, state, colours = model_config(ckpt), consolidated_state_dict(ckpt), palette(ckpt)
-    state = {k: v.float() for k, v in state.items() if not k.startswith(FINETUNE_HEAD)}
-    with torch.device("meta"):  # no second copy of the weights: the model takes the loaded tensors
+    with torch.device("meta"):  # no memory until to_empty, no initialisation to overwrite
         model = IGPT(cfg)
-    check_weights({k: v.shape for k, v in model.state_dict().items()}, tensor_shapes(state), str(path))
-    model.load_state_dict(state, assign=True)
+    found = {k: shape for k, shape in tensor_shapes(state).items() if not k.startswith(FINETUNE_HEAD)}
+    check_weights({k: v.shape for k, v in model.state_dict().items()}, found, str(path))
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, target in model.state_dict().items():  # IGPT has no non-persistent buffers to fill
+            target.copy_(state[name])
     return model.eval(), cfg, colours
 
 

@@ -12,6 +12,10 @@ One call, `init_distributed(timeout_s)`, works under
 The collective timeout is deliberate (`train.dist_timeout_s`): when one rank dies, the others fail
 with a timeout error after that long instead of hanging until the job's wall-clock limit.
 
+`on_rank0(fn)` is the one way a single rank does something for all: rank 0 alone reads the disk,
+converts a checkpoint or consolidates weights, and every rank receives its result, so ranks never act
+on different views of the filesystem, and no rank waits for long work inside a timed collective.
+
 `StopSignal` turns SIGTERM / SIGUSR1 (Slurm preemption, `--signal` before the time limit) into one
 decision shared by every rank, so pretraining and fine-tuning save a checkpoint together and exit.
 """
@@ -23,13 +27,20 @@ import re
 import signal
 import socket
 import subprocess
+import threading
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
+
+from igpt_ds.config import ConfigError
+
+T = TypeVar("T")
 
 MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
@@ -100,6 +111,63 @@ def free_port() -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def collective_device() -> torch.device:
+    """Where the default group's collectives take their tensors: the accelerator under NCCL (and the like),
+    the CPU under gloo."""
+    if dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    return torch.device(get_accelerator().current_device_name())
+
+
+def on_rank0(fn: Callable[[], T], poll_s: float = 1.0) -> T:
+    """`fn()` run on rank 0 alone; its result (picklable) returned on every rank. Collective.
+
+    Two uses. A decision from the filesystem (resume or not, which checkpoint, what is already done) is
+    read once and shared, so ranks cannot take different collective paths on different views of a network
+    filesystem. Long work (universal conversion, weight consolidation) runs in a worker thread on rank 0
+    while every rank meets it in a one-element broadcast every `poll_s` seconds: each broadcast completes
+    within `poll_s`, so no rank waits inside a collective for longer than that, however long the work
+    takes, and a rank that dies still fails the others within the process group's timeout.
+
+    Errors: a `ConfigError` raised by `fn` is raised as the same ConfigError on every rank (one line, exit
+    2 at the entry points); any other exception is re-raised on rank 0 and a RuntimeError naming it on the
+    others. Without a process group (or in a world of one) it is `fn()`.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    outcome: list[tuple[str, Any]] = [("error", "rank 0 did not finish")]
+    failure: list[BaseException] = []
+    if dist.get_rank() == 0:
+
+        def work() -> None:
+            try:
+                outcome[0] = ("ok", fn())
+            except ConfigError as e:
+                outcome[0] = ("config", str(e))
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the others are told
+                outcome[0] = ("error", f"{type(e).__name__}: {e}")
+                failure.append(e)
+
+        worker = threading.Thread(target=work, name="igpt-rank0-work", daemon=True)
+        worker.start()
+    done = torch.zeros(1, device=collective_device())
+    while not done.item():
+        if dist.get_rank() == 0:
+            worker.join(timeout=poll_s)
+            done.fill_(float(not worker.is_alive()))
+        dist.broadcast(done, src=0)
+    shared = [outcome[0]]
+    dist.broadcast_object_list(shared, src=0, device=collective_device())
+    kind, value = shared[0]
+    if kind == "config":
+        raise ConfigError(value)
+    if kind == "error":
+        if failure:
+            raise failure[0]
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
 
 
 class StopSignal:

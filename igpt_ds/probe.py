@@ -1,51 +1,58 @@
-"""Linear probes on frozen features (Chen et al. 2020, §3.4, §4.2 and Figure 3).
+"""Linear probes on frozen features (Chen et al. 2020, §3.4, §4.2 and Figure 3), fitted by all ranks together.
 
-For each layer: multinomial L2-regularised logistic regression on standardised features (mean and
-std from the train split), the inverse regularisation strength C chosen on the validation split,
-accuracy reported on the test split. Two solvers minimise the same objective,
+For each layer: multinomial L2-regularised logistic regression on features standardised with the train
+split's mean and std (never val's or test's), the inverse regularisation strength C chosen on the
+validation split, accuracy reported on the test split. Beside the per-layer sweep the report holds the
+concatenation of k layers around the best one (the paper's 72% iGPT-XL ImageNet trick; each column
+standardised with train statistics, which is each layer standardised on its own) and a raw-pixel
+baseline on the images' real channels, so one sees what pretraining bought. Layer n_layer is the final
+norm's output; the best layer should be mid-depth (the curve is unimodal).
 
-    mean cross-entropy + ||W||² / (2·C·n_train)      (bias unregularised; scikit-learn's convention)
+Data parallel (`igpt_ds.logreg`): rank r holds rows `logreg.rank_rows(n, r, world)` of each split, so memory
+per rank is (N_train + N_val + N_test) / world × d × 4 B for the probe being fitted; the ranks fit every
+probe together, one probe at a time, each layer read once for its whole C sweep (ascending C, each fit
+warm-started from the last). With `--solver sklearn` one rank fits with scikit-learn instead (the
+reference the tests compare against).
 
-- `sklearn`: scikit-learn's L-BFGS, as the paper;
-- `torch`: full-batch L-BFGS with strong-Wolfe line search in torch, on the GPU when there is one,
-  for feature sets too large for a CPU solver. It agrees with scikit-learn within 0.5 points (tested).
-
-Beside the per-layer sweep the report holds the concatenation of k layers around the best one (the
-paper's 72% iGPT-XL ImageNet trick) and a raw-pixel baseline, so one sees what pretraining bought.
-Layer n_layer is the final norm's output; the best layer should be mid-depth (the curve is unimodal).
+Results are kept as they come: `<out>/probe.json` is rewritten after every probe (`"complete": false`
+until the end), and a rerun with the same features and settings skips the probes already in it. Labels a
+probe cannot use honestly (an empty split, unlabelled rows, a train split with one class, val/test
+classes that train lacks, splits from different label sets, test = train or val) are refused before
+any fitting: one line, exit 2.
 
     python launcher/linear_probe.py --features demo_out/features
-    deepspeed --num_gpus 8 launcher/linear_probe.py --features runs/igpt-l/features --solver torch
+    deepspeed --num_gpus 8 launcher/linear_probe.py --features runs/igpt-l/features
 """
 
 from __future__ import annotations
 
 import json
-import warnings
-from collections.abc import Callable
+import resource
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
+from igpt_ds import logreg
 from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError
-from igpt_ds.distributed import barrier, init_distributed
+from igpt_ds.distributed import init_distributed, on_rank0
 from igpt_ds.features import FeatureSplit, gather_objects
 from igpt_ds.plots import plot_probe
 
-SOLVERS = ("sklearn", "torch")
+SOLVERS = ("torch", "sklearn")
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
 class ProbeResult:
     name: str
-    """'layer 3', 'final norm (layer 4)', 'concat 1-5' or 'pixels'."""
+    """'layer 3', 'final norm (4)', 'concat 1-5' or 'pixels'."""
     layers: list[int]
     """Layers whose features were probed (empty for the raw-pixel baseline)."""
     dim: int
@@ -56,100 +63,8 @@ class ProbeResult:
     """Percent."""
     converged: bool
     """False if the solver hit max_iter at the chosen C."""
-
-
-def standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    """float32 copies of all arrays, centred and scaled by the train split's mean and std."""
-    train = np.asarray(train, dtype=np.float32)
-    mean = train.mean(axis=0, dtype=np.float64)
-    std = train.std(axis=0, dtype=np.float64)
-    std[std < 1e-8] = 1.0  # constant features (e.g. always-white corners) stay zero instead of dividing by 0
-    scale = lambda x: ((np.asarray(x, dtype=np.float32) - mean) / std).astype(np.float32)
-    return [scale(train), *(scale(x) for x in others)]
-
-
-@dataclass
-class Fit:
-    predict: Callable[[np.ndarray], np.ndarray]
-    converged: bool
-    """False if the solver stopped at max_iter."""
-    warm: Any
-    """Solver state that starts the fit at the next C from this solution (valid until that fit)."""
-
-
-def fit_sklearn(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, warm: Any = None) -> Fit:
-    """scikit-learn's multinomial L-BFGS logistic regression, warm-started from `warm` (a previous Fit's)."""
-    clf = warm or LogisticRegression(solver="lbfgs", max_iter=max_iter, tol=1e-6, warm_start=True)
-    clf.set_params(C=C)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        clf.fit(x, y)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    return Fit(clf.predict, converged, clf)
-
-
-def fit_torch(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, warm: Any = None) -> Fit:
-    """Full-batch torch L-BFGS (strong-Wolfe line search) on scikit-learn's objective; GPU when present."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # fp64 on CPU matches scikit-learn's precision; fp32 on GPU, where large feature sets live.
-    dtype = torch.float32 if device.type == "cuda" else torch.float64
-    xt = torch.as_tensor(x, device=device, dtype=dtype)
-    yt = torch.as_tensor(y, device=device, dtype=torch.long)
-    n, d = xt.shape
-    classes = torch.unique(yt)
-    target = torch.searchsorted(classes, yt)  # labels -> 0..K-1, as scikit-learn does internally
-    if warm is None:
-        warm = (
-            torch.zeros(d, len(classes), device=device, dtype=dtype),
-            torch.zeros(len(classes), device=device, dtype=dtype),
-        )
-    W, b = (t.detach().clone().requires_grad_() for t in warm)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
-                            tolerance_change=1e-9, line_search_fn="strong_wolfe")  # fmt: skip
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(xt @ W + b, target) + (W * W).sum() / (2 * C * n)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    converged = opt.state[opt._params[0]]["n_iter"] < max_iter
-
-    def predict(features: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            logits = torch.as_tensor(features, device=device, dtype=dtype) @ W + b
-        return classes[logits.argmax(dim=1)].cpu().numpy()
-
-    return Fit(predict, converged, (W.detach(), b.detach()))
-
-
-def probe(
-    name: str,
-    layers: list[int],
-    train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray],
-    c_grid: list[float],
-    solver: str = "sklearn",
-    max_iter: int = 1000,
-) -> ProbeResult:
-    """Standardise; fit on train for each C (ascending, each warm-started from the last); keep the C with
-    the best validation accuracy (ties: stronger L2) and report its test accuracy."""
-    if solver not in SOLVERS:
-        raise ConfigError(f"solver={solver!r} must be one of {SOLVERS}")
-    fitter = fit_sklearn if solver == "sklearn" else fit_torch
-    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = train, val, test
-    x_tr, x_va, x_te = standardise(x_tr, x_va, x_te)
-    accuracy = lambda fit, x, y: 100.0 * float((fit.predict(x) == y).mean())
-    best, warm = None, None
-    for C in sorted(c_grid):
-        fit = fitter(x_tr, y_tr, C, max_iter, warm)
-        warm, val_acc = fit.warm, accuracy(fit, x_va, y_va)
-        if best is None or val_acc > best.val_acc:
-            # Test is scored for the candidate now (the next fit reuses the solver state); it picks nothing.
-            best = ProbeResult(name, layers, x_tr.shape[1], C, val_acc, accuracy(fit, x_te, y_te), fit.converged)
-    return best
+    seconds: float = 0.0
+    """Wall time of the whole C sweep, reading included."""
 
 
 def window(layers: list[int], best: int, k: int) -> list[int]:
@@ -164,27 +79,47 @@ Splits = dict[str, FeatureSplit]
 """'train', 'val', 'test' -> extracted split."""
 
 
-def probe_splits(
-    splits: Splits, name: str, layers: list[int], get: Callable[[FeatureSplit], np.ndarray], **kwargs
-) -> ProbeResult:
-    """`probe` on the features `get` reads from each split (kwargs: c_grid, solver, max_iter)."""
-    data = [(get(splits[s]), splits[s].labels) for s in ("train", "val", "test")]
-    return probe(name, layers, *data, **kwargs)
-
-
-def layer_task(splits: Splits, task: int | str, **kwargs) -> ProbeResult:
-    """One independent probe: a layer number, or 'pixels' for the raw-pixel baseline."""
-    if task == "pixels":
-        return probe_splits(splits, "pixels", [], lambda s: s.pixels(), **kwargs)
-    n_layer = splits["train"].meta["n_layer"]
-    name = f"final norm ({task})" if task == n_layer else f"layer {task}"
-    return probe_splits(splits, name, [task], lambda s: s.layer(task), **kwargs)
-
-
-def concat_task(splits: Splits, group: list[int], **kwargs) -> ProbeResult:
-    """The paper's k-layer concatenation: each layer standardised on its own, then side by side."""
-    stack = lambda s: np.concatenate([standardise(s.layer(l))[0] for l in group], axis=1)
-    return probe_splits(splits, f"concat {group[0]}-{group[-1]}", group, stack, **kwargs)
+def check_labels(splits: Splits, names: dict[str, str]) -> np.ndarray:
+    """The classes a probe fits (sorted labels present in train), after refusing every arrangement of labels
+    it could not fit or score honestly; ConfigError (one line naming the split and the way out) otherwise."""
+    where = {k: f"the {k} split ({s.path})" for k, s in splits.items()}
+    if names["test"] in (names["train"], names["val"]):
+        other = "train" if names["test"] == names["train"] else "val"
+        raise ConfigError(
+            f"test_split={names['test']} is also the {other} split: its accuracy would not be held out; "
+            f"set --test_split to a split the probe neither fits nor selects on"
+        )
+    for k, s in splits.items():
+        if s.n == 0:
+            raise ConfigError(f"{where[k]} has no images; extract features of a non-empty split")
+        if (s.labels < 0).any():
+            raise ConfigError(f"{where[k]} has {int((s.labels < 0).sum())} unlabelled images; the probe needs a "
+                              "label for each: build the shards from a labelled source")  # fmt: skip
+        n_names = len(s.meta.get("class_names", []))
+        if n_names and s.labels.max() >= n_names:
+            raise ConfigError(f"{where[k]} has labels up to {int(s.labels.max())} but {n_names} class names; "
+                              "rebuild the shards")  # fmt: skip
+    class_lists = {k: s.meta.get("class_names", []) for k, s in splits.items()}
+    if any(v != class_lists["train"] for v in class_lists.values()):
+        odd = next(k for k, v in class_lists.items() if v != class_lists["train"])
+        raise ConfigError(f"{where[odd]} and the train split name different classes: extract every split from "
+                          "the same shard folder")  # fmt: skip
+    classes = np.unique(splits["train"].labels)
+    label = lambda c: class_lists["train"][c] if c < len(class_lists["train"]) else str(c)
+    if len(classes) < 2:
+        raise ConfigError(
+            f"{where['train']} holds one class ({label(int(classes[0]))}); a probe needs at least two: check "
+            "that every class folder of the source has images and rebuild the shards"
+        )
+    for k in ("val", "test"):
+        unseen = np.setdiff1d(np.unique(splits[k].labels), classes)
+        if len(unseen):
+            shown = ", ".join(label(int(c)) for c in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
+            raise ConfigError(
+                f"{where[k]} holds {len(unseen)} classes the train split lacks ({shown}); the probe can never "
+                "predict them: rebuild the shards so train has images of every class (e.g. a larger train split)"
+            )
+    return classes
 
 
 def check_layers(splits: Splits, layers: list[int]) -> list[int]:
@@ -198,20 +133,89 @@ def check_layers(splits: Splits, layers: list[int]) -> list[int]:
     return layers
 
 
-def make_report(splits: Splits, per_layer: list[ProbeResult], extra: list[ProbeResult], solver: str,
-                c_grid: list[float]) -> dict:  # fmt: skip
+class Task:
+    """One probe: the feature columns it reads (layers side by side, or 'pixels'), and its name."""
+
+    def __init__(self, what: list[int] | str, n_layer: int):
+        self.what = what
+        if what == "pixels":
+            self.name, self.layers = "pixels", []
+        elif len(what) == 1:
+            self.name = f"final norm ({what[0]})" if what[0] == n_layer else f"layer {what[0]}"
+            self.layers = list(what)
+        else:
+            self.name, self.layers = f"concat {what[0]}-{what[-1]}", list(what)
+
+    def rows(self, split: FeatureSplit, rows: range) -> np.ndarray:
+        """This rank's rows of the task's columns, float32 (len(rows), dim), read part by part in place."""
+        if self.what == "pixels":
+            return split.read("pixels", rows, out=np.empty((len(rows), split.width("pixels")), np.float32))
+        d = split.width(self.layers[0])
+        out = np.empty((len(rows), d * len(self.layers)), np.float32)
+        for j, l in enumerate(self.layers):
+            split.read(l, rows, out=out[:, j * d : (j + 1) * d])
+        return out
+
+
+def run_task(
+    task: Task, splits: Splits, classes: np.ndarray, c_grid: list[float], solver: str, max_iter: int
+) -> ProbeResult:
+    """Fit the task's probe on every rank's rows for each C (ascending, warm-started); keep the C with the best
+    validation accuracy (ties: stronger L2) and report its test accuracy. Collective."""
+    tic = time.perf_counter()
+    rank, world = dist_rank_world()
+    device = probe_device()
+    data = {}
+    for k, s in splits.items():
+        mine = logreg.rank_rows(s.n, rank, world)
+        x = torch.from_numpy(task.rows(s, mine)).to(device)
+        target = torch.from_numpy(np.searchsorted(classes, s.labels[mine.start : mine.stop])).to(device)
+        data[k] = (x, target, s.n)
+    scaler = logreg.Scaler.fit(data["train"][0], data["train"][2])  # train statistics only, for every split
+    for x, _, _ in data.values():
+        scaler.apply_(x)
+    (x_tr, y_tr, n_tr), dim = data["train"], data["train"][0].shape[1]
+    accuracy = lambda model, k: 100.0 * logreg.correct(data[k][0], data[k][1], model) / data[k][2]
+    best, warm = None, None
+    for C in sorted(c_grid):
+        if solver == "sklearn":
+            model = logreg.fit_sklearn(x_tr, y_tr, len(classes), C, max_iter)
+        else:
+            model = logreg.fit(x_tr, y_tr, len(classes), n_tr, C, max_iter, warm)
+        warm, val_acc = model, accuracy(model, "val")
+        if best is None or val_acc > best.val_acc:
+            # Test is scored for the candidate now (the next fit replaces it); it picks nothing.
+            best = ProbeResult(task.name, task.layers, dim, C, val_acc, accuracy(model, "test"), model.converged)
+    best.seconds = time.perf_counter() - tic
+    return best
+
+
+def dist_rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def probe_device() -> torch.device:
+    """The GPU of this rank where there is one (the solver's float32 path), else the CPU (float64)."""
+    name = get_accelerator().current_device_name()
+    return torch.device(name) if name.startswith("cuda") else torch.device("cpu")
+
+
+def make_report(splits: Splits, rows: list[ProbeResult], settings: dict, complete: bool) -> dict:
     """The JSON-ready report: per-layer rows in layer order, then concatenation and pixels."""
     train = splits["train"]
-    n_classes = len(train.meta["class_names"]) or int(train.labels.max()) + 1
+    per_layer = sorted((r for r in rows if len(r.layers) == 1), key=lambda r: r.layers[0])
+    n_classes = len(train.meta["class_names"]) or len(np.unique(train.labels))
     return {
+        "complete": complete,
         "checkpoint": train.meta.get("checkpoint", ""),
-        "solver": solver,
-        "c_grid": sorted(c_grid),
-        "best_layer": max(per_layer, key=lambda r: r.val_acc).layers[0],
+        "settings": settings,
+        "c_grid": settings["c_grid"],
+        "solver": settings["solver"],
+        "best_layer": max(per_layer, key=lambda r: r.val_acc).layers[0] if per_layer else None,
         "n_layer": train.meta["n_layer"],
         "chance": 100.0 / n_classes,
-        "n": {k: len(s.labels) for k, s in splits.items()},
-        "rows": [asdict(r) for r in [*sorted(per_layer, key=lambda r: r.layers[0]), *extra]],
+        "n": {k: s.n for k, s in splits.items()},
+        "rows": [asdict(r) for r in [*per_layer, *(r for r in rows if len(r.layers) != 1)]],
     }
 
 
@@ -238,11 +242,14 @@ class ProbeConfig:
     layers: list[int] = field(default_factory=list)
     """Layers to probe (empty = every extracted layer)."""
     solver: str = "auto"
-    """'sklearn' (L-BFGS, as the paper), 'torch' (full-batch L-BFGS, GPU when present), 'auto' (torch on GPU)."""
+    """'torch' (data-parallel full-batch L-BFGS on every rank, GPU when present), 'sklearn' (scikit-learn's
+    L-BFGS, one rank only: the reference), 'auto' (= torch)."""
     c_grid: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
     """Inverse L2 strengths tried; the best on validation is kept."""
     concat_k: int = 5
     """Layers concatenated around the best one (paper's iGPT-XL: 5); 0 or 1 skips it."""
+    pixels: bool = True
+    """Fit the raw-pixel baseline too."""
     max_iter: int = 1000
     out: str = ""
     """Report folder (probe.json, probe.png, tensorboard/); empty = <features>/probe."""
@@ -256,31 +263,78 @@ class ProbeConfig:
 
 
 def linear_probe(cfg: ProbeConfig) -> dict:
-    """Probe every layer and the raw pixels (ranks share them out), then rank 0 probes the concatenation
-    around the best layer and writes the table, probe.json, probe.png and TensorBoard scalars."""
+    """Probe every layer, the concatenation around the best and the raw pixels, all ranks together; rank 0
+    writes the table, probe.json (after every probe), probe.png and TensorBoard scalars. Returns the report
+    on rank 0 ({} elsewhere)."""
     rank, world = init_distributed(cfg.dist_timeout_s)
-    solver = cfg.solver if cfg.solver != "auto" else ("torch" if torch.cuda.is_available() else "sklearn")
+    solver = "torch" if cfg.solver == "auto" else cfg.solver
+    if solver == "sklearn" and world > 1:
+        raise ConfigError("solver=sklearn fits on one rank; run one process, or use --solver=torch on several")
     names = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
+    out = Path(cfg.out or Path(cfg.features) / "probe")
+
+    def prepare() -> tuple[list[int], list[float], list[dict]]:
+        """Rank 0 checks the features and labels and reads the probes a previous run finished, for all ranks."""
+        splits = {k: FeatureSplit(Path(cfg.features) / v) for k, v in names.items()}
+        layers = check_layers(splits, cfg.layers)
+        classes = check_labels(splits, names)
+        done = []
+        if (out / "probe.json").is_file():
+            previous = json.loads((out / "probe.json").read_text())
+            if previous.get("settings") == settings(cfg, splits, layers, solver):
+                done = previous["rows"]
+        return layers, classes.tolist(), done
+
+    layers, classes, done_rows = on_rank0(prepare)
     splits = {k: FeatureSplit(Path(cfg.features) / v) for k, v in names.items()}
-    layers = check_layers(splits, cfg.layers)
-    kwargs = dict(c_grid=cfg.c_grid, solver=solver, max_iter=cfg.max_iter)
-    mine = []
-    for task in [*layers, "pixels"][rank::world]:
-        mine.append(layer_task(splits, task, **kwargs))
-        print(f"[rank {rank}] {mine[-1].name}: val {mine[-1].val_acc:.2f}% test {mine[-1].test_acc:.2f}%", flush=True)
-    results = [r for part in gather_objects(mine) for r in part]
-    if rank != 0:
-        barrier()
-        return {}
-    per_layer = [r for r in results if r.layers]
-    pixels = [r for r in results if not r.layers]
-    best = max(per_layer, key=lambda r: r.val_acc).layers[0]
+    classes = np.asarray(classes)
+    setup = settings(cfg, splits, layers, solver)
+    rows = [ProbeResult(**r) for r in done_rows]
+    n_layer = splits["train"].meta["n_layer"]
+
+    def run(task: Task) -> None:
+        if any(r.name == task.name for r in rows):
+            return
+        result = run_task(task, splits, classes, cfg.c_grid, solver, cfg.max_iter)
+        rows.append(result)
+        if rank == 0:
+            print(f"{result.name}: val {result.val_acc:.2f}% test {result.test_acc:.2f}% (C={result.C:g}, "
+                  f"{result.seconds:.1f} s)", flush=True)  # fmt: skip
+            write_text(out / "probe.json", json.dumps(make_report(splits, rows, setup, False), indent=2) + "\n")
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if rows:
+            print(f"resuming: {len(rows)} probes already in {out / 'probe.json'}", flush=True)
+    for l in layers:
+        run(Task([l], n_layer))
+    best = max((r for r in rows if len(r.layers) == 1), key=lambda r: r.val_acc).layers[0]
     group = window(layers, best, cfg.concat_k)
-    concat = [concat_task(splits, group, **kwargs)] if len(group) > 1 else []
-    report = make_report(splits, per_layer, concat + pixels, solver, cfg.c_grid)
-    write_report(report, Path(cfg.out or Path(cfg.features) / "probe"))
-    barrier()
+    if len(group) > 1:
+        run(Task(group, n_layer))
+    if cfg.pixels:
+        run(Task("pixels", n_layer))
+    peak = gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if rank != 0:
+        return {}
+    report = make_report(splits, rows, setup, True)
+    report["peak_rss_bytes"] = peak
+    write_report(report, out)
     return report
+
+
+def settings(cfg: ProbeConfig, splits: Splits, layers: list[int], solver: str) -> dict[str, Any]:
+    """What a probe's result depends on besides its columns: a rerun with equal settings reuses finished rows."""
+    return {
+        "features": {
+            k: {"path": str(s.path.resolve()), "n": s.n, "source": s.meta.get("source")} for k, s in splits.items()
+        },  # fmt: skip
+        "layers": layers,
+        "c_grid": sorted(cfg.c_grid),
+        "solver": solver,
+        "max_iter": cfg.max_iter,
+        "concat_k": cfg.concat_k,
+    }
 
 
 def write_report(report: dict, out: Path) -> None:

@@ -13,6 +13,7 @@ from pretrain_support import REPO, env, free_port
 
 from data_tools.build_shards import main as build_shards
 from igpt_ds.config import ModelConfig
+from igpt_ds.features import write_features
 from igpt_ds.model import IGPT
 from igpt_ds.weights import save_consolidated
 
@@ -62,3 +63,33 @@ def separable_shards(out: Path, noise: float = 0.5, seed: int = 0) -> Path:
     np.savez(npz, **arrays)
     assert build_shards([str(npz), "--out", str(out), "--n-px", "8", "--k", "8", "--workers", "1"]) == 0
     return out
+
+
+def synthetic_features(
+    root: Path,
+    sizes: dict[str, int] | None = None,
+    dim: int = 16,
+    n_classes: int = 4,
+    separation: float = 1.0,
+    seed: int = 0,
+    transform=None,
+    labels: dict[str, np.ndarray] | None = None,
+    class_names: list[str] | None = None,
+) -> Path:
+    """Features in the extracted layout (layers 0 and 1 of a pretend 1-layer model; 8x8 RGB pixels) of Gaussian
+    classes: x = mu_y + N(0, I), class means mu_k ~ N(0, separation^2 I), the same in every split.
+    `transform(split, x)` may change a split's features (layer 1 is layer 0 times 2, plus 1); `labels`
+    replaces a split's labels."""
+    rng = np.random.default_rng(seed)
+    sizes = sizes or {"train": 600, "val": 200, "test": 300}
+    means = rng.normal(scale=separation, size=(n_classes, dim)).astype(np.float32)
+    for split, n in sizes.items():
+        y = labels[split] if labels and split in labels else rng.integers(0, n_classes, n)
+        x = (means[np.clip(y, 0, n_classes - 1)] + rng.normal(size=(n, dim))).astype(np.float32)
+        if transform is not None:
+            x = transform(split, x).astype(np.float32)
+        pixels = rng.integers(0, 256, (n, 8 * 8 * 3), dtype=np.uint8)
+        rows = lambda a, b, x=x, pixels=pixels: (np.stack([x[a:b], 2 * x[a:b] + 1]), pixels[a:b])
+        write_features(root / split, n, [0, 1], dim, rows, np.asarray(y), seq_len=64, channels=3,
+                       metadata={"n_layer": 1}, class_names=class_names or [], part_rows=128)  # fmt: skip
+    return root

@@ -149,7 +149,7 @@ def needs_universal(meta: dict[str, Any], layout: str, world_size: int, dp: int)
 
 
 def to_universal(ckpt: Path) -> Path:
-    """Convert `ckpt` to DeepSpeed's universal form once (rank 0 only; the caller then barriers)."""
+    """Convert `ckpt` to DeepSpeed's universal form once (one process; ranks call it through `on_rank0`)."""
     from deepspeed.checkpoint import ds_to_universal
 
     out = ckpt.parent / "universal" / ckpt.name

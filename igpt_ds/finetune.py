@@ -41,7 +41,7 @@ from torch import Tensor
 from igpt_ds import checkpoint
 from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
-from igpt_ds.distributed import StopSignal, init_distributed
+from igpt_ds.distributed import StopSignal, init_distributed, on_rank0
 from igpt_ds.engine import build_ds_config, initialize, model_init_context, zero_stage
 from igpt_ds.model import IGPT, Linear, bert_mask, objective_loss
 from igpt_ds.shards import GlobalBatchSampler, ShardSplit, rank_slice
@@ -158,9 +158,7 @@ class Finetuner:
             checkpoint.read_meta(ckpt), "zero", self.world, self.world
         )
         if universal:
-            if self.rank == 0:
-                checkpoint.to_universal(ckpt)
-            dist.barrier()
+            on_rank0(lambda: checkpoint.to_universal(ckpt))  # minutes for a large model: outside timed collectives
             ds_config = build_ds_config(t, cfg.optim, self.world, load_universal=True)
         torch.manual_seed(t.seed)
         with model_init_context(ds_config):

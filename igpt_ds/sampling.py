@@ -166,8 +166,8 @@ def sample(cfg: SampleConfig) -> dict[str, Path]:
     """Completions of real images and unconditional samples (every rank samples a slice); rank 0 writes
     the PNG grids, the tokens and TensorBoard images. Returns the paths written (rank 0)."""
     rank, world = init_distributed(cfg.dist_timeout_s)
-    model, model_cfg, palette = load_model_for_ranks(cfg.checkpoint, Path(cfg.out) / "weights")
-    model.to(torch.device(get_accelerator().current_device_name()))
+    device = torch.device(get_accelerator().current_device_name())
+    model, model_cfg, palette = load_model_for_ranks(cfg.checkpoint, Path(cfg.out) / "weights", device)
     gen = dict(temperature=cfg.temperature, top_k=cfg.top_k, precision=cfg.precision)
     half = model_cfg.seq_len // 2  # the top n_px/2 rows in raster order
     originals = torch.zeros(0, model_cfg.seq_len, dtype=torch.long)

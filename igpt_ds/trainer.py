@@ -32,7 +32,7 @@ from torch import Tensor
 
 from igpt_ds import checkpoint
 from igpt_ds.config import ConfigError, DataConfig, ModelConfig, PretrainConfig, to_dict
-from igpt_ds.distributed import StopSignal, barrier, init_distributed
+from igpt_ds.distributed import StopSignal, init_distributed, on_rank0
 from igpt_ds.engine import apply_schedule, build_ds_config, dp_size, initialize, model_init_context, zero_stage
 from igpt_ds.metrics import Metrics
 from igpt_ds.model import IGPT, lowest_scores_mask, objective_loss
@@ -254,9 +254,7 @@ def setup(cfg: PretrainConfig) -> Run:
     ckpt = checkpoint.latest(cfg.train.run_dir / "checkpoints")
     universal = ckpt is not None and checkpoint.needs_universal(checkpoint.read_meta(ckpt), cfg.train.layout, world, dp)
     if universal:
-        if rank == 0:
-            checkpoint.to_universal(ckpt)
-        barrier()
+        on_rank0(lambda: checkpoint.to_universal(ckpt))  # minutes for a large model: outside timed collectives
         ds_config = build_ds_config(cfg.train, cfg.optim, world, load_universal=True)
     init = load_init(cfg) if cfg.train.init_from and ckpt is None else None
     model = build_model(cfg, ds_config, init)

@@ -68,3 +68,54 @@ def test_a_task_bound_to_one_device_uses_it_whatever_its_local_rank(one_rank_gro
     monkeypatch.setenv("LOCAL_RANK", "3")  # the 4th task of its node (SLURM_LOCALID=3)
     assert distributed.init_distributed(60) == (0, 1)
     assert accelerator.bound == [0] and os.environ["LOCAL_RANK"] == "0"  # DeepSpeed's engine reads LOCAL_RANK
+
+
+def run_program(name: str, *args: str, nprocs: int = 2, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """tests/rank_programs.py NAME ARGS as `nprocs` ranks (env://); every rank's completed process."""
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "tests/rank_programs.py", name, *args],
+            cwd=REPO,
+            env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(nprocs)
+    ]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+@pytest.mark.multiproc
+def test_rank0_work_longer_than_the_collective_timeout():
+    """Rank 0 works 8 s under a 3 s collective timeout. A barrier times out (the fault this guards against);
+    on_rank0 and the weight consolidation that uses it finish on both ranks."""
+    naive = run_program("slow_then_barrier", "8", "3")
+    assert any(r.returncode != 0 for r in naive), [r.stdout for r in naive]  # the timeout is real
+    for result in run_program("slow_on_rank0", "8", "3"):
+        assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "rank 0 finished", result.stderr[
+            -2000:
+        ]
+
+
+@pytest.mark.multiproc
+def test_slow_consolidation_does_not_time_out(tmp_path):
+    ckpt = tmp_path / "step_00000003"
+    ckpt.mkdir()
+    (ckpt / "run.json").write_text('{"step": 3}')
+    for result in run_program("slow_consolidation", str(tmp_path), "8", "3"):
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"loaded 2 layers from {ckpt.resolve()}" in result.stdout
+
+
+@pytest.mark.multiproc
+def test_a_config_error_on_rank0_reaches_every_rank():
+    for result in run_program("config_error_on_rank0", "30"):
+        assert (
+            result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "ConfigError: rank 0 found a bad input"
+        )

@@ -9,8 +9,10 @@ import pytest
 import torch
 from eval_support import check, run_entry
 from pretrain_support import digits_shards, run_ranks, scalars, write_config
+from test_probe import sklearn_reference
 
 from igpt_ds import checkpoint
+from igpt_ds.features import FeatureSplit
 from igpt_ds.weights import load_consolidated
 
 
@@ -35,6 +37,17 @@ def test_digits_pretrain_probe_sample_finetune(tmp_path):
     assert max(r["test_acc"] for r in per_layer) > 4 * report["chance"]  # chance is 10%
     assert (features / "probe" / "probe.png").stat().st_size > 0
     assert "probe/test_acc" in scalars(features / "probe" / "tensorboard")
+    # The demo's features: one rank fits what two fit, and scikit-learn agrees at each chosen C.
+    check(run_entry("linear_probe", "--features", str(features), "--out", str(tmp_path / "probe1")))
+    one = json.loads((tmp_path / "probe1" / "probe.json").read_text())
+    for a, b in zip(report["rows"], one["rows"], strict=True):
+        assert a["name"] == b["name"] and a["C"] == b["C"], (a, b)
+        assert abs(a["val_acc"] - b["val_acc"]) <= 0.1 and abs(a["test_acc"] - b["test_acc"]) <= 0.1, (a, b)
+    splits = [FeatureSplit(features / s) for s in ("train", "val", "test")]
+    for row in report["rows"][:3]:
+        data = [(s.read(row["layers"][0], range(s.n)), s.labels) for s in splits]
+        reference = sklearn_reference(*data, row["C"])
+        assert abs(row["val_acc"] - reference[0]) <= 0.5 and abs(row["test_acc"] - reference[1]) <= 0.5, row
 
     samples = tmp_path / "samples"
     check(run_entry("sample", "--checkpoint", str(run), "--shards", str(shards), "--out", str(samples),

@@ -1,0 +1,66 @@
+"""Small programs that the distributed tests run as several ranks (`python tests/rank_programs.py NAME ...`),
+each started with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT like torchrun would. Not collected by pytest."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from igpt_ds import checkpoint
+from igpt_ds.config import ConfigError, ModelConfig
+from igpt_ds.distributed import barrier, init_distributed, on_rank0
+from igpt_ds.model import IGPT
+from igpt_ds.weights import save_consolidated
+
+
+def slow_on_rank0(delay: float, timeout: int) -> None:
+    """Rank 0 works `delay` seconds while the others wait for it through on_rank0."""
+    init_distributed(timeout)
+    print(on_rank0(lambda: time.sleep(delay) or "rank 0 finished"), flush=True)
+
+
+def slow_then_barrier(delay: float, timeout: int) -> None:
+    """The pattern on_rank0 replaces: rank 0 works while the others wait in a barrier."""
+    rank, _ = init_distributed(timeout)
+    if rank == 0:
+        time.sleep(delay)
+    barrier()
+    print("passed the barrier", flush=True)
+
+
+def config_error_on_rank0(timeout: int) -> None:
+    init_distributed(timeout)
+
+    def bad() -> None:
+        raise ConfigError("rank 0 found a bad input")
+
+    try:
+        on_rank0(bad)
+    except ConfigError as e:
+        print(f"ConfigError: {e}", flush=True)
+
+
+def slow_consolidation(root: str, delay: float, timeout: int) -> None:
+    """consolidated_for_ranks on a DeepSpeed-style checkpoint folder whose export takes `delay` seconds."""
+    init_distributed(timeout)
+    ckpt, export = Path(root) / "step_00000003", Path(root) / "export"
+
+    def export_consolidated(path, out_dir):
+        time.sleep(delay)
+        model = IGPT(ModelConfig(size="igpt-tiny", n_px=8, n_vocab=16), seed=0)
+        meta = {"source": str(Path(path).resolve()), "step": checkpoint.read_meta(Path(path))["step"]}
+        return save_consolidated(out_dir, model.cfg, model.state_dict(), None, meta)
+
+    checkpoint.export_consolidated = export_consolidated
+    model, cfg, _ = checkpoint.load_model_for_ranks(ckpt, export)
+    print(f"loaded {cfg.n_layer} layers from {json.loads((export / 'config.json').read_text())['source']}", flush=True)
+
+
+if __name__ == "__main__":
+    name, *args = sys.argv[1:]
+    program = globals()[name]
+    kinds = program.__annotations__
+    program(*(float(a) if kinds[k] == "float" else int(a) if kinds[k] == "int" else a
+              for k, a in zip(list(kinds)[: len(args)], args, strict=True)))  # fmt: skip

@@ -28,7 +28,7 @@ solver's tolerance.
 
 Memory per rank: its rows in fp32, about (N_train + N_val + N_test) / world × d × 4 B (whole blocks:
 at most one block more), plus one block's temporaries and the solver's state, replicated on every rank:
-W, its gradient and L-BFGS's history of `HISTORY` pairs, about (2·HISTORY + 6)·(d·K + K) values of the
+W, its gradients and L-BFGS's history of `HISTORY` pairs, `SOLVER_COPIES`·(d·K + K) values of the
 compute dtype: float64 on CPU (scikit-learn's precision), float32 on GPU.
 """
 
@@ -44,6 +44,9 @@ from torch import Tensor
 
 HISTORY = 20
 """L-BFGS correction pairs kept."""
+SOLVER_COPIES = 2 * HISTORY + 16
+"""Vectors of W's size (d·K + K) the solver holds at its peak: W, L-BFGS's history pairs, direction, gradients
+and line-search copies, and the closure's fixed-point accumulator, scales and partials."""
 BLOCK_ROWS = 256
 """Rows per block: the unit of exact summation and of the split of rows over ranks."""
 

@@ -58,6 +58,11 @@ DATASETS = {
 PAPER_N_PX = {"igpt-s": 32, "igpt-m": 32, "igpt-l": 32, "igpt-xl": 64}
 
 
+def feature_disk_bytes(n: int, dim: int, n_layers: int, seq_len: int, channels: int) -> int:
+    """Bytes of one extracted split's features and pixels (headers aside)."""
+    return n * (n_layers * dim * 4 + seq_len * channels)
+
+
 def probe_rows(n: int, world: int) -> int:
     """Rows the busiest rank holds of a split of n rows (whole blocks)."""
     blocks = math.ceil(n / logreg.BLOCK_ROWS)
@@ -110,7 +115,7 @@ def eval_costs(size: str, dataset: str, cfg: EvalPlanConfig) -> list[dict]:
     params = count_parameters(model)
     largest_tensor = max(4 * d * d, model.n_vocab * d, T * d)  # MLP c_fc, lm_head/wte, wpe
     disk_layer = data.n * d * 4
-    disk = data.n * (L * d * 4 + T * data.channels)
+    disk = feature_disk_bytes(data.n, d, L, T, data.channels)
     rows = []
     for world in cfg.ranks:
         probe = lambda dim, w=world: probe_bytes(data.n_train, data.n_val, data.n_test, dim, data.n_classes, w, cfg.gpu)

@@ -5,7 +5,9 @@
         --out runs/igpt_l/features --layers '[16,20,24,28,32]'
 
 `--checkpoint` takes a run folder, a DeepSpeed checkpoint of either layout or a consolidated folder.
-Writes <out>/<split>/layer_NN.npy, pixels.npy, labels.npy, meta.json. Errors: one line, exit 2.
+Writes <out>/<split>/: each rank's parts (parts/NNNNN/features.npy, pixels.npy), labels.npy, and index.json
+once complete (layout: igpt_ds.features, docs/evaluation.md). A rerun keeps finished parts. Errors: one line,
+exit 2.
 """
 
 import sys

@@ -30,4 +30,9 @@ def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str
     except (ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if "torch.distributed" in sys.modules:  # not imported by a configuration error in parsing
+            from igpt_ds.distributed import shutdown
+
+            shutdown()
     return 0

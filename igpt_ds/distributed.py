@@ -108,6 +108,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def shutdown() -> None:
+    """Destroy the process group before the process exits. A rank that exits with its gloo group still alive
+    while another rank is working can abort in the group's destructor ('terminate called without an active
+    exception', exit 134), and a launcher then kills the ranks still working."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if "torch.distributed" in sys.modules:
+            from igpt_ds.distributed import shutdown
+
+            shutdown()
     return 0
 
 

@@ -347,22 +347,34 @@ class FeatureSplit:
     def read(self, what: int | str, rows: range, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [rows.start, rows.stop) of layer `what` (float32) or of 'pixels' (uint8), shape
         (len(rows), width(what)), read part by part into `out` (converted to its dtype) or a new array.
-        Raises ConfigError for a layer that was not extracted."""
+        Plain file reads, not memory maps: the process holds the rows it asked for and one part's worth
+        besides, not mapped page cache. Raises ConfigError for a layer that was not extracted."""
         if what != "pixels" and what not in self.layers:
             raise ConfigError(f"layer {what} was not extracted to {self.path} (have {self.layers})")
         if out is None:
             out = np.empty((len(rows), self.width(what)), np.uint8 if what == "pixels" else np.float32)
         for name, start, stop in self.meta["parts"]:
             lo, hi = max(start, rows.start), min(stop, rows.stop)
-            if lo >= hi:
-                continue
-            folder = self.path / PARTS_DIR / name
-            if what == "pixels":
-                block = np.load(folder / PIXELS_FILE, mmap_mode="r")[lo - start : hi - start]
-            else:
-                block = np.load(folder / FEATURES_FILE, mmap_mode="r")[self.layers.index(what), lo - start : hi - start]
-            out[lo - rows.start : hi - rows.start] = block
+            if lo < hi:
+                file = PIXELS_FILE if what == "pixels" else FEATURES_FILE
+                plane = 0 if what == "pixels" else self.layers.index(what)
+                out[lo - rows.start : hi - rows.start] = read_rows(self.path / PARTS_DIR / name / file, plane,
+                                                                   lo - start, hi - start)  # fmt: skip
         return out
+
+
+def read_rows(path: Path, plane: int, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of plane `plane` of a C-ordered .npy array (planes, rows, width) or (rows, width),
+    with one seek and one read."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)  # C order: written by open_memmap here
+        rows, width = shape[-2], shape[-1]
+        f.seek(f.tell() + (plane * rows + lo) * width * dtype.itemsize)
+        block = np.empty((hi - lo, width), dtype)
+        f.readinto(memoryview(block).cast("B"))
+    return block
 
 
 def extract(cfg: ExtractConfig) -> dict[str, Path]:

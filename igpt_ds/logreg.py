@@ -35,6 +35,7 @@ compute dtype: float64 on CPU (scikit-learn's precision), float32 on GPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,10 +93,16 @@ class FixedPointSum:
         return all_reduce(self.acc).double() / self.scale
 
 
+def max_over_ranks(x: Tensor, row_value: Callable[[Tensor], Tensor]) -> float:
+    """The largest `row_value(block)` over every rank's rows, block by block (no full-size temporary);
+    collective."""
+    local = max((float(row_value(x[c]).max()) for c in blocks(len(x))), default=0.0)
+    return float(all_reduce(torch.tensor([local], dtype=torch.float64, device=x.device), dist.ReduceOp.MAX).item())
+
+
 def max_abs(x: Tensor) -> float:
     """max |x| over every rank's rows (collective)."""
-    m = torch.tensor([x.abs().max().item() if x.numel() else 0.0], dtype=torch.float64, device=x.device)
-    return float(all_reduce(m, dist.ReduceOp.MAX).item())
+    return max_over_ranks(x, torch.abs)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -163,8 +170,7 @@ def fit(
     W = warm.W.clone() if warm is not None else torch.zeros(d, K, dtype=dtype, device=device)
     b = warm.b.clone() if warm is not None else torch.zeros(K, dtype=dtype, device=device)
     x_abs = max_abs(x)
-    row_l1 = torch.tensor([float(x.abs().sum(1).max()) if len(x) else 0.0], dtype=torch.float64, device=device)
-    row_l1 = float(all_reduce(row_l1, dist.ReduceOp.MAX).item())
+    row_l1 = max_over_ranks(x, lambda block: block.abs().sum(1))
     n_blocks = math.ceil(n_global / BLOCK_ROWS)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=HISTORY, tolerance_grad=tol,
                             tolerance_change=1e-9, line_search_fn="strong_wolfe")  # fmt: skip

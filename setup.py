@@ -12,6 +12,7 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.16",
         "mpi4py>=3.1",
+        "psutil>=5.9",
         "numpy>=1.24",
         "pyyaml>=6",
         "tensorboard>=2.14",

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from igpt_ds.distributed import free_port
 from igpt_ds.eval_planner import probe_bytes
 from igpt_ds.features import FeatureSplit, write_features
+from igpt_ds.launchers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 GB = 1e9

@@ -138,16 +138,6 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / RUN_META).read_text())
 
 
-def needs_universal(meta: dict[str, Any], layout: str, world_size: int, dp: int) -> bool:
-    """Whether the checkpoint described by `meta` must go through the universal form to load here."""
-    if meta["layout"] != layout:
-        raise ConfigError(
-            f"the checkpoint to resume was written with train.layout={meta['layout']}, this run uses {layout}; "
-            "to switch layouts export consolidated weights (python -m igpt_ds.checkpoint) and set train.init_from"
-        )
-    return (meta["world_size"], meta["dp_size"]) != (world_size, dp)
-
-
 def to_universal(ckpt: Path) -> Path:
     """Convert `ckpt` to DeepSpeed's universal form once (one process; ranks call it through `on_rank0`)."""
     from deepspeed.checkpoint import ds_to_universal
@@ -170,9 +160,9 @@ def to_universal(ckpt: Path) -> Path:
     return out
 
 
-def load(engine: Any, ckpt: Path, universal: bool) -> dict[str, Any]:
-    """Restore engine state from `ckpt` (all ranks) and this rank's RNG; returns run.json."""
-    meta = read_meta(ckpt)
+def load(engine: Any, ckpt: Path, universal: bool) -> None:
+    """Restore engine state from `ckpt` (all ranks; the universal form of it when `universal`) and this rank's
+    RNG (when the topology is unchanged)."""
     source = ckpt.parent / "universal" / ckpt.name if universal else ckpt
     path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
     if path is None:
@@ -180,7 +170,6 @@ def load(engine: Any, ckpt: Path, universal: bool) -> dict[str, Any]:
     rng_file = ckpt / f"rng_rank{dist.get_rank():05d}.pt"
     if not universal and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return meta
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,38 +1,61 @@
-"""The command line shared by the evaluation entry points: `--config preset.yaml` plus dotted overrides.
+"""The command line shared by the entry points: `--config preset.yaml` plus dotted overrides, run supervised.
 
 Precedence (igpt_ds.config): dataclass defaults < `--config` YAML < `--key=value` overrides. A
 configuration or input error (`ConfigError`: missing or incompatible checkpoint, shards tokenised with
 another palette than the checkpoint's, split without labels, layers out of range, ...; `ShardError`:
 missing split, damaged shard) prints one line on stderr and exits with status 2, on every rank.
+
+Exit status: 0 when the job finished; 2 for a configuration or input error; 128 + the signal number when
+SIGTERM / SIGINT / SIGUSR1 (or the launcher's exit) stopped a training run after it saved a checkpoint
+(143, 130, 138: what a process ended by that signal reports), so schedulers see a run that is not done;
+rerunning the command resumes it.
+
+Every entry point runs under `igpt_ds.supervisor`: the launched process supervises a detached worker that
+runs the job, so a launcher's quick SIGKILL cannot interrupt a checkpoint. `run_entry(...)` is what a
+launcher script calls; it imports the job's module in the worker only.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from igpt_ds.config import ConfigError, load_config
-from igpt_ds.shards import ShardError
-
 T = TypeVar("T")
 
 
-def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str] | None = None) -> int:
-    """Parse argv into `cls`, call `run(cfg)`; 0 on success, 2 on a ConfigError."""
+def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str] | None = None,
+         error_prefix: str = "error") -> int:  # fmt: skip
+    """Parse argv into `cls`, call `run(cfg)`; the exit status (see the module docstring)."""
+    from igpt_ds.config import ConfigError, load_config
+    from igpt_ds.shards import ShardError
+
     parser = argparse.ArgumentParser(description=description, epilog="overrides: --key=value or --section.key=value")
     parser.add_argument("--config", help="YAML preset (launcher/configs/*.yaml)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by older DeepSpeed launchers
     args, overrides = parser.parse_known_args(argv)
     try:
-        run(load_config(cls, args.config, overrides))
+        result = run(load_config(cls, args.config, overrides))
     except (ConfigError, ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{error_prefix}: {e}", file=sys.stderr)
         return 2
     finally:
-        if "torch.distributed" in sys.modules:  # not imported by a configuration error in parsing
+        if "torch.distributed" in sys.modules:  # not imported when parsing failed
             from igpt_ds.distributed import shutdown
 
             shutdown()
-    return 0
+    stopped_by = result.get("stopped_by", 0) if isinstance(result, dict) else 0
+    return 128 + int(stopped_by) if stopped_by else 0
+
+
+def run_entry(module: str, config: str, job: str, description: str, error_prefix: str = "error") -> None:
+    """An entry point's `__main__`: `job` of `module` on `config` (both names in `module`), supervised; exits."""
+    from igpt_ds.supervisor import supervised
+
+    def worker() -> int:
+        mod = importlib.import_module(module)
+        return main(getattr(mod, config), getattr(mod, job), description, error_prefix=error_prefix)
+
+    sys.exit(supervised(worker))

@@ -137,6 +137,10 @@ class TrainConfig:
     """End this process after this step, checkpointing first, schedule unchanged (0 = at max_steps):
     for allocations shorter than the run; rerunning the same command resumes."""
     log_every: int = 10
+    stop_check_every: int = 10
+    """Steps between the ranks' agreement on a stop request (SIGTERM, SIGINT, SIGUSR1, or the launcher gone):
+    a signal stops the run, with a checkpoint, within this many steps. Each check is one one-element
+    all-reduce."""
     eval_every: int = 50
     """Validation every this many steps (0 = never)."""
     eval_batches: int = 4
@@ -146,6 +150,9 @@ class TrainConfig:
     seed: int = 0
     init_from: str = ""
     """Consolidated safetensors checkpoint to initialise weights from (ignored when resuming)."""
+    reset_data_position: bool = False
+    """When resuming: continue from the checkpoint's weights, optimizer and step but start the data order
+    afresh, for shards rebuilt since (more images) or a new train.seed; without it such a resume is refused."""
     dist_timeout_s: int = 600
     """Collective timeout: a dead rank makes the others fail after this long instead of hanging."""
 
@@ -155,7 +162,10 @@ class TrainConfig:
         _require(self.global_batch > 0 and self.micro_batch > 0, "train.global_batch and train.micro_batch must be > 0")
         _require(self.max_steps > 0, "train.max_steps must be > 0")
         _require(0 <= self.stop_at <= self.max_steps, f"train.stop_at={self.stop_at} must be in 0..train.max_steps")
-        _require(self.log_every > 0 and self.save_every > 0, "train.log_every and train.save_every must be > 0")
+        _require(
+            min(self.log_every, self.save_every, self.stop_check_every) > 0,
+            "train.log_every, train.save_every and train.stop_check_every must be > 0",
+        )
         _require(self.eval_every >= 0 and self.eval_batches > 0, "train.eval_every must be >= 0, eval_batches > 0")
         _require(self.keep_checkpoints > 0, "train.keep_checkpoints must be > 0")
 

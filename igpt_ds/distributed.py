@@ -1,32 +1,23 @@
-"""Process-group start-up for every way a run is launched.
+"""Process-group start-up, one decision shared by every rank, and stop requests.
 
-One call, `init_distributed(timeout_s)`, works under
-- the DeepSpeed launcher or torchrun (`deepspeed --hostfile hosts launcher/pretrain.py ...`): they
-  set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT;
-- Slurm (`srun python launcher/pretrain.py ...`, one task per device): DeepSpeed reads no SLURM_*
-  variables itself (REFERENCE.md), so they are translated here;
-- mpirun (`mpirun -np 4 -x MASTER_PORT python launcher/pretrain.py ...`): DeepSpeed's MPI discovery
-  via mpi4py (rank 0's address; the port is MASTER_PORT, else 29500);
-- nothing at all (`python launcher/pretrain.py ...`): a world of one on this machine.
-
-The collective timeout is deliberate (`train.dist_timeout_s`): when one rank dies, the others fail
-with a timeout error after that long instead of hanging until the job's wall-clock limit.
+`init_distributed(timeout_s)` starts the process group under any launcher (`igpt_ds.launchers.rank_env`:
+the DeepSpeed launcher, torchrun, Slurm, mpirun, or nothing: a world of one). The collective timeout is
+deliberate (`train.dist_timeout_s`): when one rank dies, the others fail with a timeout error after that
+long instead of hanging until the job's wall-clock limit.
 
 `on_rank0(fn)` is the one way a single rank does something for all: rank 0 alone reads the disk,
 converts a checkpoint or consolidates weights, and every rank receives its result, so ranks never act
 on different views of the filesystem, and no rank waits for long work inside a timed collective.
 
-`StopSignal` turns SIGTERM / SIGUSR1 (Slurm preemption, `--signal` before the time limit) into one
-decision shared by every rank, so pretraining and fine-tuning save a checkpoint together and exit.
+`StopSignal` turns SIGTERM / SIGINT / SIGUSR1 (and, through `igpt_ds.supervisor`, the end of the launcher
+process) into one decision shared by every rank at a step they all reach, so pretraining and fine-tuning
+save a checkpoint together and exit.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
-import socket
-import subprocess
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -36,32 +27,21 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
-from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
 
 from igpt_ds.config import ConfigError
+from igpt_ds.launchers import rank_env
 
 T = TypeVar("T")
-
-MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
 
 def init_distributed(timeout_s: int) -> tuple[int, int]:
     """Start the process group (idempotent); returns (rank, world_size)."""
     if not dist.is_initialized():
-        mpi = "RANK" not in os.environ and any(k in os.environ for k in MPI_MARKERS)
-        # mpirun inside a Slurm job starts its daemons with srun, so every rank inherits its daemon's
-        # SLURM_PROCID: Open MPI's own rank variables (which srun never sets) win over Slurm's.
-        slurm = "SLURM_PROCID" in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ
-        if "RANK" not in os.environ and slurm:
-            os.environ.update(slurm_env(os.environ))
-        elif "RANK" not in os.environ and not mpi:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.update(rank_env())
         deepspeed.init_distributed(
             dist_backend=get_accelerator().communication_backend_name(),
-            auto_mpi_discovery=mpi,
-            # DeepSpeed's MPI discovery sets MASTER_PORT to this argument, not from the environment.
-            distributed_port=int(os.environ.get("MASTER_PORT", TORCH_DISTRIBUTED_DEFAULT_PORT)),
+            auto_mpi_discovery=False,  # rank_env did it
+            distributed_port=int(os.environ["MASTER_PORT"]),
             timeout=timedelta(seconds=timeout_s),
             verbose=False,
         )
@@ -76,44 +56,38 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def slurm_env(env: dict[str, str]) -> dict[str, str]:
-    """torch.distributed variables from a Slurm task's environment (one task per device)."""
-    job_id = int(env.get("SLURM_JOB_ID", "0"))
-    return {
-        "RANK": env["SLURM_PROCID"],
-        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-        "WORLD_SIZE": env.get("SLURM_NTASKS", "1"),
-        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-        # Every task of the job derives the same port without talking to the others; the offset
-        # keeps clear of well-known ports and the spread makes two jobs sharing a node unlikely to clash.
-        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + job_id % 20000),
-    }
-
-
-def first_host(nodelist: str) -> str:
-    """First host of a Slurm nodelist ('gpu[03-05,9],cpu1' -> 'gpu03'), via scontrol when present."""
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
-        if out.returncode == 0 and out.stdout.split():
-            return out.stdout.split()[0]
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    m = re.match(r"([^,\[]+)(?:\[([^-,\]]+))?", nodelist)
-    return m.group(1) + (m.group(2) or "") if m else nodelist
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def shutdown() -> None:
     """Destroy the process group before the process exits. A rank that exits with its gloo group still alive
     while another rank is working can abort in the group's destructor ('terminate called without an active
     exception', exit 134), and a launcher then kills the ranks still working."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def agree_on_config(config: dict[str, Any]) -> None:
+    """Refuse to run when ranks parsed different configurations (a config file that differs between nodes, an
+    edit during start-up): schedules, stops and saves follow the config, so ranks would take different
+    collective paths. Collective; the same ConfigError on every rank, naming the first differing keys."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    configs = [None] * dist.get_world_size()
+    dist.all_gather_object(configs, config)
+    first = flatten(configs[0])
+    for rank, other in enumerate(configs[1:], start=1):
+        theirs = flatten(other)
+        diff = sorted(k for k in first.keys() | theirs.keys() if first.get(k) != theirs.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: {first.get(k)!r} on rank 0, {theirs.get(k)!r} on rank {rank}" for k in diff[:3])
+            raise ConfigError(f"ranks read different configurations ({shown}); give every rank the same config "
+                              "file and arguments")  # fmt: skip
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}."""
+    out = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 def barrier() -> None:
@@ -179,39 +153,42 @@ def on_rank0(fn: Callable[[], T], poll_s: float = 1.0) -> T:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 as a request to save after the current step and exit; `agreed()` decides.
+    """SIGTERM / SIGINT / SIGUSR1 as a request to save a checkpoint and exit; `check(step)` decides, together.
 
-    Create it before anything slow, so a signal during start-up is kept for the first step rather than
-    killing the process. The handler only notes the signal; `agreed()` is the decision, the same on every
-    rank (any rank signalled = all stop), because the save that follows is collective. The flag is
-    reduced over a CPU (gloo) group (NCCL cannot reduce a CPU tensor), asynchronously: each call starts
-    a reduction and reads the one the previous call started, so its latency (milliseconds over TCP at
-    hundreds of ranks) overlaps a training step instead of adding to it, and a signal stops the run one
-    step later. Schedulers send these signals minutes before the kill (`#SBATCH --signal=B:USR1@300`).
+    Create it before anything slow, so a signal during start-up is kept for the first check rather than
+    killing the process. The handler only notes the signal (a second SIGINT raises KeyboardInterrupt at once,
+    as Ctrl-C twice does). `check` is the decision, the same on every rank (any rank signalled = all stop),
+    because the save that follows is collective. It communicates only at steps that are multiples of
+    `every`: one one-element all-reduce (MAX of the signal numbers) over the main process group, NCCL on
+    GPUs, whose cost grows with log(ranks) and is paid once every `every` steps, with no group or sockets of
+    its own. A signal therefore stops the run within `every` steps.
     """
 
-    def __init__(self) -> None:
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self, every: int = 1) -> None:
+        self.every = every
         self.received: list[int] = []
-        self.group = None
-        self.pending: tuple[dist.Work, torch.Tensor] | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, lambda signum, frame: self.received.append(signum))
+        for sig in self.SIGNALS:
+            signal.signal(sig, self.note)
 
-    def agreed(self) -> bool:
-        """Whether any rank had received a signal by its previous call; collective: every rank calls it
-        after the same steps."""
-        if self.group is None:  # new_group is collective too; every rank's first call is at the same step
-            self.group = dist.new_group(backend="gloo")
-        stop = self.finish()
-        flag = torch.tensor([float(bool(self.received))])
-        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
-        return stop
+    def note(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in self.received:
+            raise KeyboardInterrupt
+        self.received.append(signum)
 
-    def finish(self) -> bool:
-        """Wait for the reduction in flight (call once the loop is done); whether it saw a signal."""
-        if self.pending is None:
-            return False
-        work, flag = self.pending
-        work.wait()
-        self.pending = None
-        return bool(flag.item())
+    def check(self, step: int) -> int:
+        """At steps divisible by `every`: the largest signal number any rank received (0: carry on); collective
+        there, every rank calls it after the same steps. Elsewhere 0 without communicating."""
+        if step % self.every:
+            return 0
+        flag = torch.tensor([float(max(self.received, default=0))], device=collective_device())
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def stop_exit_code(signum: int) -> int:
+    """The exit status of a run stopped by signal `signum` after saving: 128 + signum, what a process ended
+    by that signal reports, so shells and schedulers see a run that did not finish (0 when not stopped)."""
+    return 128 + signum if signum else 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -38,13 +39,13 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
-from igpt_ds import checkpoint
+from igpt_ds import checkpoint, resume
 from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
-from igpt_ds.distributed import StopSignal, init_distributed, on_rank0
+from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed, on_rank0
 from igpt_ds.engine import build_ds_config, initialize, model_init_context, zero_stage
 from igpt_ds.model import IGPT, Linear, bert_mask, objective_loss
-from igpt_ds.shards import GlobalBatchSampler, ShardSplit, rank_slice
+from igpt_ds.shards import GlobalBatchSampler, ShardError, ShardSplit, rank_slice
 from igpt_ds.trainer import git_revision, open_shards
 from igpt_ds.weights import open_consolidated
 
@@ -139,11 +140,19 @@ class Finetuner:
     """Every rank builds one; `run()` trains with early stopping and returns the results (rank 0 logs)."""
 
     def __init__(self, cfg: FinetuneConfig):
-        self.stop = StopSignal()  # preemption / time limit: save after the current step, exit
+        self.stop = StopSignal(cfg.train.stop_check_every)  # preemption, time limit, launcher gone: save, exit
         self.cfg, t = cfg, cfg.train
         self.rank, self.world = init_distributed(t.dist_timeout_s)
+        agree_on_config(to_dict(cfg))
         ds_config = build_ds_config(t, cfg.optim, self.world)
-        ckpt = checkpoint.latest(t.run_dir / "checkpoints")
+        try:
+            self.data = resume.data_identity(ShardSplit(cfg.data.shards, cfg.data.train_split))
+        except ShardError as e:
+            raise ConfigError(str(e)) from None
+        # One decision for every rank, by rank 0, checked against this run before anything is built.
+        plan = on_rank0(lambda: resume.plan(t.run_dir / "checkpoints", None, "zero", self.world, self.world,
+                                            ds_config, self.data, t.seed, t.reset_data_position))  # fmt: skip
+        ckpt = plan.ckpt if plan is not None else None
         if ckpt is None:
             init = checkpoint.consolidated_for_ranks(t.init_from, t.run_dir / "init_weights")
             self.model_cfg, state, palette = open_consolidated(init)
@@ -154,9 +163,7 @@ class Finetuner:
         checkpoint.check_palette(palette, self.train, ckpt or t.init_from)
         self.palette = palette if palette is not None else self.train.palette
         self.n_classes = len(self.train.class_names) or int(self.train.labels.max()) + 1
-        universal = ckpt is not None and checkpoint.needs_universal(
-            checkpoint.read_meta(ckpt), "zero", self.world, self.world
-        )
+        universal = plan is not None and plan.universal
         if universal:
             on_rank0(lambda: checkpoint.to_universal(ckpt))  # minutes for a large model: outside timed collectives
             ds_config = build_ds_config(t, cfg.optim, self.world, load_universal=True)
@@ -174,10 +181,11 @@ class Finetuner:
         self.engine = initialize(model, ds_config, cfg.optim, t.max_steps, groups, compile_model=t.compile)
         self.sampler = GlobalBatchSampler(len(self.train), t.global_batch, self.rank, self.world, t.seed)
         self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "start_val_acc": None, "done": False}
-        if ckpt is not None:
-            meta = checkpoint.load(self.engine, ckpt, universal)
-            self.sampler.load_state_dict(meta["sampler"])
-            self.state.update(meta["finetune"], step=meta["step"])
+        if plan is not None:
+            checkpoint.load(self.engine, plan.ckpt, universal)
+            if not t.reset_data_position:
+                self.sampler.load_state_dict(plan.meta["sampler"])
+            self.state.update(plan.meta["finetune"], step=plan.meta["step"])
         else:
             self.state["feat_stats"] = self.feature_stats()
         module = self.engine.module
@@ -276,7 +284,8 @@ class Finetuner:
 
     def save(self, root: str, keep: int) -> None:
         meta = {"sampler": self.sampler.state_dict(), "world_size": self.world, "dp_size": self.world,
-                "layout": "zero", "zero_stage": zero_stage(self.engine.config), "finetune": self.state}  # fmt: skip
+                "layout": "zero", "zero_stage": zero_stage(self.engine.config), "finetune": self.state,
+                "data": self.data}  # fmt: skip
         checkpoint.save(self.engine, self.cfg.train.run_dir / root, self.state["step"], meta, self.files,
                         self.palette, keep)  # fmt: skip
 
@@ -306,7 +315,7 @@ class Finetuner:
         last_step = t.stop_at or t.max_steps
         if s["start_val_acc"] is None:
             self.validate(0)  # the starting point, so improvement is visible
-        window = torch.zeros(4, device=self.engine.device)
+        window, stopped_by = torch.zeros(4, device=self.engine.device), 0
         while not s["done"] and s["step"] < last_step:
             window += self.train_step(s["step"])
             s["step"] += 1
@@ -321,15 +330,16 @@ class Finetuner:
                 window.zero_()
             if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
                 s["done"] = self.validate(step) or step == t.max_steps
-            stopping = self.stop.agreed()
-            if step % t.save_every == 0 or s["done"] or step == last_step or stopping:
+            stopped_by = self.stop.check(step)
+            if step % t.save_every == 0 or s["done"] or step == last_step or stopped_by:
                 self.save("checkpoints", t.keep_checkpoints)
-            if stopping:
-                self.log(f"stopped at step {step} on SIGTERM/SIGUSR1; rerun the same command to resume")
+            if stopped_by:
+                name = signal.Signals(stopped_by).name
+                self.log(f"stopped at step {step} on {name}; rerun the same command to resume")
                 break
-        self.stop.finish()
         results = {"steps": s["step"], "finished": s["done"], "start_val_acc": s["start_val_acc"], "best": s["best"],
-                   "best_checkpoint": str(t.run_dir / "best"), "n_classes": self.n_classes}  # fmt: skip
+                   "best_checkpoint": str(t.run_dir / "best"), "n_classes": self.n_classes,
+                   "stopped_by": stopped_by}  # fmt: skip
         if self.writer is not None:
             write_text(t.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
             b = s["best"]
@@ -337,7 +347,7 @@ class Finetuner:
                      f"{s['start_val_acc']:.2f}% -> best {b['val_acc']:.2f}% at step {b['step']}, test "
                      f"{b['test_acc']:.2f}%; {t.run_dir / 'results.json'}")  # fmt: skip
             self.writer.close()
-        dist.barrier()
+        barrier()  # every rank's writes are done before any exits: a launcher may kill the rest when one exits non-zero
         return results
 
 

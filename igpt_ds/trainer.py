@@ -15,6 +15,7 @@ Launch: `deepspeed --num_gpus 8 launcher/pretrain.py --config launcher/configs/i
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 import warnings
@@ -30,9 +31,9 @@ import torch.distributed as dist
 import yaml
 from torch import Tensor
 
-from igpt_ds import checkpoint
+from igpt_ds import checkpoint, resume
 from igpt_ds.config import ConfigError, DataConfig, ModelConfig, PretrainConfig, to_dict
-from igpt_ds.distributed import StopSignal, init_distributed, on_rank0
+from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed, on_rank0
 from igpt_ds.engine import apply_schedule, build_ds_config, dp_size, initialize, model_init_context, zero_stage
 from igpt_ds.metrics import Metrics
 from igpt_ds.model import IGPT, lowest_scores_mask, objective_loss
@@ -163,6 +164,8 @@ class Run:
     dp: int
     start_step: int
     files: dict[str, str]
+    data: dict[str, Any]
+    """The training split's identity (resume.data_identity), saved with every checkpoint."""
     reader: StepReader = field(init=False)
     data_wait_s: float = field(init=False, default=0.0)
     """Time the loop waited for training batches since the last log line."""
@@ -238,6 +241,7 @@ class Run:
             "dp_size": self.dp,
             "layout": self.cfg.train.layout,
             "zero_stage": zero_stage(self.engine.config),
+            "data": self.data,
         }
         root = self.cfg.train.run_dir / "checkpoints"
         checkpoint.save(self.engine, root, step, meta, self.files, self.train.palette, self.cfg.train.keep_checkpoints)
@@ -248,24 +252,28 @@ def setup(cfg: PretrainConfig) -> Run:
     # DeepSpeed's ZeRO calls torch collectives that warn of their deprecation on every step.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     rank, world = init_distributed(cfg.train.dist_timeout_s)
+    agree_on_config(to_dict(cfg))
     ds_config = build_ds_config(cfg.train, cfg.optim, world)  # validates before anything heavy
     train_split, val_split = (open_shards(cfg.model, cfg.data, s) for s in (cfg.data.train_split, cfg.data.val_split))
-    dp = dp_size(cfg.train, world)
-    ckpt = checkpoint.latest(cfg.train.run_dir / "checkpoints")
-    universal = ckpt is not None and checkpoint.needs_universal(checkpoint.read_meta(ckpt), cfg.train.layout, world, dp)
-    if universal:
-        on_rank0(lambda: checkpoint.to_universal(ckpt))  # minutes for a large model: outside timed collectives
+    dp, t = dp_size(cfg.train, world), cfg.train
+    data = resume.data_identity(train_split)
+    # One decision for every rank, by rank 0, checked against this run before anything is built.
+    plan = on_rank0(lambda: resume.plan(t.run_dir / "checkpoints", cfg.model, t.layout, world, dp, ds_config, data,
+                                        t.seed, t.reset_data_position))  # fmt: skip
+    if plan is not None and plan.universal:
+        on_rank0(lambda: checkpoint.to_universal(plan.ckpt))  # minutes for a large model: outside timed collectives
         ds_config = build_ds_config(cfg.train, cfg.optim, world, load_universal=True)
-    init = load_init(cfg) if cfg.train.init_from and ckpt is None else None
+    init = load_init(cfg) if cfg.train.init_from and plan is None else None
     model = build_model(cfg, ds_config, init)
     engine = initialize(model, ds_config, cfg.optim, cfg.train.max_steps, compile_model=cfg.train.compile)
     dp_rank = model.topology().get_coord(rank).data if cfg.train.layout == "pipeline" else rank
     sampler = GlobalBatchSampler(len(train_split), cfg.train.global_batch, dp_rank, dp, cfg.train.seed)
     start_step = 0
-    if ckpt is not None:
-        meta = checkpoint.load(engine, ckpt, universal)
-        sampler.load_state_dict(meta["sampler"])
-        start_step = meta["step"]
+    if plan is not None:
+        checkpoint.load(engine, plan.ckpt, plan.universal)
+        if not t.reset_data_position:
+            sampler.load_state_dict(plan.meta["sampler"])
+        start_step = plan.meta["step"]
         apply_schedule(engine)
     resolved = json.loads(json.dumps(to_dict(cfg)))  # tuples -> lists for YAML
     files = {
@@ -287,18 +295,22 @@ def setup(cfg: PretrainConfig) -> Run:
         start_step=start_step,
         config_text=files["config.yaml"],
     )
-    if ckpt is not None:
-        metrics.print(f"resumed from {ckpt} at step {start_step}" + (" (universal checkpoint)" if universal else ""))
-    return Run(cfg, engine, metrics, train_split, val_split, sampler, dp_rank, dp, start_step, files)
+    if plan is not None:
+        how = (" (universal checkpoint)" if plan.universal else "") + (
+            ", data order started afresh" if t.reset_data_position else ""
+        )
+        metrics.print(f"resumed from {plan.ckpt} at step {start_step}{how}")
+    return Run(cfg, engine, metrics, train_split, val_split, sampler, dp_rank, dp, start_step, files, data)
 
 
 def train(cfg: PretrainConfig) -> dict[str, float]:
-    """Pretrain per `cfg` (every rank), resuming from the run's latest checkpoint; returns final metrics."""
-    stop = StopSignal()  # preemption / time limit: save after the current step, exit
+    """Pretrain per `cfg` (every rank), resuming from the run's latest checkpoint; returns the final metrics and
+    `stopped_by`: the signal that stopped the run early after a checkpoint (0: it reached its last step)."""
+    stop = StopSignal(cfg.train.stop_check_every)  # preemption, time limit, launcher gone: save, then exit
     run = setup(cfg)
     t, m = cfg.train, run.metrics
     last_step = t.stop_at or t.max_steps
-    step, saved, window = run.start_step, run.start_step, 0
+    step, saved, window, stopped_by = run.start_step, run.start_step, 0, 0
     loss_sum = torch.zeros((), device=run.engine.device)
     tic = time.perf_counter()
     while step < last_step:
@@ -316,19 +328,19 @@ def train(cfg: PretrainConfig) -> dict[str, float]:
             window, tic = 0, time.perf_counter()
         if t.eval_every and step % t.eval_every == 0:
             m.val(step, run.evaluate())
-        stopping = stop.agreed()
-        if step % t.save_every == 0 or stopping:
+        stopped_by = stop.check(step)
+        if step % t.save_every == 0 or stopped_by:
             run.save(step)
             saved = step
-        if stopping:
-            m.print(f"stopped at step {step} on SIGTERM/SIGUSR1; rerun the same command to resume")
+        if stopped_by:
+            m.print(f"stopped at step {step} on {signal.Signals(stopped_by).name}; rerun the same command to resume")
             break
     if saved != step:
         run.save(step)
     run.reader.close()
-    stop.finish()
     m.close(to_dict(cfg))
-    return dict(m.last)
+    barrier()  # every rank's writes are done before any exits: a launcher may kill the rest when one exits non-zero
+    return {**m.last, "stopped_by": stopped_by}
 
 
 def git_revision() -> str:

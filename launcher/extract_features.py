@@ -10,10 +10,7 @@ once complete (layout: igpt_ds.features, docs/evaluation.md). A rerun keeps fini
 exit 2.
 """
 
-import sys
-
-from igpt_ds.cli import main
-from igpt_ds.features import ExtractConfig, extract
+from igpt_ds.cli import run_entry
 
 if __name__ == "__main__":
-    sys.exit(main(ExtractConfig, extract, "Extract frozen iGPT features for linear probes"))
+    run_entry("igpt_ds.features", "ExtractConfig", "extract", "Extract frozen iGPT features for linear probes")

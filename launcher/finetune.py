@@ -8,10 +8,7 @@ Configuration: defaults < `--config` YAML < dotted overrides (`--finetune.gen_we
 command resumes from the run's latest checkpoint. Errors: one line, exit 2.
 """
 
-import sys
-
-from igpt_ds.cli import main
-from igpt_ds.finetune import FinetuneConfig, finetune
+from igpt_ds.cli import run_entry
 
 if __name__ == "__main__":
-    sys.exit(main(FinetuneConfig, finetune, "Fine-tune a pretrained iGPT for classification"))
+    run_entry("igpt_ds.finetune", "FinetuneConfig", "finetune", "Fine-tune a pretrained iGPT for classification")

@@ -8,10 +8,7 @@ writes <features>/probe/{probe.json,probe.png,tensorboard/} (or `--out`); probe.
 a rerun skips finished ones. Errors: one line, exit 2.
 """
 
-import sys
-
-from igpt_ds.cli import main
-from igpt_ds.probe import ProbeConfig, linear_probe
+from igpt_ds.cli import run_entry
 
 if __name__ == "__main__":
-    sys.exit(main(ProbeConfig, linear_probe, "Logistic-regression probes on frozen iGPT features"))
+    run_entry("igpt_ds.probe", "ProbeConfig", "linear_probe", "Logistic-regression probes on frozen iGPT features")

@@ -7,10 +7,7 @@ Writes <out>/completions.png (original | given half | completions), unconditiona
 TensorBoard images. Errors: one line, exit 2.
 """
 
-import sys
-
-from igpt_ds.cli import main
-from igpt_ds.sampling import SampleConfig, sample
+from igpt_ds.cli import run_entry
 
 if __name__ == "__main__":
-    sys.exit(main(SampleConfig, sample, "iGPT samples and image completions"))
+    run_entry("igpt_ds.sampling", "SampleConfig", "sample", "iGPT samples and image completions")

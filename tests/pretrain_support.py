@@ -110,3 +110,25 @@ def scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
 def losses(run_dir: Path) -> list[float]:
     train = scalars(run_dir / "tensorboard")["train/loss"]
     return [train[s] for s in sorted(train)]
+
+
+def worker_of(supervisor_pid: int, timeout: float = 120):
+    """The worker process (psutil.Process) that the entry point started as `supervisor_pid` runs the job in
+    (igpt_ds.supervisor: found by the supervisor pid in its environment)."""
+    import time
+
+    import psutil
+
+    from igpt_ds.supervisor import WORKER_ENV
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in psutil.process_iter():
+            try:
+                marker = p.environ().get(WORKER_ENV, "")
+            except psutil.Error:
+                continue
+            if marker.endswith(f",{supervisor_pid}"):
+                return p
+        time.sleep(0.2)
+    raise AssertionError(f"no worker of supervisor {supervisor_pid} within {timeout} s")

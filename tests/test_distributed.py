@@ -8,7 +8,7 @@ import pytest
 from pretrain_support import REPO, digits_shards, env, free_port, write_config
 
 from igpt_ds import distributed
-from igpt_ds.distributed import first_host, slurm_env
+from igpt_ds.launchers import first_host, slurm_env
 from igpt_ds.shards import ShardSplit
 
 

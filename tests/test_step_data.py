@@ -87,13 +87,17 @@ def test_step_reader_passes_a_read_error_to_the_loop():
         reader.close()
 
 
-def test_stop_signal_is_acted_on_one_call_after_it_is_reduced(one_rank_group):
-    stop = StopSignal()
-    assert not stop.agreed()  # starts the first reduction (no signal yet)
+def test_stop_signal_is_decided_at_check_steps_only(one_rank_group):
+    stop = StopSignal(every=5)
     os.kill(os.getpid(), signal.SIGUSR1)
     time.sleep(0.1)
     assert stop.received == [signal.SIGUSR1]
-    assert not stop.agreed()  # reads the reduction started before the signal; starts one that carries it
-    assert stop.agreed()
-    stop.finish()
-    assert stop.pending is None and not stop.finish()
+    assert [stop.check(step) for step in range(1, 6)] == [0, 0, 0, 0, signal.SIGUSR1]  # only step 5 communicates
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)
+    assert stop.check(10) == signal.SIGTERM  # the largest signal number received wins, on every rank alike
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait for a checkpoint
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)

@@ -1,0 +1,123 @@
+"""Whether and how a run resumes: decided once, by rank 0, and refused in one line when the checkpoint no longer
+fits the run.
+
+`plan(...)` runs on rank 0 (through `distributed.on_rank0`) and every rank receives its answer: which
+checkpoint (or none), its run.json, and whether it must go through DeepSpeed's universal form. Ranks never
+read `latest` or the `complete` markers themselves, so a stale directory listing on a network filesystem
+cannot send one rank into a resume and another into a fresh start (a hang at scale).
+
+What a checkpoint depends on, and what happens when it changed since it was written:
+
+| changed since the checkpoint              | on resume                                                        |
+|-------------------------------------------|------------------------------------------------------------------|
+| world size, data-parallel size, stages    | supported: converted to DeepSpeed's universal form and loaded     |
+| LR, warmup, schedule, max_steps, stop_at  | supported: the schedule of the new config from the restored step |
+| log / eval / save cadence, keep, timeouts | supported                                                        |
+| training images (shards rebuilt), seed    | refused; `train.reset_data_position=true` continues from the     |
+|                                           | weights, optimizer and step with the data order started afresh   |
+| palette                                   | refused (tokens would mean other colours)                       |
+| model shape or objective, layout          | refused; export the weights and start a run with init_from       |
+| ZeRO stage, precision (bf16 / fp16 / fp32)| refused; keep them, or export the weights and init_from          |
+
+Each refusal is a ConfigError naming the checkpoint, what changed (then and now) and the ways out, raised
+before the engine is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from igpt_ds import checkpoint
+from igpt_ds.config import ConfigError, ModelConfig
+from igpt_ds.shards import ShardSplit
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "n_px", "n_vocab", "bias", "objective")
+"""Model fields a checkpoint's weights are bound to."""
+
+
+@dataclass
+class Resume:
+    ckpt: Path
+    meta: dict[str, Any]
+    """run.json: step, sampler state, topology, data identity."""
+    universal: bool
+    """Load through DeepSpeed's universal form (another topology than the one that saved)."""
+
+
+def data_identity(split: ShardSplit) -> dict[str, Any]:
+    """What the data position of a checkpoint refers to: the split's size, its shard files' sha256 (from the
+    manifest, not recomputed) and the palette's."""
+    shards = split.manifest["splits"][split.split]["shards"]
+    digest = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
+    palette = split.manifest["palette"]["sha256"]
+    return {"split": split.split, "n": len(split), "shards_sha256": digest, "palette_sha256": palette}
+
+
+def precision(ds_config: dict[str, Any]) -> str:
+    return next((p for p in ("bf16", "fp16") if ds_config.get(p, {}).get("enabled")), "fp32")
+
+
+def plan(
+    root: Path,
+    model: ModelConfig | None,
+    layout: str,
+    world: int,
+    dp: int,
+    ds_config: dict[str, Any],
+    data: dict[str, Any],
+    seed: int,
+    reset_data_position: bool,
+) -> Resume | None:
+    """Rank 0's answer for every rank: the checkpoint to resume from `root` (None: start fresh), after checking
+    that it fits this run (see the module docstring); ConfigError otherwise. `model` None: the run takes its
+    model from the checkpoint (fine-tuning), nothing to compare."""
+    ckpt = checkpoint.latest(root)
+    if ckpt is None:
+        return None
+    meta = checkpoint.read_meta(ckpt)
+    export = (f"to start a new run from its weights: python -m igpt_ds.checkpoint {ckpt} WEIGHTS, then "
+              f"--train.name=NEW --train.init_from=WEIGHTS")  # fmt: skip
+    then = checkpoint.model_config(ckpt)
+    changed = [f"model.{k}={getattr(then, k)} then, {getattr(model, k)} now" for k in MODEL_KEYS
+               if model is not None and getattr(then, k) != getattr(model, k)]  # fmt: skip
+    if meta["layout"] != layout:
+        changed.append(f"train.layout={meta['layout']} then, {layout} now")
+    if changed:
+        raise ConfigError(
+            f"{ckpt} does not fit this run ({'; '.join(changed)}); resume with the same model, or {export}"
+        )
+    saved_ds = json.loads((ckpt / "ds_config.json").read_text())
+    stage_now = ds_config.get("zero_optimization", {}).get("stage", 0)
+    pairs = (
+        ("ZeRO stage", meta.get("zero_stage", 0), stage_now),
+        ("precision", precision(saved_ds), precision(ds_config)),
+    )
+    engine = [(what, a, b) for what, a, b in pairs if a != b]
+    if engine:
+        what = "; ".join(f"{w} {a} then, {b} now" for w, a, b in engine)
+        raise ConfigError(f"{ckpt} was written with another engine policy ({what}, train.ds_config); resume with "
+                          f"the policy it was written with, or {export}")  # fmt: skip
+    then_data = meta.get("data") or {"n": meta["sampler"]["n_samples"]}
+    if then_data.get("palette_sha256", data["palette_sha256"]) != data["palette_sha256"]:
+        raise ConfigError(f"{ckpt} was trained on shards tokenised with another palette than data.shards' (its "
+                          "tokens would mean other colours); tokenise the images with the run's palette: "
+                          f"igpt-build-shards SOURCE --out DIR --palette {ckpt / 'palette.npy'}")  # fmt: skip
+    moved = []
+    if then_data["n"] != data["n"]:
+        moved.append(f"the {data['split']} split has {data['n']:,} images, {then_data['n']:,} then")
+    elif then_data.get("shards_sha256", data["shards_sha256"]) != data["shards_sha256"]:
+        moved.append(f"the {data['split']} split's shard files changed")
+    if meta["sampler"]["seed"] != seed:
+        moved.append(f"train.seed={seed}, {meta['sampler']['seed']} then")
+    if moved and not reset_data_position:
+        raise ConfigError(
+            f"{ckpt} was written for other training data ({'; '.join(moved)}), so its data position means nothing "
+            "now; restore the shards and seed it was written with, or set --train.reset_data_position=true to "
+            "continue from its weights, optimizer and step with the data order started afresh"
+        )
+    universal = (meta["world_size"], meta["dp_size"]) != (world, dp)
+    return Resume(ckpt, meta, universal)

@@ -21,8 +21,9 @@ supervisor) as SIGTERM: pretraining and fine-tuning save a checkpoint and exit, 
 (it keeps what it finished). Its console goes quiet instead of failing if it went with the launcher, and it
 has `ORPHAN_TIMEOUT_S` (environment IGPT_DS_ORPHAN_TIMEOUT_S) to finish before it exits regardless.
 
-A scheduler that kills by cgroup (Slurm after KillWait) still ends the worker: it is in the job's cgroup.
-IGPT_DS_SUPERVISE=0 runs an entry point in the launched process itself (debuggers, profilers).
+A task that srun started runs its job in-process: Slurm signals every task itself and kills only after its
+KillWait, and a detached worker could escape the job step's process tracking. IGPT_DS_SUPERVISE=0 runs an
+entry point in the launched process itself (debuggers, profilers).
 """
 
 from __future__ import annotations
@@ -56,12 +57,19 @@ DETACH = "import os, sys\nif os.fork():\n    os._exit(0)\nos.execv(sys.argv[1], 
 
 def supervised(main: Callable[[], int]) -> int:
     """Run `main` (an entry point's main, returning its exit status) in a supervised, detached worker; in the
-    worker (or with IGPT_DS_SUPERVISE=0) run it here."""
+    worker, as a Slurm task (srun), or with IGPT_DS_SUPERVISE=0, run it here."""
     if os.environ.get(WORKER_ENV):
         return run_worker(main)
-    if os.environ.get(DISABLE_ENV) == "0":
+    if os.environ.get(DISABLE_ENV) == "0" or slurm_task():
         return main()
     return supervise()
+
+
+def slurm_task() -> bool:
+    """Whether srun started this process as a task of a job step. Slurm signals every task itself (scancel,
+    --signal) and kills only after the cluster's KillWait; a worker detached from the task could escape the
+    step's process tracking (proctrack/linuxproc), so a task runs its job in-process."""
+    return "SLURM_STEP_ID" in os.environ and not any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "RANK"))
 
 
 def supervise() -> int:

@@ -345,3 +345,73 @@ def test_killed_rank_fails_the_launch_and_the_rerun_resumes(shards, n_vocab, tmp
     assert rc == 0, tail(rerun)
     assert re.search(rf"resumed from \S+step_{step:08d} at step {step}(?!\d)", rerun.read_text()), tail(rerun)
     assert latest_step(run) == step + 2
+
+
+# ------------------------------------------------------------------------------------- stopping a run
+
+
+def processes_of(marker: str) -> list[psutil.Process]:
+    """Live processes whose command line names `marker` (a path unique to the test)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if any(marker in arg for arg in p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def rerun_resumes(config: Path, run: Path, log: Path) -> int:
+    """The step of the stop checkpoint, after checking that one process resumes from it."""
+    saved = checkpoint.latest(run / "checkpoints")
+    assert saved is not None, tail(log)
+    step = checkpoint.read_meta(saved)["step"]
+    assert 0 < step < 100000 and step % 10 == 0, step  # a stop-check step, long before the end
+    cmd = [sys.executable, "launcher/pretrain.py", "--config", str(config), f"--train.stop_at={step + 1}"]
+    out = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert out.returncode == 0 and f"step_{step:08d} at step {step}" in out.stdout, out.stdout[-3000:] + out.stderr
+    return step
+
+
+def long_config(tmp_path: Path, shards: Path, n_vocab: int) -> Path:
+    return write_config(tmp_path / "long.yaml", shards, tmp_path / "runs", n_vocab, max_steps=100000,
+                        save_every=100000, eval_every=0, log_every=10)  # fmt: skip
+
+
+def test_deepspeed_pdsh_sigterm_to_the_command(two_hosts, shards, n_vocab, tmp_path):
+    """DeepSpeed's runner answers SIGTERM by killing pdsh and pkill-ing its agents, which SIGKILL the ranks 30 s
+    later and cut their ssh consoles: every rank still saves (igpt_ds.supervisor) and nothing stays behind."""
+    config = long_config(tmp_path, shards, n_vocab)
+    log = tmp_path / "deepspeed.log"
+    launcher = ["--hostfile", str(two_hosts), "--master_addr", HOSTS[0], "--master_port", str(free_port())]
+    cmd = [str(VENV_BIN / "deepspeed"), *launcher, "launcher/pretrain.py", "--config", str(config)]
+    env_file = deepspeed_env_file(tmp_path / "deepspeed_env")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(DS_ENV_FILE=str(env_file)), stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_until(lambda: re.search(r"^\S+: step [1-9]\d*/100000 loss", tail(log), re.M), RUN_TIMEOUT, "training",
+                   lambda: tail(log))  # fmt: skip
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=RUN_TIMEOUT) != 0
+        wait_until(lambda: not processes_of(str(config)), 120, "every process of the run to end",
+                   lambda: "\n".join(" ".join(p.cmdline()) for p in processes_of(str(config))))  # fmt: skip
+    finally:
+        for p in processes_of(str(config)):
+            p.kill()
+    rerun_resumes(config, tmp_path / "runs" / "run", log)
+
+
+def test_sbatch_scancel_checkpoints_and_ends(slurm, shards, n_vocab, tmp_path):
+    """scancel sends SIGTERM to every task (and SIGKILL after KillWait): the ranks save at the step reached."""
+    config = long_config(tmp_path, shards, n_vocab)
+    log = tmp_path / "slurm.out"
+    job_id = sbatch(slurm, log, config, "run")
+    wait_until(lambda: re.search(r"^step [1-9]\d*/100000 loss", tail(log), re.M), RUN_TIMEOUT, "training",
+               lambda: tail(log))  # fmt: skip
+    subprocess.run(["scancel", job_id], env=slurm, check=True, timeout=30)
+    wait_until(lambda: job(slurm, job_id)["JobState"] == "CANCELLED" and not processes_of(str(config)), RUN_TIMEOUT,
+               "the job and its processes to end", lambda: job_details(slurm, job_id, log))  # fmt: skip
+    step = rerun_resumes(config, tmp_path / "runs" / "run", log)
+    assert f"stopped at step {step} on SIGTERM" in log.read_text(), tail(log)

@@ -8,10 +8,11 @@ reach. Features are written in the extracted layout (igpt_ds.features.write_feat
 seeded generator, never whole; val and test hold N/8 rows each.
 
 Each case runs the real entry point (launcher/linear_probe.py) as 1 and as 2 ranks (env:// like torchrun),
-with every core of the machine used either way (OMP_NUM_THREADS = cores / ranks), one C and a fixed
-max_iter so that time per L-BFGS pass is comparable. Peak RSS per rank comes from the probe's own report;
-`predicted_gb` is igpt_ds.eval_planner.probe_bytes for the same case, and `rss_over_idle_gb` subtracts the
-peak of the same run on a tiny set (the process's fixed cost: Python, torch, DeepSpeed).
+one core each (OMP_NUM_THREADS=1: a rank stands for one device; two OpenMP threads on a shared 2-core machine
+spin on each other), one C and a fixed max_iter so that time per L-BFGS pass is comparable. Peak RSS per
+rank comes from the probe's own report; `predicted_gb` is igpt_ds.eval_planner.probe_bytes for the same
+case, and `rss_over_idle_gb` subtracts the peak of the same run on a tiny set (the process's fixed cost:
+Python, torch, DeepSpeed).
 scikit-learn (LogisticRegression, L-BFGS, the same C and max_iter) runs in a subprocess of its own where
 N·d·8 B (its float64 copy) stays under --sklearn-max-gb.
 
@@ -71,10 +72,9 @@ def bayes_accuracy(split: FeatureSplit, mu: np.ndarray) -> float:
 
 def run_probe(features: Path, out: Path, world: int, C: float, max_iter: int) -> dict:
     """launcher/linear_probe.py on layer 0 as `world` ranks; its report plus the wall time."""
-    cores = os.cpu_count() or 1
     port = str(free_port())
     base = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-                OMP_NUM_THREADS=str(max(1, cores // world)), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
+                OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
     cmd = [sys.executable, "launcher/linear_probe.py", "--features", str(features), "--out", str(out),
            "--layers", "[0]", "--concat_k", "0", "--pixels", "false", "--c_grid", f"[{C}]",
            "--max_iter", str(max_iter)]  # fmt: skip
@@ -108,7 +108,7 @@ print(json.dumps({"fit_s": fit_s, "val_acc": acc["val"], "test_acc": acc["test"]
 
 
 def run_sklearn(features: Path, C: float, max_iter: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(os.cpu_count() or 1))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", SKLEARN, str(features), str(C), str(max_iter)], cwd=REPO, env=env,
                           capture_output=True, text=True, check=False)  # fmt: skip
     if done.returncode:

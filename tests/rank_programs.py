@@ -58,6 +58,24 @@ def slow_consolidation(root: str, delay: float, timeout: int) -> None:
     print(f"loaded {cfg.n_layer} layers from {json.loads((export / 'config.json').read_text())['source']}", flush=True)
 
 
+def pretrain_ranks(config: str, overrides: str, rank1_overrides: str, rank1_blind: int) -> None:
+    """launcher/pretrain.py's job on this rank, with `rank1_overrides` added on rank 1 and, when `rank1_blind`,
+    rank 1 seeing no checkpoint at all (a stale listing of the checkpoint folder on a network filesystem)."""
+    import os
+
+    from igpt_ds.cli import main
+    from igpt_ds.config import PretrainConfig
+    from igpt_ds.trainer import train
+
+    rank = int(os.environ["RANK"])
+    if rank == 1 and rank1_blind:
+        checkpoint.latest = lambda root: None
+    argv = ["--config", config, *overrides.split(), *(rank1_overrides.split() if rank == 1 else [])]
+    code = main(PretrainConfig, train, "pretrain", argv, error_prefix="config error")
+    print(f"rank {rank} exit {code}", flush=True)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     name, *args = sys.argv[1:]
     program = globals()[name]

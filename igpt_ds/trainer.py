@@ -5,9 +5,9 @@ checkpoint to resume) before the first step; the loop in `train` is then the sam
 on every rank. Two layouts: ZeRO data parallel (`train.layout=zero`, stage from the DeepSpeed
 JSON) and pipeline x data parallel (`train.layout=pipeline`, igpt_ds.pipe).
 
-No host-device sync in the hot loop: the loss accumulates on the device and is read at log steps;
-the next step's batches are read in a background thread (`StepReader`); the stop-request flag
-(SIGTERM/SIGUSR1, `distributed.StopSignal`) is reduced over a CPU (gloo) group, in the background.
+No host-device sync in the hot loop but at log steps (the loss accumulates on the device) and stop checks;
+the next step's batches are read in a background thread (`StepReader`); the stop request (SIGTERM, SIGINT,
+SIGUSR1, the launcher gone: `distributed.StopSignal`) is agreed every `train.stop_check_every` steps.
 
 Launch: `deepspeed --num_gpus 8 launcher/pretrain.py --config launcher/configs/igpt_s_imagenet32.yaml`.
 """

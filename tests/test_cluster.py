@@ -195,7 +195,7 @@ def test_sbatch_preempted_checkpoints_requeues_and_resumes(slurm, shards, n_voca
     wait_until(lambda: re.search(r"^step [2-9]/40 loss", tail(log), re.M), RUN_TIMEOUT, "training", lambda: tail(log))
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm, check=True, timeout=30)
 
-    # USR1 -> batch shell -> srun -> ranks save and exit 0 -> `scontrol requeue`: restarts 1, then
+    # USR1 -> batch shell -> srun -> ranks save and exit 138 -> `scontrol requeue`: restarts 1, then
     # pending on a BeginTime delay once the first run's processes are gone.
     def requeued() -> bool:
         info = job(slurm, job_id)

@@ -6,7 +6,7 @@
 # the time limit (or `scancel --signal=USR1 --batch JOBID` by hand). A shell runs a trap only between
 # commands, so the step runs in the background and the shell waits on it. The trap relays USR1 to
 # srun, which forwards it to every task; the trainer's handler makes all ranks agree to stop after the
-# current step, save a checkpoint together and exit 0. Only then does the job requeue itself: a
+# current step, save a checkpoint together and exit (status 138 = 128 + USR1). Only then does the job requeue itself: a
 # requeue while the ranks were still writing would kill them mid-save. The requeued job runs this
 # same script with the same arguments, and the trainer resumes from the run's latest checkpoint.
 #

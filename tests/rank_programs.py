@@ -4,15 +4,33 @@ each started with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT like torchrun wo
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
+
+import torch.distributed as dist
 
 from igpt_ds import checkpoint
 from igpt_ds.config import ConfigError, ModelConfig
-from igpt_ds.distributed import barrier, init_distributed, on_rank0
+from igpt_ds.distributed import barrier, on_rank0
 from igpt_ds.model import IGPT
 from igpt_ds.weights import save_consolidated
+
+
+def init_distributed(timeout: int) -> int:
+    """A gloo process group whose collectives time out after `timeout` s, started only once every rank is up
+    (a rendezvous on a store of its own with a generous timeout), so that a slow start on a loaded machine
+    never counts against the short timeout under test. Returns the rank."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["SYNC_PORT"]), world, rank == 0,
+                          timeout=timedelta(seconds=300))  # fmt: skip
+    store.add("up", 1)
+    while int(store.add("up", 0)) < world:
+        time.sleep(0.05)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+    return rank
 
 
 def slow_on_rank0(delay: float, timeout: int) -> None:
@@ -23,7 +41,7 @@ def slow_on_rank0(delay: float, timeout: int) -> None:
 
 def slow_then_barrier(delay: float, timeout: int) -> None:
     """The pattern on_rank0 replaces: rank 0 works while the others wait in a barrier."""
-    rank, _ = init_distributed(timeout)
+    rank = init_distributed(timeout)
     if rank == 0:
         time.sleep(delay)
     barrier()

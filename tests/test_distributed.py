@@ -72,12 +72,19 @@ def test_a_task_bound_to_one_device_uses_it_whatever_its_local_rank(one_rank_gro
 
 def run_program(name: str, *args: str, nprocs: int = 2, timeout: float = 120) -> list[subprocess.CompletedProcess]:
     """tests/rank_programs.py NAME ARGS as `nprocs` ranks (env://); every rank's completed process."""
-    port = str(free_port())
+    port, sync = str(free_port()), str(free_port())
     procs = [
         subprocess.Popen(
             [sys.executable, "tests/rank_programs.py", name, *args],
             cwd=REPO,
-            env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            env=env(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE=str(nprocs),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                SYNC_PORT=sync,
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -93,11 +100,11 @@ def run_program(name: str, *args: str, nprocs: int = 2, timeout: float = 120) ->
 
 @pytest.mark.multiproc
 def test_rank0_work_longer_than_the_collective_timeout():
-    """Rank 0 works 8 s under a 3 s collective timeout. A barrier times out (the fault this guards against);
+    """Rank 0 works 12 s under a 5 s collective timeout. A barrier times out (the fault this guards against);
     on_rank0 and the weight consolidation that uses it finish on both ranks."""
-    naive = run_program("slow_then_barrier", "8", "3")
+    naive = run_program("slow_then_barrier", "12", "5")
     assert any(r.returncode != 0 for r in naive), [r.stdout for r in naive]  # the timeout is real
-    for result in run_program("slow_on_rank0", "8", "3"):
+    for result in run_program("slow_on_rank0", "12", "5"):
         assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "rank 0 finished", result.stderr[
             -2000:
         ]
@@ -108,7 +115,7 @@ def test_slow_consolidation_does_not_time_out(tmp_path):
     ckpt = tmp_path / "step_00000003"
     ckpt.mkdir()
     (ckpt / "run.json").write_text('{"step": 3}')
-    for result in run_program("slow_consolidation", str(tmp_path), "8", "3"):
+    for result in run_program("slow_consolidation", str(tmp_path), "12", "5"):
         assert result.returncode == 0, result.stderr[-2000:]
         assert f"loaded 2 layers from {ckpt.resolve()}" in result.stdout
 

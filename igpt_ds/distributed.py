@@ -16,6 +16,8 @@ save a checkpoint together and exit.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import threading
@@ -67,8 +69,14 @@ def shutdown() -> None:
 def agree_on_config(config: dict[str, Any]) -> None:
     """Refuse to run when ranks parsed different configurations (a config file that differs between nodes, an
     edit during start-up): schedules, stops and saves follow the config, so ranks would take different
-    collective paths. Collective; the same ConfigError on every rank, naming the first differing keys."""
+    collective paths. Collective: one gather of a 32-byte digest, and of the configs only when digests differ;
+    the same ConfigError on every rank, naming the first differing keys."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) == 1:
         return
     configs = [None] * dist.get_world_size()
     dist.all_gather_object(configs, config)

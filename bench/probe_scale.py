@@ -137,6 +137,7 @@ def case(args, tmp: Path, n: int, d: int, k: int, idle: dict[int, float]) -> dic
             "peak_rss_gb": [round(b / GB, 3) for b in got["peak_rss_bytes"]],
             "rss_over_idle_gb": round((peak - idle[world]) / GB, 3),
             "predicted_gb": round(predicted / GB, 3),
+            "predicted_bytes": predicted,
         }
         print(f"N={n:,} d={d} K={k} ranks={world}: {got['row']['seconds']:.1f} s, test {got['row']['test_acc']:.2f}%, "
               f"peak RSS {peak / GB:.2f} GB/rank (over idle {(peak - idle[world]) / GB:.2f}, predicted "

@@ -1,6 +1,6 @@
-"""The three benchmark scripts run on CPU in CI-sized form and write well-formed results (never timings).
+"""The benchmark scripts run on CPU in CI-sized form and write well-formed results (never timings).
 
-Each runs as a subprocess, the way bench/gpu_matrix.sh and people run them. Together ~1 minute on 2 cores.
+Each runs as a subprocess, the way bench/gpu_matrix.sh and people run them. Together ~2 minutes on 2 cores.
 """
 
 import json
@@ -80,3 +80,25 @@ def test_sample_throughput(tmp_path):
     assert set(report["tokens_per_s"]) == {"cached", "full_recompute", "hf_generate"}
     assert all(v > 0 for v in report["tokens_per_s"].values())
     assert isinstance(report["greedy_tokens_equal_hf"], bool)
+
+
+@pytest.mark.multiproc
+def test_probe_scale(tmp_path):
+    args = ["--n", "3000", "--d", "16", "--classes", "4", "--worlds", "1", "2", "--max-iter", "20"]
+    run("probe_scale.py", *args, "--out-dir", str(tmp_path), "--tmp", str(tmp_path))
+    report = json.loads((tmp_path / "probe_scale.json").read_text())
+    (case,) = report["cases"]
+    assert case["n_train"] == 3000 and set(case["ranks"]) == {"1", "2"}
+    one, two = case["ranks"]["1"], case["ranks"]["2"]
+    assert one["test_acc"] == two["test_acc"] and one["test_acc"] > 60  # same fit on either world size
+    assert abs(case["sklearn"]["test_acc"] - one["test_acc"]) <= 0.5 and case["bayes_acc"] > 60
+    assert len(two["peak_rss_gb"]) == 2 and one["predicted_bytes"] > two["predicted_bytes"] > 0
+    assert (tmp_path / "probe_scale.md").read_text().count("\n| 3,000 |") == 2
+
+
+@pytest.mark.multiproc
+def test_stop_flag(tmp_path):
+    run("stop_flag.py", "--steps", "50", "--repeats", "1", "--out-dir", str(tmp_path))
+    report = json.loads((tmp_path / "stop_flag.json").read_text())
+    assert report["world"] == 2 and set(report["step_us"]) == {"none", "gloo_async", "check_10"}
+    assert report["sockets_of_a_gloo_group_per_rank"] >= 1  # gloo's mesh: a socket for each other rank

@@ -200,3 +200,6 @@ class Console(io.TextIOBase):
 
     def writable(self) -> bool:
         return True
+
+    def __getattr__(self, name: str):  # anything else (buffer, errors, ...) is the stream's
+        return getattr(self.stream, name)

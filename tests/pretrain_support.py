@@ -132,3 +132,17 @@ def worker_of(supervisor_pid: int, timeout: float = 120):
                 return p
         time.sleep(0.2)
     raise AssertionError(f"no worker of supervisor {supervisor_pid} within {timeout} s")
+
+
+def processes_of(marker: str) -> list:
+    """Live processes (psutil) whose command line names `marker` (a path unique to the test)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if any(marker in arg for arg in p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from pretrain_support import REPO, digits_shards, env, free_port, scalars, worker_of, write_config
+from pretrain_support import REPO, digits_shards, env, free_port, processes_of, scalars, worker_of, write_config
 
 from igpt_ds import checkpoint
 
@@ -348,18 +348,6 @@ def test_killed_rank_fails_the_launch_and_the_rerun_resumes(shards, n_vocab, tmp
 
 
 # ------------------------------------------------------------------------------------- stopping a run
-
-
-def processes_of(marker: str) -> list[psutil.Process]:
-    """Live processes whose command line names `marker` (a path unique to the test)."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if any(marker in arg for arg in p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
 
 
 def rerun_resumes(config: Path, run: Path, log: Path) -> int:

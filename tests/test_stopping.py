@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from eval_support import check, run_entry, separable_shards, tiny_checkpoint
-from pretrain_support import REPO, digits_shards, env, free_port, write_config
+from pretrain_support import REPO, digits_shards, env, free_port, processes_of, write_config
 
 from igpt_ds import checkpoint
 from igpt_ds.features import INDEX_FILE, FeatureSplit
@@ -40,18 +39,6 @@ def shards(tmp_path_factory) -> Path:
 def config_for(tmp_path: Path, shards: Path) -> Path:
     n_vocab = ShardSplit(shards, "train").n_vocab
     return write_config(tmp_path / "tiny.yaml", shards, tmp_path / "runs", n_vocab, global_batch=8, micro_batch=4)
-
-
-def processes_of(marker: str) -> list[psutil.Process]:
-    """Live processes whose command line names `marker` (a path unique to the test)."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if any(marker in arg for arg in p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
 
 
 def wait_for(check_fn, timeout: float, what: str, details=lambda: ""):

@@ -16,7 +16,8 @@ Python, torch, DeepSpeed).
 scikit-learn (LogisticRegression, L-BFGS, the same C and max_iter) runs in a subprocess of its own where
 N·d·8 B (its float64 copy) stays under --sklearn-max-gb.
 
-    python bench/probe_scale.py                                  # the committed matrix (~1.5 h on 2 cores)
+    python bench/probe_scale.py                                  # 10 classes: probe_scale.{json,md} (~40 min)
+    python bench/probe_scale.py --n 20000 --classes 1000 --max-iter 15 --name probe_scale_k1000   # (~25 min)
     python bench/probe_scale.py --n 2000 --d 16 --classes 4 --max-iter 20 --out-dir /tmp/p   # smoke
 Writes probe_scale.json and probe_scale.md into --out-dir (default bench/results).
 """
@@ -27,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[50_000, 200_000, 800_000], help="train rows")
     p.add_argument("--d", type=int, nargs="+", default=[512, 1536])
-    p.add_argument("--classes", type=int, nargs="+", default=[10, 1000])
+    p.add_argument("--classes", type=int, nargs="+", default=[10])
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--max-pass-flops", type=float, default=1.2e11,
                    help="skip cases whose L-BFGS pass (4·N·d·K FLOPs) is larger (CPU time)")  # fmt: skip
@@ -190,18 +190,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="probe_scale")
     p.add_argument("--tmp", default=None, help="folder for the synthetic features (default: a temporary one)")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        idle = idle_rss(args, Path(tmp))
-        cases = [case(args, Path(tmp), n, d, k, idle) for k in args.classes for d in args.d for n in args.n
-                 if 4 * n * d * k <= args.max_pass_flops]  # fmt: skip
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    report = {"command": " ".join(["python bench/probe_scale.py", *(argv or sys.argv[1:])]), "git": git.strip(),
-              "cores": os.cpu_count(), "idle_rss_gb": {w: v / GB for w, v in idle.items()}, "cases": cases,
-              "peak_rss_self_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB}  # fmt: skip
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / f"{args.name}.md").write_text(markdown(report))
+    report = {"command": " ".join(["python bench/probe_scale.py", *(argv or sys.argv[1:])]), "git": git.strip(),
+              "cores": os.cpu_count(), "cases": []}  # fmt: skip
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        idle = idle_rss(args, Path(tmp))
+        report["idle_rss_gb"] = {w: v / GB for w, v in idle.items()}
+        for k in args.classes:
+            for d in args.d:
+                for n in args.n:
+                    if 4 * n * d * k <= args.max_pass_flops:
+                        report["cases"].append(case(args, Path(tmp), n, d, k, idle))
+                        # after every case: a long run stopped midway keeps what it measured
+                        (out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+                        (out / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
     return 0
 

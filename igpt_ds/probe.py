@@ -41,8 +41,8 @@ from deepspeed.accelerator import get_accelerator
 from igpt_ds import logreg
 from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError
-from igpt_ds.distributed import init_distributed, on_rank0
-from igpt_ds.features import FeatureSplit, gather_objects
+from igpt_ds.distributed import gather_objects, init_distributed, on_rank0
+from igpt_ds.feature_store import FeatureSplit
 from igpt_ds.plots import plot_probe
 
 SOLVERS = ("torch", "sklearn")

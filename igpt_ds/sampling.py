@@ -28,8 +28,8 @@ from torch import Tensor
 from igpt_ds.atomic import atomic_file
 from igpt_ds.checkpoint import check_palette, load_model_for_ranks
 from igpt_ds.config import ConfigError, DataConfig
-from igpt_ds.distributed import barrier, init_distributed
-from igpt_ds.features import autocast, compute_dtype, gather_objects
+from igpt_ds.distributed import barrier, gather_objects, init_distributed
+from igpt_ds.features import autocast, compute_dtype
 from igpt_ds.model import IGPT, KVCache
 from igpt_ds.palette import decode
 from igpt_ds.plots import image_grid, save_png

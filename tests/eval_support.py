@@ -13,7 +13,7 @@ from pretrain_support import REPO, env, free_port
 
 from data_tools.build_shards import main as build_shards
 from igpt_ds.config import ModelConfig
-from igpt_ds.features import write_features
+from igpt_ds.feature_store import write_features
 from igpt_ds.model import IGPT
 from igpt_ds.weights import save_consolidated
 

@@ -12,7 +12,7 @@ from pretrain_support import digits_shards, run_ranks, scalars, write_config
 from test_probe import sklearn_reference
 
 from igpt_ds import checkpoint
-from igpt_ds.features import FeatureSplit
+from igpt_ds.feature_store import FeatureSplit
 from igpt_ds.weights import load_consolidated
 
 

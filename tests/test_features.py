@@ -18,18 +18,17 @@ from pretrain_support import REPO, digits_shards, env
 from data_tools.build_shards import main as build_shards
 from igpt_ds.checkpoint import load_model_for_eval
 from igpt_ds.config import ConfigError
-from igpt_ds.features import (
+from igpt_ds.feature_store import (
     FEATURES_FILE,
     INDEX_FILE,
     PARTS_DIR,
     FeatureSplit,
-    extract_parts,
     finish_split,
     part_rows_for,
     prepare_split,
-    resolve_layers,
     split_plan,
 )
+from igpt_ds.features import extract_parts, resolve_layers
 from igpt_ds.shards import ShardSplit
 
 

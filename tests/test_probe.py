@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 
 from igpt_ds import logreg, probe
 from igpt_ds.config import ConfigError
-from igpt_ds.features import FeatureSplit
+from igpt_ds.feature_store import FeatureSplit
 from igpt_ds.probe import ProbeConfig, Task, check_labels, format_table, linear_probe, run_task, window
 
 C_GRID = [1e-3, 1e-2, 1e-1, 1.0, 10.0]

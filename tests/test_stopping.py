@@ -21,7 +21,7 @@ from eval_support import check, run_entry, separable_shards, tiny_checkpoint
 from pretrain_support import REPO, digits_shards, env, free_port, processes_of, write_config
 
 from igpt_ds import checkpoint
-from igpt_ds.features import INDEX_FILE, FeatureSplit
+from igpt_ds.feature_store import INDEX_FILE, FeatureSplit
 from igpt_ds.shards import ShardSplit
 
 pytestmark = pytest.mark.multiproc

@@ -1,7 +1,7 @@
 """What agreeing on a stop request costs a training step, before and after issue 12. Two ranks on CPU (gloo).
 
-Peers, each timing the same stand-in step (a fixed matrix product, --step-ms long on an idle core), in the
-same run, round-robin:
+Peers, each timing the same stand-in step (--reps matrix products of side --size, then an all-reduce of a
+--grad-numel gradient over the main group, as every data-parallel step has), in the same run, round-robin:
 
   none         the step alone
   gloo_async   before: a one-element all-reduce started every step on a gloo group of its own and read one
@@ -9,7 +9,9 @@ same run, round-robin:
   check_10     after: distributed.StopSignal.check, one one-element all-reduce over the main group every
                10 steps (train.stop_check_every's default)
 
-Also counted: the sockets a rank opens for a gloo group of its own (gloo connects every pair of ranks).
+Per peer: the step time (best of --repeats), and the time spent inside the check itself per step (median): the
+first moves with every disturbance of a shared machine, the second is the mechanism's own cost. Also counted:
+the sockets a rank opens for a gloo group of its own (gloo connects every pair of ranks).
 Writes stop_flag.json into --out-dir (default bench/results). Launch as two ranks:
 
     python bench/stop_flag.py                    # starts its two ranks itself
@@ -60,10 +62,12 @@ def rank_main(args: argparse.Namespace) -> None:
     rank, world = init_distributed(600)
     torch.set_num_threads(1)
     a = torch.randn(args.size, args.size)
+    grad = torch.zeros(args.grad_numel)
 
     def step() -> None:
         for _ in range(args.reps):
             a @ a
+        dist.all_reduce(grad)  # the step's gradient reduction: ranks are in step with each other already
 
     tic = time.perf_counter()  # calibrate the stand-in step
     for _ in range(20):
@@ -73,20 +77,27 @@ def rank_main(args: argparse.Namespace) -> None:
     peers = {"none": lambda s: False, "gloo_async": GlooEveryStep().agreed, "check_10": StopSignal(10).check}
     extra_sockets = sockets() - before
     times: dict[str, list[float]] = {k: [] for k in peers}
+    inside: dict[str, list[float]] = {k: [] for k in peers}
     for _ in range(args.repeats):
         for name, check in peers.items():
             dist.barrier()
+            in_check = 0.0
             tic = time.perf_counter()
             for s in range(1, args.steps + 1):
                 step()
+                t0 = time.perf_counter()
                 check(s)
+                in_check += time.perf_counter() - t0
             times[name].append((time.perf_counter() - tic) / args.steps * 1e6)
+            inside[name].append(in_check / args.steps * 1e6)
     if rank == 0:
         best = {k: min(v) for k, v in times.items()}
+        median = lambda v: sorted(v)[len(v) // 2]
         report = {
             "command": "python bench/stop_flag.py " + " ".join(sys.argv[1:]),
             "world": world,
             "step_us": {k: round(v, 1) for k, v in best.items()},
+            "in_check_us_per_step": {k: round(median(v), 1) for k, v in inside.items() if k != "none"},
             "overhead_us_per_step": {k: round(v - best["none"], 1) for k, v in best.items() if k != "none"},
             "all_runs_us": times,
             "stand_in_step_ms": round(step_ms, 3),
@@ -103,10 +114,11 @@ def rank_main(args: argparse.Namespace) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--size", type=int, default=128, help="matrix side of the stand-in step")
-    p.add_argument("--reps", type=int, default=4, help="matrix products per stand-in step")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--size", type=int, default=256, help="matrix side of the stand-in step")
+    p.add_argument("--reps", type=int, default=10, help="matrix products per stand-in step")
+    p.add_argument("--grad-numel", type=int, default=65536, help="gradient values all-reduced each step")
     p.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     p.add_argument("--name", default="stop_flag")
     args = p.parse_args()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded dataset (scikit-learn's 1,797 real 8x8 digits, offline):
 #   shards -> 2-rank DeepSpeed pretraining (ZeRO-3) -> frozen features -> linear probe -> completions.
-# Run through `make demo` (which installs first). About a minute on 2 idle CPU cores; every output lands
+# Run through `make demo` (which installs first). About two minutes on 2 idle CPU cores; every output lands
 # in demo_out/. Rerunning resumes the pretraining run and rebuilds the evaluation outputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."

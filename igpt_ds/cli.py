@@ -1,5 +1,7 @@
 """The command line shared by the entry points: `--config preset.yaml` plus dotted overrides, run supervised.
 
+`--help` on any entry point lists every field of its configuration (section, type, default, docstring).
+
 Precedence (igpt_ds.config): dataclass defaults < `--config` YAML < `--key=value` overrides. A
 configuration or input error (`ConfigError`: missing or incompatible checkpoint, shards tokenised with
 another palette than the checkpoint's, split without labels, layers out of range, ...; `ShardError`:
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,19 +31,43 @@ T = TypeVar("T")
 
 def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str] | None = None,
          error_prefix: str = "error") -> int:  # fmt: skip
-    """Parse argv into `cls`, call `run(cfg)`; the exit status (see the module docstring)."""
-    from igpt_ds.config import ConfigError, load_config
+    """Parse argv into `cls`, call `run(cfg)`; the exit status (see the module docstring).
+
+    `--help` lists every field of `cls` (type, default, docstring). A run with a `train` section also takes
+    the flags every DeepSpeed script takes (`deepspeed.add_config_arguments`): `--deepspeed_config FILE`,
+    the same as `--train.ds_config FILE`, and `--deepspeed`, accepted and implied (the engine is always
+    DeepSpeed's).
+    """
+    from igpt_ds.config import ConfigError, TrainConfig, instantiate, make_parser, parse_args, record_origins
     from igpt_ds.shards import ShardError
 
-    parser = argparse.ArgumentParser(description=description, epilog="overrides: --key=value or --section.key=value")
-    parser.add_argument("--config", help="YAML preset (launcher/configs/*.yaml)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser(cls, description)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by older DeepSpeed launchers
-    args, overrides = parser.parse_known_args(argv)
+    deepspeed_flags = typing.get_type_hints(cls).get("train") is TrainConfig
+    if deepspeed_flags:
+        parser.add_argument("--deepspeed", action="store_true", help="Accepted as in any DeepSpeed script; implied.")
+        parser.add_argument(
+            "--deepspeed_config", type=str, metavar="FILE", help="DeepSpeed JSON; the same as --train.ds_config FILE."
+        )
     try:
-        result = run(load_config(cls, args.config, overrides))
-    except (ConfigError, ShardError) as e:
-        print(f"{error_prefix}: {e}", file=sys.stderr)
-        return 2
+        try:
+            ns = parse_args(parser, argv)
+            cfg = instantiate(parser, ns, cls)
+            if deepspeed_flags and ns.deepspeed_config:
+                if "train.ds_config" in {a[2:].split("=", 1)[0] for a in argv}:
+                    raise ConfigError("--deepspeed_config and --train.ds_config both given; keep one")
+                cfg.train.ds_config = ns.deepspeed_config
+                argv = argv + [f"--train.ds_config={ns.deepspeed_config}"]  # its origin: a flag
+            record_origins(cfg, argv)
+        except ConfigError as e:
+            print(f"{error_prefix}: {e}", file=sys.stderr)
+            return 2
+        try:
+            result = run(cfg)
+        except (ConfigError, ShardError) as e:
+            print(f"{error_prefix}: {e}", file=sys.stderr)
+            return 2
     finally:
         if "torch.distributed" in sys.modules:  # not imported when parsing failed
             from igpt_ds.distributed import shutdown

@@ -12,12 +12,12 @@ override the preset's values.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import jsonargparse
 import yaml
 
 
@@ -37,6 +37,8 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 
 @dataclass
 class ModelConfig:
+    """model: the GPT-2-style iGPT Transformer (paper §3, table of sizes in docs/)."""
+
     size: str = "igpt-tiny"
     """Named size from MODEL_SIZES; n_layer/n_head/n_embd given explicitly override it."""
     n_layer: int = 0
@@ -79,6 +81,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """data: the pixel shards to train on (built by igpt-build-shards)."""
+
     shards: str = "demo_out/shards"
     """Folder holding manifest.json written by `igpt-build-shards`."""
     train_split: str = "train"
@@ -89,6 +93,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    """optim: AdamW and the learning-rate schedule (paper §3.3: Adam β=(0.9, 0.95), warmup then cosine)."""
+
     lr: float = 3e-3
     """Peak learning rate (paper: ~3e-3 for iGPT-S, 1e-3 for iGPT-L at 32x32)."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -115,11 +121,16 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """train: run length, batch sizes, engine policy (DeepSpeed JSON), layout, logging and checkpoints."""
+
     name: str = "igpt"
     """Run name: outputs go to <run_root>/<name>/."""
     run_root: str = "runs"
-    ds_config: str = "ds_configs/cpu.json"
-    """DeepSpeed JSON: engine policy only (ZeRO stage, precision, offload, buckets)."""
+    ds_config: str = ""
+    """DeepSpeed JSON (a path or a shipped name: zero3_bf16, cpu, ...; also --deepspeed_config). Empty: bf16
+    with the layout's ZeRO stage on a GPU (zero3_bf16 / pipeline_zero1_bf16), fp32 ZeRO-1 on a CPU (cpu).
+    Keys the run config owns (batch sizes, accumulation, clipping, optimizer) may appear if they agree or
+    are "auto"."""
     layout: str = "zero"
     """'zero' (ZeRO data parallel, stage from ds_config) or 'pipeline' (pipeline x data parallel)."""
     pipeline_stages: int = 1
@@ -186,6 +197,8 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
+    """Pretraining: one configuration per run (launcher/pretrain.py)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -199,105 +212,195 @@ def _require(ok: bool, message: str) -> None:
 
 T = TypeVar("T")
 
+# Field docstrings become --help text (jsonargparse reads the strings under each dataclass field).
+jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+"""YAML presets shipped with the package (`launcher/configs` in a checkout links here)."""
+DS_CONFIGS_DIR = Path(__file__).resolve().parent / "ds_configs"
+"""DeepSpeed JSONs shipped with the package (`ds_configs` in a checkout links here)."""
+
+
+def find_shipped(value: str | Path, folder: Path, checkout_dir: str, flag: str) -> Path:
+    """A file named on the command line: the path if it exists, else the file of that name shipped in `folder`
+    when `value` is a bare name (`zero3_bf16`, `zero3_bf16.json`) or the checkout path the docs use
+    (`ds_configs/zero3_bf16.json`), so documented commands work from any directory after `pip install`.
+
+    Raises ConfigError naming `flag`, the value and the shipped names when neither exists.
+    """
+    path = Path(value)
+    if path.is_file():
+        return path
+    suffix = next(iter({p.suffix for p in folder.iterdir()}), "")
+    shipped = folder / (path.name if path.suffix else path.name + suffix)
+    if shipped.is_file() and str(path.parent) in (".", checkout_dir):
+        return shipped
+    names = sorted(p.stem for p in folder.glob(f"*{suffix}"))
+    raise ConfigError(f"{flag}={value} does not exist; give a path or the name of a shipped one {names}")
+
+
+def find_preset(value: str | Path) -> Path:
+    """`--config` value → YAML preset file (a path or a shipped preset's name, e.g. `igpt_s_imagenet32`)."""
+    return find_shipped(value, PRESETS_DIR, "launcher/configs", "--config")
+
+
+def _read_preset(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return loaded
+
+
+def declared_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
+    """The defaults written in the dataclass declarations, by dotted key.
+
+    Not an instance's values: `__post_init__` resolves `model.n_layer=0` from `model.size`, and a help
+    text or parser that took the resolved 2 as the default would pin igpt-tiny's depth on `--model.size=igpt-s`.
+    """
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(declared_defaults(hints[f.name], f"{prefix}{f.name}."))
+        elif f.default is not dataclasses.MISSING:
+            out[prefix + f.name] = f.default
+    return out
+
+
+def make_parser(cls: type, description: str = "") -> jsonargparse.ArgumentParser:
+    """The command line of a run configured by dataclass `cls`: `--config` + one `--section.field` per field.
+
+    `--help` lists every field with its type, default and docstring. Built by jsonargparse, which checks
+    keys and types of the YAML and the flags alike.
+    """
+    parser = jsonargparse.ArgumentParser(
+        description=description,
+        exit_on_error=False,
+        allow_abbrev=False,  # `--train.max_step` must not quietly mean --train.max_steps
+        default_env=False,
+        epilog="Precedence: field defaults < --config YAML < --section.key=value flags, whatever their order.",
+    )
+    presets = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+    parser.add_argument(
+        "--config",
+        action=jsonargparse.ActionConfigFile,
+        help=f"YAML preset: a path, or a shipped preset by name ({presets})",
+    )
+    parser.add_class_arguments(cls, nested_key=None, sub_configs=False)
+    parser.set_defaults(declared_defaults(cls))
+    return parser
+
+
+def parse_args(parser: jsonargparse.ArgumentParser, argv: list[str]) -> jsonargparse.Namespace:
+    """Parse with the fixed precedence: the `--config` preset first, then every flag (in any order).
+
+    Raises ConfigError (one line) for a missing/malformed preset, an unknown key or a wrong type.
+    """
+    argv = list(argv)
+    presets: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a value (a preset path or name)")
+            presets.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            presets.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    front: list[str] = []
+    for name in presets:
+        path = find_preset(name)
+        _read_preset(path)  # the clear errors for a file that is not a mapping of sections
+        front += ["--config", str(path)]
+        _parse(parser, ["--config", str(path)], where=f"config file {path}: ")  # its errors name the file
+    return _parse(parser, front + rest, where="")
+
+
+def _parse(parser: jsonargparse.ArgumentParser, argv: list[str], where: str) -> jsonargparse.Namespace:
+    try:
+        return parser.parse_args(argv)
+    except jsonargparse.ArgumentError as e:
+        message = " ".join(str(e).split())
+        hint = " (--help lists every flag)" if message.startswith("unrecognized") else ""
+        raise ConfigError(f"{where}{message}{hint}") from None
+
+
+def instantiate(parser: jsonargparse.ArgumentParser, ns: jsonargparse.Namespace, cls: type[T]) -> T:
+    """The dataclass `cls` from a parsed namespace (its `__post_init__` checks run here)."""
+    ns = ns.clone()
+    for key in [k for k in vars(ns) if dataclasses.fields(cls) and k not in {f.name for f in dataclasses.fields(cls)}]:
+        delattr(ns, key)  # --config and an entry point's own flags are not fields
+    built = parser.instantiate(ns)
+    return cls(**{f.name: getattr(built, f.name) for f in dataclasses.fields(cls)})
+
 
 def load_config(cls: type[T], preset: str | Path | None = None, overrides: list[str] = ()) -> T:
-    """Build `cls` from defaults, then the YAML `preset`, then `--section.key=value` overrides."""
-    tree: dict[str, Any] = {}
-    if preset:
-        path = Path(preset)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-        tree = loaded
-    for key, value in parse_overrides(overrides):
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--{key}: {part} is not a section")
-        node[leaf] = value
-    return build(cls, tree, where="")
+    """Build `cls` from defaults, then the YAML `preset` (path or shipped name), then `--section.key=value` flags."""
+    parser = make_parser(cls)
+    argv = (["--config", str(preset)] if preset else []) + list(overrides)
+    return record_origins(instantiate(parser, parse_args(parser, argv), cls), argv)
 
 
-def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
-    """`--a.b=1`, `--a.b 1` → [('a.b', 1)]; values are parsed as YAML scalars."""
-    pairs = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
-        if "=" in arg:
-            key, raw = arg[2:].split("=", 1)
-        elif i + 1 < len(args):
-            key, raw = arg[2:], args[i + 1]
-            i += 1
-        else:
-            raise ConfigError(f"{arg} needs a value (--section.key=value)")
-        pairs.append((key, yaml.safe_load(raw) if raw != "" else ""))
-        i += 1
-    return pairs
+def record_origins(cfg: T, argv: list[str]) -> T:
+    """Note on `cfg` (and each section) where every field's value came from, for errors that must say so:
+    "flag --train.global_batch", "preset <path>" or "default". Read back with `origin_of`."""
+    presets = [find_preset(v) for k, v in zip(argv, argv[1:], strict=False) if k == "--config"]
+    presets += [find_preset(a.split("=", 1)[1]) for a in argv if a.startswith("--config=")]
+    trees = [(p, _read_preset(p)) for p in presets]
+    flags = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+
+    def where(key: str) -> str:
+        if key in flags:
+            return f"flag --{key}"
+        for path, tree in reversed(trees):
+            node: Any = tree
+            for part in key.split("."):
+                node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+            if node is not _ABSENT:
+                return f"preset {path}"
+        return "default"
+
+    def walk(obj: Any, prefix: str) -> None:
+        origins = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            origins[f.name] = where(prefix + f.name)
+        object.__setattr__(obj, "_origins", origins)
+
+    walk(cfg, "")
+    return cfg
 
 
-def build(cls: type[T], values: dict[str, Any], where: str) -> T:
-    """Instantiate dataclass `cls` from a nested dict, checking keys and types."""
+_ABSENT = object()
+
+
+def origin_of(section: Any, name: str) -> str:
+    """Where field `name` of config section `section` came from ("flag --train.micro_batch", "preset
+    <path>", "default"); "run config" for a section built in code."""
+    return getattr(section, "_origins", {}).get(name, "run config")
+
+
+def build(cls: type[T], values: dict[str, Any], where: str = "") -> T:
+    """Instantiate dataclass `cls` from a nested dict (a saved config.yaml section), checking keys and types."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {sorted(where + k for k in unknown)}; known: {sorted(known)}")
-    kwargs = {}
-    for name, value in values.items():
-        kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, key + ".")
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, key) for a, v in zip(args, value, strict=True))
-    if origin is list:
-        (arg,) = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(arg, v, key) for v in value]
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            if arg is type(None) and value is None:
-                return None
-        (arg,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _coerce(arg, value, key)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    parser = make_parser(cls)
+    try:
+        ns = parser.parse_object(values)
+    except jsonargparse.ArgumentError as e:
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: {' '.join(str(e).split())}") from None
+    return instantiate(parser, ns, cls)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """DeepSpeed engine construction: the DeepSpeed JSON, optimizer, LR schedule, deepspeed.initialize.
 
-The JSON under `ds_configs/` is engine policy only (ZeRO stage, precision, offload, buckets).
-`build_ds_config` is the one function that writes batch sizes, gradient clipping and the optimizer
-into it from the dataclasses, and it refuses a JSON that sets any of them itself: each value lives
-in one place. Recipe (paper §3.3, REFERENCE.md): Adam β=(0.9, 0.95), no weight decay, linear
-warmup then cosine decay to 0 (`lr_at`).
+The run config owns batch sizes, gradient clipping, the optimizer and the LR schedule; the DeepSpeed JSON
+(`train.ds_config` / `--deepspeed_config`; by default the shipped one `default_policy` picks for the
+accelerator) sets engine policy (ZeRO stage, precision, offload, buckets). `build_ds_config` is the one
+function that writes the run config's values into the JSON. A JSON brought from DeepSpeedExamples or HF may
+set those keys too: values that agree and "auto" are accepted, a contradiction is refused naming both.
+Recipe (paper §3.3, REFERENCE.md): Adam β=(0.9, 0.95), no weight decay, linear warmup then cosine decay to 0
+(`lr_at`).
 
 The optimizer is DeepSpeed's "AdamW" type with `torch_adam: true` (torch.optim.AdamW, fused when
 `optim.fused`: no FusedAdam JIT build, runs on CPU); with ZeRO optimizer offload DeepSpeed's own
@@ -32,32 +34,120 @@ import deepspeed
 import torch
 from torch import nn
 
-from igpt_ds.config import ConfigError, OptimConfig, TrainConfig
+from igpt_ds.config import DS_CONFIGS_DIR, ConfigError, OptimConfig, TrainConfig, find_shipped, origin_of
 
-# DeepSpeed keys that the dataclasses own, and where each value is set instead.
+# DeepSpeed keys whose values the run config owns, and where each is set. A JSON may set them too (as
+# DeepSpeedExamples and HF's JSONs do) if it agrees, or "auto" to take the run config's value.
 OWNED_KEYS = {
     "train_batch_size": "train.global_batch",
     "train_micro_batch_size_per_gpu": "train.micro_batch",
-    "gradient_accumulation_steps": "derived: train.global_batch / (train.micro_batch x data-parallel size)",
+    "gradient_accumulation_steps": "train.global_batch / (train.micro_batch x data-parallel size)",
     "gradient_clipping": "optim.grad_clip",
     "optimizer": "optim.*",
     "scheduler": "optim.warmup_steps / optim.schedule",
 }
+ADAM_TYPES = ("adam", "adamw")
+"""DeepSpeed optimizer types an `optimizer` section may name: the run trains with AdamW (paper §3.3)."""
+
+
+def default_policy(device_name: str, bf16_supported: bool, layout: str) -> str:
+    """The shipped JSON a run gets when it names none (`train.ds_config=""`), by accelerator and layout.
+
+    A GPU: bf16 with the stage the layout implies, ZeRO-3 for `zero` (zero3_bf16) and ZeRO-1 for `pipeline`
+    (pipeline_zero1_bf16: DeepSpeed's pipeline engine takes no higher stage). A CPU: fp32 ZeRO-1 (cpu.json;
+    bf16 on CPU is slower than fp32 for these shapes). Raises ConfigError on an accelerator without bf16.
+    """
+    if device_name == "cpu":
+        return "cpu.json"
+    if not bf16_supported:
+        raise ConfigError(
+            f"this {device_name} accelerator has no bf16 and no JSON was named: set train.ds_config (or "
+            "--deepspeed_config) to a JSON with the precision you want (fp16 with loss scaling is untested here)"
+        )
+    return "pipeline_zero1_bf16.json" if layout == "pipeline" else "zero3_bf16.json"
+
+
+def policy_path(train: TrainConfig) -> Path:
+    """The DeepSpeed JSON this run uses: train.ds_config (a path or a shipped name), else `default_policy`
+    for the accelerator DeepSpeed detected."""
+    if train.ds_config:
+        return find_shipped(train.ds_config, DS_CONFIGS_DIR, "ds_configs", "train.ds_config")
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return DS_CONFIGS_DIR / default_policy(acc.device_name(), acc.device_name() != "cpu" and acc.is_bf16_supported(),
+                                           train.layout)  # fmt: skip
 
 
 def load_policy(path: str | Path) -> dict[str, Any]:
-    """The engine-policy JSON, refused if it sets what the run config owns."""
+    """A DeepSpeed JSON as a dict; ConfigError naming the file when missing or not JSON."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"train.ds_config={path} does not exist")
     try:
-        policy = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"train.ds_config={path} is not valid JSON: {e}") from None
-    clashes = [f"{k} (set {OWNED_KEYS[k]} instead)" for k in OWNED_KEYS if k in policy]
-    if clashes:
-        raise ConfigError(f"{path} must hold engine policy only; remove {', '.join(clashes)}")
-    return policy
+
+
+def _agree(source: str, key: str, given: Any, ours: Any, ours_name: str, ours_from: str) -> Any:
+    """`ours` when the JSON's `given` is "auto" or equal; else the one-line error naming both and their origins."""
+    if given == "auto" or given == ours or (isinstance(given, list) and list(ours) == given):
+        return ours
+    raise ConfigError(
+        f"{key}={given!r} in {source} contradicts {ours_name}={ours!r} ({ours_from}); make them agree "
+        f'(or write "auto" in the JSON to take {ours_name})'
+    )
+
+
+def _optimizer(section: Any, source: str, optim: OptimConfig) -> None:
+    """Check a JSON's optimizer section against optim.*: honoured when it names Adam/AdamW with agreeing params."""
+    if not isinstance(section, dict) or str(section.get("type", "")).lower() not in ADAM_TYPES:
+        kind = section.get("type") if isinstance(section, dict) else section
+        raise ConfigError(
+            f"optimizer type {kind!r} in {source} is not supported: igpt-ds trains with AdamW set by optim.* "
+            "(paper §3.3); Lamb, 1-bit Adam and other types are untested with its schedule and checkpoints; "
+            "remove the optimizer section or make it Adam/AdamW"
+        )
+    params = section.get("params", {})
+    ours = dict(lr=optim.lr, betas=list(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    for key, value in params.items():
+        if key in ours:
+            _agree(source, f"optimizer.params.{key}", value, ours[key], f"optim.{key}", origin_of(optim, key))
+        elif not (key in ("torch_adam", "adam_w_mode") and value in (True, "auto")):
+            raise ConfigError(
+                f"optimizer.params.{key}={value!r} in {source} has no igpt-ds equivalent (it sets lr, betas, eps, "
+                "weight_decay from optim.*, AdamW with decoupled weight decay); remove it"
+            )
+
+
+def fill_auto(node: Any, hidden_size: int | None, source: str, path: str = "") -> Any:
+    """Replace the "auto" values HF's integration fills from the model, recursively; refuse any other "auto".
+
+    ZeRO-3 buckets from the hidden size h, as transformers' HfDeepSpeedConfig does: reduce_bucket_size h²,
+    stage3_prefetch_bucket_size 0.9 h², stage3_param_persistence_threshold 10 h; bf16/fp16 "enabled": "auto"
+    means bf16 on an accelerator that has it and no fp16.
+    """
+    if isinstance(node, dict):
+        return {k: fill_auto(v, hidden_size, source, f"{path}{k}.") for k, v in node.items()}
+    if node != "auto":
+        return node
+    key = path.rstrip(".")
+    by_hidden = {
+        "zero_optimization.reduce_bucket_size": lambda h: h * h,
+        "zero_optimization.stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+        "zero_optimization.stage3_param_persistence_threshold": lambda h: 10 * h,
+    }
+    if key in by_hidden and hidden_size:
+        return by_hidden[key](hidden_size)
+    if key == "fp16.enabled":
+        return False
+    if key == "bf16.enabled":
+        from deepspeed.accelerator import get_accelerator
+
+        acc = get_accelerator()
+        return acc.device_name() != "cpu" and acc.is_bf16_supported()
+    raise ConfigError(f'{key}="auto" in {source}: igpt-ds has no value to fill it with; write a value')
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
@@ -76,14 +166,44 @@ def dp_size(train: TrainConfig, world_size: int) -> int:
 
 
 def build_ds_config(
-    train: TrainConfig, optim: OptimConfig, world_size: int, load_universal: bool = False
-) -> dict[str, Any]:
-    """The DeepSpeed config actually used: policy JSON + batch sizes, clipping, optimizer."""
-    policy = load_policy(train.ds_config)
+    train: TrainConfig, optim: OptimConfig, world_size: int, load_universal: bool = False,
+    hidden_size: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The DeepSpeed config actually used: the JSON (`policy_path`) + batch sizes, clipping, optimizer.
+
+    A JSON may carry the keys the run config owns (OWNED_KEYS) when they agree with it or say "auto"
+    (filled from the run config, as HF's integration does; `hidden_size` fills the ZeRO-3 bucket "auto"s).
+    A contradiction raises ConfigError naming both values and where each came from; so does a `scheduler`
+    section (the schedule is optim.*) and an optimizer other than Adam/AdamW.
+    """
+    path = policy_path(train)
+    source = str(path)
+    raw = load_policy(path)
+    dp = dp_size(train, world_size)
+    accum = train.grad_accum(dp)
+    batch = {
+        "train_batch_size": (train.global_batch, "train.global_batch", origin_of(train, "global_batch")),
+        "train_micro_batch_size_per_gpu": (train.micro_batch, "train.micro_batch", origin_of(train, "micro_batch")),
+        "gradient_accumulation_steps": (accum, "the accumulation",
+                                        f"train.global_batch / (train.micro_batch x data-parallel size {dp})"),
+        "gradient_clipping": (optim.grad_clip, "optim.grad_clip", origin_of(optim, "grad_clip")),
+    }  # fmt: skip
+    for key, (ours, name, where) in batch.items():
+        if key in raw:
+            _agree(source, key, raw[key], ours, name, where)
+    if "optimizer" in raw:
+        _optimizer(raw["optimizer"], source, optim)
+    if "scheduler" in raw:
+        raise ConfigError(
+            f"scheduler section in {source}: the learning-rate schedule is optim.warmup_steps / optim.schedule "
+            "(linear warmup, then cosine to 0 at train.max_steps; paper §3.3), which resumes and changes of "
+            "max_steps keep right; remove the scheduler section and set optim.* instead"
+        )
+    policy = fill_auto({k: v for k, v in raw.items() if k not in OWNED_KEYS}, hidden_size, source)
     stage = zero_stage(policy)
     if train.layout == "pipeline" and stage > 1:
         raise ConfigError(
-            f"train.layout=pipeline with ZeRO stage {stage} ({train.ds_config}): DeepSpeed's pipeline engine "
+            f"train.layout=pipeline with ZeRO stage {stage} ({source}): DeepSpeed's pipeline engine "
             "accepts ZeRO stage 0 or 1 only (its schedule accumulates gradients over micro-batches and reduces "
             "them once per step, which ZeRO-2's reduce-during-backward and ZeRO-3's per-layer parameter "
             "gathering break); use a ZeRO-1 JSON (ds_configs/pipeline_zero1_bf16.json, ds_configs/cpu.json) "
@@ -91,11 +211,10 @@ def build_ds_config(
         )
     if train.layout == "zero" and train.pipeline_stages != 1:
         raise ConfigError(f"train.pipeline_stages={train.pipeline_stages} needs train.layout=pipeline")
-    dp = dp_size(train, world_size)
     offload = policy.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if offload and optim.fused:
         raise ConfigError(
-            f"optim.fused=true with ZeRO optimizer offload ({train.ds_config}): DeepSpeed's CPU Adam steps the "
+            f"optim.fused=true with ZeRO optimizer offload ({source}): DeepSpeed's CPU Adam steps the "
             "offloaded states, torch's fused AdamW is not used; set optim.fused=false"
         )
     adam = dict(lr=optim.lr, betas=list(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
@@ -105,7 +224,7 @@ def build_ds_config(
         policy,
         train_batch_size=train.global_batch,
         train_micro_batch_size_per_gpu=train.micro_batch,
-        gradient_accumulation_steps=train.grad_accum(dp),
+        gradient_accumulation_steps=accum,
         gradient_clipping=optim.grad_clip,
         optimizer={"type": "AdamW", "params": adam if offload else dict(adam, torch_adam=True)},
     )
@@ -113,6 +232,31 @@ def build_ds_config(
     if load_universal:
         cfg["checkpoint"] = dict(policy.get("checkpoint", {}), load_universal=True)
     return cfg
+
+
+def engine_facts(ds_config: dict[str, Any], train: TrainConfig, world_size: int) -> dict[str, Any]:
+    """What the engine runs with, for the run's header line (`describe`) and TensorBoard's text/hparams."""
+    return {
+        "world_size": world_size,
+        "layout": f"pipeline x{train.pipeline_stages}" if train.layout == "pipeline" else "zero",
+        "data_parallel": dp_size(train, world_size),
+        "zero_stage": zero_stage(ds_config),
+        "precision": next((p for p in ("bf16", "fp16") if ds_config.get(p, {}).get("enabled")), "fp32"),
+        "micro_batch": ds_config["train_micro_batch_size_per_gpu"],
+        "grad_accum": ds_config["gradient_accumulation_steps"],
+        "global_batch": ds_config["train_batch_size"],
+        "ds_json": str(policy_path(train)),
+    }
+
+
+def describe(facts: dict[str, Any]) -> str:
+    """`engine_facts` as the one header line every run prints at start."""
+    return (
+        f"engine: world {facts['world_size']}, layout {facts['layout']}, data-parallel {facts['data_parallel']}, "
+        f"ZeRO stage {facts['zero_stage']}, {facts['precision']}, micro-batch {facts['micro_batch']} x "
+        f"accumulation {facts['grad_accum']} x data-parallel {facts['data_parallel']} = global batch "
+        f"{facts['global_batch']}, DeepSpeed JSON {facts['ds_json']}"
+    )
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:

@@ -80,6 +80,8 @@ def probe_bytes(n_train: int, n_val: int, n_test: int, dim: int, n_classes: int,
 
 @dataclass
 class EvalPlanConfig:
+    """What evaluating models on datasets costs (launcher/plan_eval.py)."""
+
     sizes: list[str] = field(default_factory=lambda: ["igpt-s", "igpt-m", "igpt-l", "igpt-xl"])
     """Model sizes (config.MODEL_SIZES)."""
     datasets: list[str] = field(default_factory=lambda: list(DATASETS))

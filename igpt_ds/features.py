@@ -52,6 +52,8 @@ from igpt_ds.trainer import open_shards
 
 @dataclass
 class ExtractConfig:
+    """Feature extraction from a checkpoint (launcher/extract_features.py)."""
+
     checkpoint: str = ""
     """Run folder, DeepSpeed checkpoint folder (ZeRO or pipeline) or consolidated weights folder."""
     shards: str = "demo_out/shards"

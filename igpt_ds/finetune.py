@@ -43,7 +43,7 @@ from igpt_ds import checkpoint, resume
 from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
 from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed, on_rank0
-from igpt_ds.engine import build_ds_config, initialize, model_init_context, zero_stage
+from igpt_ds.engine import build_ds_config, describe, engine_facts, initialize, model_init_context, zero_stage
 from igpt_ds.model import IGPT, Linear, bert_mask, objective_loss
 from igpt_ds.shards import GlobalBatchSampler, ShardError, ShardSplit, rank_slice
 from igpt_ds.trainer import git_revision, open_shards
@@ -52,6 +52,8 @@ from igpt_ds.weights import open_consolidated
 
 @dataclass
 class FinetuneSection:
+    """finetune: the classification fine-tune (L_CLF + gen_weight x L_GEN, paper §3.4)."""
+
     gen_weight: float = 1.0
     """λ in L_CLF + λ·L_GEN (paper: 1 beats 0); 0 trains the classifier loss alone."""
     patience: int = 5
@@ -79,6 +81,8 @@ def _optim_defaults() -> OptimConfig:
 
 @dataclass
 class FinetuneConfig:
+    """Fine-tuning: one configuration per run (launcher/finetune.py)."""
+
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=_optim_defaults)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(name="finetune", eval_every=20))
@@ -144,7 +148,7 @@ class Finetuner:
         self.cfg, t = cfg, cfg.train
         self.rank, self.world = init_distributed(t.dist_timeout_s)
         agree_on_config(to_dict(cfg))
-        ds_config = build_ds_config(t, cfg.optim, self.world)
+        ds_config = build_ds_config(t, cfg.optim, self.world)  # checks before work (buckets: no model yet)
         try:
             self.data = resume.data_identity(ShardSplit(cfg.data.shards, cfg.data.train_split))
         except ShardError as e:
@@ -166,7 +170,7 @@ class Finetuner:
         universal = plan is not None and plan.universal
         if universal:
             on_rank0(lambda: checkpoint.to_universal(ckpt))  # minutes for a large model: outside timed collectives
-            ds_config = build_ds_config(t, cfg.optim, self.world, load_universal=True)
+        ds_config = build_ds_config(t, cfg.optim, self.world, universal, hidden_size=self.model_cfg.n_embd)
         torch.manual_seed(t.seed)
         with model_init_context(ds_config):
             model = IGPTClassifier(self.model_cfg, self.n_classes)
@@ -202,6 +206,8 @@ class Finetuner:
             for name, text in self.files.items():
                 (t.run_dir / name).write_text(text)
             self.writer = SummaryWriter(str(t.run_dir / "tensorboard"))
+            self.writer.add_text("engine", describe(engine_facts(ds_config, t, self.world)), self.state["step"])
+            print(describe(engine_facts(ds_config, t, self.world)), flush=True)
             if ckpt is not None:
                 self.log(f"resumed from {ckpt} at step {self.state['step']}")
 

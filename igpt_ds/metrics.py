@@ -56,6 +56,7 @@ class Metrics:
         max_steps: int,
         start_step: int,
         config_text: str,
+        engine_line: str = "",
     ):
         self.enabled, self.world_size, self.global_batch, self.max_steps = enabled, world_size, global_batch, max_steps
         self.seq_len = model_cfg.seq_len
@@ -67,6 +68,9 @@ class Metrics:
 
             self.writer = SummaryWriter(str(log_dir))
             self.writer.add_text("config", f"```\n{config_text}\n```", start_step)
+            if engine_line:
+                self.writer.add_text("engine", engine_line, start_step)
+                print(engine_line, flush=True)
             if sys.stdout.isatty():
                 from tqdm import tqdm
 

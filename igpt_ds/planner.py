@@ -53,6 +53,8 @@ DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7, "c
 
 @dataclass
 class ClusterConfig:
+    """cluster: the machines to plan a pretraining run for."""
+
     gpus: list[int] = field(default_factory=lambda: [1, 8, 64, 256, 1024])
     """GPU counts to plan for; each gets its fastest layout that fits."""
     gpus_per_node: int = 8

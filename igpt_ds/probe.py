@@ -234,6 +234,8 @@ def format_table(report: dict) -> str:
 
 @dataclass
 class ProbeConfig:
+    """Linear probes on extracted features (launcher/linear_probe.py)."""
+
     features: str = "demo_out/features"
     """Folder written by extract_features: one subfolder per split."""
     train_split: str = "train"

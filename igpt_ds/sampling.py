@@ -128,6 +128,8 @@ def sample_images(
 
 @dataclass
 class SampleConfig:
+    """Sampling image completions from a checkpoint (launcher/sample.py)."""
+
     checkpoint: str = ""
     """Run folder, DeepSpeed checkpoint folder (ZeRO or pipeline) or consolidated weights folder."""
     shards: str = ""

@@ -34,7 +34,16 @@ from torch import Tensor
 from igpt_ds import checkpoint, resume
 from igpt_ds.config import ConfigError, DataConfig, ModelConfig, PretrainConfig, to_dict
 from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed, on_rank0
-from igpt_ds.engine import apply_schedule, build_ds_config, dp_size, initialize, model_init_context, zero_stage
+from igpt_ds.engine import (
+    apply_schedule,
+    build_ds_config,
+    describe,
+    dp_size,
+    engine_facts,
+    initialize,
+    model_init_context,
+    zero_stage,
+)
 from igpt_ds.metrics import Metrics
 from igpt_ds.model import IGPT, lowest_scores_mask, objective_loss
 from igpt_ds.pipe import IGPTPipe, bert_pipe_batch
@@ -253,7 +262,7 @@ def setup(cfg: PretrainConfig) -> Run:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     rank, world = init_distributed(cfg.train.dist_timeout_s)
     agree_on_config(to_dict(cfg))
-    ds_config = build_ds_config(cfg.train, cfg.optim, world)  # validates before anything heavy
+    ds_config = build_ds_config(cfg.train, cfg.optim, world, hidden_size=cfg.model.n_embd)  # checks before work
     train_split, val_split = (open_shards(cfg.model, cfg.data, s) for s in (cfg.data.train_split, cfg.data.val_split))
     dp, t = dp_size(cfg.train, world), cfg.train
     data = resume.data_identity(train_split)
@@ -262,7 +271,7 @@ def setup(cfg: PretrainConfig) -> Run:
                                         t.seed, t.reset_data_position))  # fmt: skip
     if plan is not None and plan.universal:
         on_rank0(lambda: checkpoint.to_universal(plan.ckpt))  # minutes for a large model: outside timed collectives
-        ds_config = build_ds_config(cfg.train, cfg.optim, world, load_universal=True)
+        ds_config = build_ds_config(cfg.train, cfg.optim, world, load_universal=True, hidden_size=cfg.model.n_embd)
     init = load_init(cfg) if cfg.train.init_from and plan is None else None
     model = build_model(cfg, ds_config, init)
     engine = initialize(model, ds_config, cfg.optim, cfg.train.max_steps, compile_model=cfg.train.compile)
@@ -294,6 +303,7 @@ def setup(cfg: PretrainConfig) -> Run:
         max_steps=cfg.train.max_steps,
         start_step=start_step,
         config_text=files["config.yaml"],
+        engine_line=describe(engine_facts(ds_config, cfg.train, world)),
     )
     if plan is not None:
         how = (" (universal checkpoint)" if plan.universal else "") + (
@@ -338,7 +348,7 @@ def train(cfg: PretrainConfig) -> dict[str, float]:
     if saved != step:
         run.save(step)
     run.reader.close()
-    m.close(to_dict(cfg))
+    m.close({**to_dict(cfg), "engine": engine_facts(run.engine.config, t, torch.distributed.get_world_size())})
     barrier()  # every rank's writes are done before any exits: a launcher may kill the rest when one exits non-zero
     return {**m.last, "stopped_by": stopped_by}
 

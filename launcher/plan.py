@@ -10,13 +10,12 @@ For each GPU count it prints the layout the config describes, then the fastest l
 Precedence: dataclass defaults < `--config` YAML < dotted overrides. A configuration error exits 2.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from igpt_ds.config import ConfigError, load_config, to_dict
-from igpt_ds.engine import load_policy, zero_stage
+from igpt_ds.config import DS_CONFIGS_DIR, ConfigError, find_shipped, instantiate, make_parser, parse_args, to_dict
+from igpt_ds.engine import default_policy, load_policy, zero_stage
 from igpt_ds.planner import Estimate, Knobs, Layout, PlanConfig, Shape, estimate, format_table, plan
 
 
@@ -30,15 +29,24 @@ def configured_layout(cfg: PlanConfig, policy: dict) -> Layout:
     return Layout(zero_stage(policy), pp, offload, cfg.train.activation_checkpointing, cfg.train.micro_batch)
 
 
+def planned_policy(cfg: PlanConfig) -> tuple[Path, dict]:
+    """The JSON the planned run would use: train.ds_config, else the GPU default for its layout (the planner
+    plans GPU runs, whatever machine it runs on)."""
+    if cfg.train.ds_config:
+        path = find_shipped(cfg.train.ds_config, DS_CONFIGS_DIR, "ds_configs", "train.ds_config")
+    else:
+        path = DS_CONFIGS_DIR / default_policy("cuda", True, cfg.train.layout)
+    return path, load_policy(path)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="iGPT capacity planner", epilog="overrides: --section.key=value")
-    parser.add_argument("--config", help="YAML preset (launcher/configs/*.yaml), optionally with a cluster section")
+    parser = make_parser(PlanConfig, "iGPT capacity planner")
     parser.add_argument("--top", type=int, default=5, help="fastest fitting layouts to list per GPU count")
-    parser.add_argument("--json", help="write every estimate here")
-    args, overrides = parser.parse_known_args(argv)
+    parser.add_argument("--json", type=str, help="write every estimate here")
     try:
-        cfg = load_config(PlanConfig, args.config, overrides)
-        policy = load_policy(cfg.train.ds_config)
+        args = parse_args(parser, sys.argv[1:] if argv is None else argv)
+        cfg = instantiate(parser, args, PlanConfig)
+        policy_file, policy = planned_policy(cfg)
         mine = configured_layout(cfg, policy)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -47,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = Shape.of(cfg.model)
     print(
         f"{cfg.model.size} at {cfg.model.n_px}x{cfg.model.n_px}: {shape.params / 1e6:.1f}M parameters, "
-        f"global batch {cfg.train.global_batch}, {cfg.train.ds_config} ({knobs})"
+        f"global batch {cfg.train.global_batch}, {policy_file} ({knobs})"
     )
     report = {"config": to_dict(cfg), "knobs": to_dict(knobs), "plans": {}}
     for n_gpus, rows in plan(cfg, knobs).items():

@@ -9,8 +9,17 @@ import sys
 import pytest
 from pretrain_support import REPO, digits_shards, env, write_config
 
-from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from igpt_ds.engine import OWNED_KEYS, build_ds_config, load_policy, lr_at
+from igpt_ds.config import (
+    DS_CONFIGS_DIR,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    PretrainConfig,
+    TrainConfig,
+    load_config,
+)
+from igpt_ds.engine import build_ds_config, load_policy, lr_at, policy_path
 
 
 def test_lr_table_warmup_then_cosine_to_zero():
@@ -29,10 +38,103 @@ def policy(tmp_path, **keys) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("key", sorted(OWNED_KEYS))
-def test_ds_json_that_sets_run_values_is_refused(tmp_path, key):
-    with pytest.raises(ConfigError, match=f"{key} \\(set "):
-        load_policy(policy(tmp_path, **{key: 1}))
+# A JSON in the shape DeepSpeedExamples and HF's integration ship: batch keys, clipping, an optimizer.
+EXAMPLES_STYLE = {
+    "train_batch_size": 32,
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": 1.0,
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": [0.9, 0.95], "eps": "auto", "weight_decay": 0}},
+    "bf16": {"enabled": "auto"},
+    "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                          "stage3_param_persistence_threshold": "auto"},
+}  # fmt: skip
+
+
+def test_a_standard_json_that_agrees_or_says_auto_is_filled_from_the_run_config(tmp_path):
+    train = TrainConfig(ds_config=policy(tmp_path, **EXAMPLES_STYLE), global_batch=32, micro_batch=4)
+    cfg = build_ds_config(train, OptimConfig(lr=1e-3), world_size=2, hidden_size=64)
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (
+        32, 4, 4)  # fmt: skip
+    assert cfg["optimizer"]["params"]["lr"] == 1e-3 and cfg["optimizer"]["params"]["eps"] == 1e-8
+    assert cfg["bf16"] == {"enabled": False}  # "auto" on a CPU
+    zero = cfg["zero_optimization"]
+    buckets = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+    assert [zero[k] for k in buckets] == [64 * 64, int(0.9 * 64 * 64), 640]  # from the hidden size, as HF does
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("train_batch_size", 64, r"train_batch_size=64 in .*policy.json contradicts train.global_batch=32 \(run "),
+        ("train_micro_batch_size_per_gpu", 8, "train_micro_batch_size_per_gpu=8 .* contradicts train.micro_batch=4"),
+        ("gradient_accumulation_steps", 2, r"gradient_accumulation_steps=2 .* contradicts the accumulation=4 \(train"),
+        ("gradient_clipping", 0.5, "gradient_clipping=0.5 .* contradicts optim.grad_clip=1.0"),
+        ("optimizer", {"type": "Adam", "params": {"lr": 1e-4}}, "optimizer.params.lr=0.0001 .* contradicts optim.lr"),
+        ("optimizer", {"type": "Lamb", "params": {}}, "optimizer type 'Lamb' in .* is not supported"),
+        ("optimizer", {"type": "AdamW", "params": {"amsgrad": True}}, "optimizer.params.amsgrad=True .* no igpt-ds"),
+        ("scheduler", {"type": "WarmupLR", "params": {}}, "scheduler section in .*optim.warmup_steps / optim.schedule"),
+        ("zero_optimization", {"stage": 3, "sub_group_size": "auto"}, 'sub_group_size="auto" .* write a value'),
+    ],
+)
+def test_a_contradiction_is_one_line_naming_both_values(tmp_path, key, value, message):
+    train = TrainConfig(ds_config=policy(tmp_path, **{key: value}), global_batch=32, micro_batch=4)
+    with pytest.raises(ConfigError, match=message) as err:
+        build_ds_config(train, OptimConfig(), world_size=2)
+    assert "\n" not in str(err.value)
+
+
+def test_the_error_says_where_the_run_value_came_from(tmp_path):
+    cfg = load_config(PretrainConfig, None, [f"--train.ds_config={policy(tmp_path, train_batch_size=64)}",
+                                             "--train.global_batch=32"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"contradicts train.global_batch=32 \(flag --train.global_batch\)"):
+        build_ds_config(cfg.train, cfg.optim, world_size=1)
+
+
+class FakeAccelerator:
+    def __init__(self, name: str, bf16: bool):
+        self.name, self.bf16 = name, bf16
+
+    def device_name(self) -> str:
+        return self.name
+
+    def is_bf16_supported(self) -> bool:
+        return self.bf16
+
+
+@pytest.mark.parametrize(
+    "name,bf16,layout,expected",
+    [
+        ("cuda", True, "zero", "zero3_bf16.json"),
+        ("cuda", True, "pipeline", "pipeline_zero1_bf16.json"),
+        ("cpu", False, "zero", "cpu.json"),
+        ("cpu", False, "pipeline", "cpu.json"),
+    ],
+)
+def test_a_run_naming_no_json_gets_the_policy_of_its_accelerator(monkeypatch, name, bf16, layout, expected):
+    import deepspeed.accelerator
+
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeAccelerator(name, bf16))
+    path = policy_path(TrainConfig(layout=layout, pipeline_stages=1))
+    assert path == DS_CONFIGS_DIR / expected and path.is_file()
+    ds = load_policy(path)
+    assert ds.get("bf16", {}).get("enabled", False) is (name == "cuda")
+
+
+def test_a_gpu_without_bf16_must_name_a_json(monkeypatch):
+    import deepspeed.accelerator
+
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeAccelerator("cuda", False))
+    with pytest.raises(ConfigError, match="has no bf16 and no JSON was named: set train.ds_config"):
+        policy_path(TrainConfig())
+
+
+def test_a_shipped_json_is_found_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("zero3_bf16", "zero3_bf16.json", "ds_configs/zero3_bf16.json"):
+        assert policy_path(TrainConfig(ds_config=name)) == DS_CONFIGS_DIR / "zero3_bf16.json"
+    with pytest.raises(ConfigError, match="train.ds_config=mine.json does not exist"):
+        policy_path(TrainConfig(ds_config="mine.json"))
 
 
 def test_build_ds_config_writes_batch_clipping_and_optimizer(tmp_path):
@@ -65,7 +167,7 @@ def test_fused_adamw_reaches_torch(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
-def test_every_ds_config_is_policy_only(path):
+def test_every_shipped_ds_config_builds(path):
     layout = "pipeline" if "pipeline" in path.name else "zero"
     build_ds_config(TrainConfig(ds_config=str(path), layout=layout), OptimConfig(), world_size=2)
 

@@ -37,6 +37,14 @@ setup(
             "igpt-build-shards=data_tools.build_shards:main",
             "igpt-inspect-shards=data_tools.inspect_shards:main",
             "igpt-convert-hf=data_tools.convert_hf:main",
+            # The entry points: launcher/*.py in a checkout; `python -m igpt_ds JOB`, `deepspeed --module igpt_ds JOB`.
+            "igpt-pretrain=igpt_ds.cli:pretrain",
+            "igpt-finetune=igpt_ds.cli:finetune",
+            "igpt-extract-features=igpt_ds.cli:extract_features",
+            "igpt-linear-probe=igpt_ds.cli:linear_probe",
+            "igpt-sample=igpt_ds.cli:sample",
+            "igpt-plan=igpt_ds.cli:plan",
+            "igpt-plan-eval=igpt_ds.cli:plan_eval",
         ]
     },
 )

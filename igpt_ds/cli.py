@@ -77,12 +77,73 @@ def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str
     return 128 + int(stopped_by) if stopped_by else 0
 
 
-def run_entry(module: str, config: str, job: str, description: str, error_prefix: str = "error") -> None:
+def run_entry(module: str, config: str, job: str, description: str, error_prefix: str = "error",
+              argv: list[str] | None = None) -> None:  # fmt: skip
     """An entry point's `__main__`: `job` of `module` on `config` (both names in `module`), supervised; exits."""
     from igpt_ds.supervisor import supervised
 
     def worker() -> int:
         mod = importlib.import_module(module)
-        return main(getattr(mod, config), getattr(mod, job), description, error_prefix=error_prefix)
+        return main(getattr(mod, config), getattr(mod, job), description, argv, error_prefix=error_prefix)
 
     sys.exit(supervised(worker))
+
+
+# Every entry point: (module, config class, job function, description, error prefix). A distributed job runs
+# supervised (igpt_ds.supervisor); the planners run in the launched process.
+JOBS = {
+    "pretrain": ("igpt_ds.trainer", "PretrainConfig", "train", "iGPT pretraining on DeepSpeed", "config error"),
+    "finetune": ("igpt_ds.finetune", "FinetuneConfig", "finetune", "Fine-tune a pretrained iGPT for classification",
+                 "error"),
+    "extract_features": ("igpt_ds.features", "ExtractConfig", "extract",
+                         "Extract frozen iGPT features for linear probes", "error"),
+    "linear_probe": ("igpt_ds.probe", "ProbeConfig", "linear_probe",
+                     "Logistic-regression probes on frozen iGPT features", "error"),
+    "sample": ("igpt_ds.sampling", "SampleConfig", "sample", "iGPT samples and image completions", "error"),
+    "plan_eval": ("igpt_ds.eval_planner", "EvalPlanConfig", "report",
+                  "Cost of evaluating iGPT models: disk, memory per rank, probe FLOPs", "config error"),
+}  # fmt: skip
+UNSUPERVISED = {"plan_eval"}
+
+
+def run_job(name: str, argv: list[str] | None = None) -> None:
+    """Run entry point `name` of JOBS (or `plan`) on `argv` (default: the command line's arguments); exits."""
+    if name == "plan":
+        from igpt_ds.planner import cli
+
+        sys.exit(cli(argv))
+    module, config, job, description, prefix = JOBS[name]
+    if name in UNSUPERVISED:
+        mod = importlib.import_module(module)
+        sys.exit(main(getattr(mod, config), getattr(mod, job), description, argv, error_prefix=prefix))
+    run_entry(module, config, job, description, prefix, argv)
+
+
+# Console scripts (setup.py): igpt-pretrain, igpt-finetune, ... run one process; under a launcher use
+# `deepspeed --module igpt_ds pretrain ...` or the checkout's launcher/*.py scripts.
+def pretrain() -> None:
+    run_job("pretrain")
+
+
+def finetune() -> None:
+    run_job("finetune")
+
+
+def extract_features() -> None:
+    run_job("extract_features")
+
+
+def linear_probe() -> None:
+    run_job("linear_probe")
+
+
+def sample() -> None:
+    run_job("sample")
+
+
+def plan() -> None:
+    run_job("plan")
+
+
+def plan_eval() -> None:
+    run_job("plan_eval")

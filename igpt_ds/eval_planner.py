@@ -155,3 +155,14 @@ def format_table(rows: list[dict]) -> str:
     rule = "|" + "---|" * len(COLUMNS)
     body = ["| " + " | ".join(fmt.format(r[k]) for k, _, fmt in COLUMNS) + " |" for r in rows]
     return "\n".join([head, rule, *body])
+
+
+def report(cfg: EvalPlanConfig) -> None:
+    """Print the cost tables for every size x dataset of `cfg` (launcher/plan_eval.py, igpt-plan-eval)."""
+    for size in cfg.sizes:
+        for dataset in cfg.datasets:
+            data, n_px = DATASETS[dataset], cfg.n_px or PAPER_N_PX.get(size, 32)
+            where = "GPU" if cfg.gpu else "CPU"
+            print(f"\n## {size} at {n_px}x{n_px} on {dataset}: {data.n_train:,} train / {data.n_val:,} val / "
+                  f"{data.n_test:,} test images, {data.n_classes} classes; probe solver on {where}")  # fmt: skip
+            print(format_table(eval_costs(size, dataset, cfg)))

@@ -10,7 +10,7 @@ once complete (layout: igpt_ds.features, docs/evaluation.md). A rerun keeps fini
 exit 2.
 """
 
-from igpt_ds.cli import run_entry
+from igpt_ds.cli import run_job
 
 if __name__ == "__main__":
-    run_entry("igpt_ds.features", "ExtractConfig", "extract", "Extract frozen iGPT features for linear probes")
+    run_job("extract_features")

@@ -8,7 +8,7 @@ Configuration: defaults < `--config` YAML < dotted overrides (`--finetune.gen_we
 command resumes from the run's latest checkpoint. Errors: one line, exit 2.
 """
 
-from igpt_ds.cli import run_entry
+from igpt_ds.cli import run_job
 
 if __name__ == "__main__":
-    run_entry("igpt_ds.finetune", "FinetuneConfig", "finetune", "Fine-tune a pretrained iGPT for classification")
+    run_job("finetune")

@@ -8,7 +8,7 @@ writes <features>/probe/{probe.json,probe.png,tensorboard/} (or `--out`); probe.
 a rerun skips finished ones. Errors: one line, exit 2.
 """
 
-from igpt_ds.cli import run_entry
+from igpt_ds.cli import run_job
 
 if __name__ == "__main__":
-    run_entry("igpt_ds.probe", "ProbeConfig", "linear_probe", "Logistic-regression probes on frozen iGPT features")
+    run_job("linear_probe")

@@ -12,9 +12,7 @@ command (or the launcher's exit) saves a checkpoint on every rank and exits with
 Rerunning a command resumes the run from its latest complete checkpoint.
 """
 
-from igpt_ds.cli import run_entry
+from igpt_ds.cli import run_job
 
 if __name__ == "__main__":
-    run_entry(
-        "igpt_ds.trainer", "PretrainConfig", "train", "iGPT pretraining on DeepSpeed", error_prefix="config error"
-    )
+    run_job("pretrain")

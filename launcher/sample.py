@@ -7,7 +7,7 @@ Writes <out>/completions.png (original | given half | completions), unconditiona
 TensorBoard images. Errors: one line, exit 2.
 """
 
-from igpt_ds.cli import run_entry
+from igpt_ds.cli import run_job
 
 if __name__ == "__main__":
-    run_entry("igpt_ds.sampling", "SampleConfig", "sample", "iGPT samples and image completions")
+    run_job("sample")

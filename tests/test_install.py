@@ -53,8 +53,9 @@ def installed(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     subprocess.run([*pip, "--python", str(venv / "bin" / "python"), "install", "--no-deps", "--no-index", str(wheel)],
                    check=True, capture_output=True, text=True, timeout=300)  # fmt: skip
-    purelib = subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    purelib = subprocess.run([venv / "bin" / "python", "-c", where], check=True, capture_output=True, text=True)
+    purelib = purelib.stdout.strip()
     (Path(purelib) / "test_dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     shutil.rmtree(src)  # nothing may read the source tree from here on
     return venv / "bin"

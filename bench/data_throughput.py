@@ -11,7 +11,7 @@ without blocking. Peers in the same run, each reading one step at a time on the 
 With --objective bert the reader also draws the masks, which cost more than the rows at 1024 tokens.
 
 and `needed`: the tokens/s one GPU consumes when it trains at --train-tokens-per-s (default: the
-H200 anchor of REFERENCE.md, 530k tokens/s for iGPT-S compiled), so headroom = reader / needed.
+H200 anchor of docs/reference.md#measured-anchor, 530k tokens/s for iGPT-S compiled), so headroom = reader / needed.
 Shards are read from the page cache once warm; a cold first epoch on a network file system is
 slower and is not what this measures.
 
@@ -44,7 +44,7 @@ from igpt_ds.trainer import read_micro_batches
 
 REPO = Path(__file__).resolve().parent.parent
 ANCHOR_TOKENS_PER_S = 530_000
-"""REFERENCE.md: iGPT-S shape, torch.compile, one H200."""
+"""docs/reference.md#measured-anchor: iGPT-S shape, torch.compile, one H200."""
 
 
 def synthetic_shards(n_images: int, n_px: int, folder: Path, k: int = 16) -> Path:

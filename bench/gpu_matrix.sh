@@ -62,7 +62,7 @@ group() {
         --peer-timeout 180 --out-dir "$SCRATCH" --name "$name"
 }
 
-# 1. The anchor of REFERENCE.md, in one run: peers and DeepSpeed's stages at the policies' defaults
+# 1. The anchor of docs/reference.md#measured-anchor, in one run: peers and DeepSpeed's stages at the policies' defaults
 #    (zero1_bf16.json is the iGPT-S preset's policy).
 group s_headline 120 hf eager compile ds ds:stage=2 "ds:config=$ZERO3" -- "${S[@]}"
 # 1b. The pretraining entry point itself (igpt_ds.trainer.train: reader thread, logging, stop flag) on

@@ -5,7 +5,7 @@ overrides (`--train.lr=3e-4` or `--train.lr 3e-4`). Unknown keys and values of t
 errors (`ConfigError`), raised before anything runs. Derived values (sequence length, gradient
 accumulation) are properties, never knobs.
 
-`model.size` names a preset from `MODEL_SIZES` (REFERENCE.md table); explicit `model.n_layer` etc.
+`model.size` names a preset from `MODEL_SIZES` (docs/reference.md#model); explicit `model.n_layer` etc.
 override the preset's values.
 """
 

@@ -5,8 +5,8 @@ The run config owns batch sizes, gradient clipping, the optimizer and the LR sch
 accelerator) sets engine policy (ZeRO stage, precision, offload, buckets). `build_ds_config` is the one
 function that writes the run config's values into the JSON. A JSON brought from DeepSpeedExamples or HF may
 set those keys too: values that agree and "auto" are accepted, a contradiction is refused naming both.
-Recipe (paper §3.3, REFERENCE.md): Adam β=(0.9, 0.95), no weight decay, linear warmup then cosine decay to 0
-(`lr_at`).
+Recipe (paper §3.4, docs/reference.md#objectives-and-recipe): Adam β=(0.9, 0.95), no weight decay, linear warmup,
+then cosine decay to 0 (`lr_at`).
 
 The optimizer is DeepSpeed's "AdamW" type with `torch_adam: true` (torch.optim.AdamW, fused when
 `optim.fused`: no FusedAdam JIT build, runs on CPU); with ZeRO optimizer offload DeepSpeed's own

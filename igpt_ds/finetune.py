@@ -75,7 +75,7 @@ class FinetuneSection:
 
 
 def _optim_defaults() -> OptimConfig:
-    # About 10x below pretraining's LR and constant after warmup (REFERENCE.md "Fine-tuning").
+    # About 10x below pretraining's LR and constant after warmup (docs/reference.md#evaluation).
     return OptimConfig(lr=3e-4, warmup_steps=20, schedule="constant")
 
 

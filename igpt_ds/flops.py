@@ -7,8 +7,9 @@ plus 12·L·T·d per token for attention scores and values (QKᵀ and AV, forwar
 full T×T square — causal masking is not discounted, so figures compare with published ones).
 Activation recomputation is not counted: MFU measures useful work, not work done.
 
-For iGPT-S at 32² (N ≈ 76M, L = 24, T = 1024, d = 512) this is 0.61 GFLOP per token, which puts the
-H200 anchor of REFERENCE.md (530k tokens/s, torch.compile) at 33% of 989 TFLOP/s, as measured there.
+For iGPT-S at 32² (N ≈ 76M, L = 24, T = 1024, d = 512) this is 0.61 GFLOP per token, which puts
+the H200 anchor of docs/reference.md#measured-anchor (530k tokens/s, torch.compile) at 33% of
+989 TFLOP/s, as measured there.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Why: OpenAI's released iGPT-S/M/L weights reach most users as HF ImageGPT direct
 the colour `clusters`).
 Both directions work on the files alone; `transformers` is needed only to *run* the HF model.
 
-The two implementations are the same network (Chen et al. 2020, §3; REFERENCE.md "Model"):
+The two implementations are the same network (Chen et al. 2020, §3; docs/reference.md#model):
 - HF `ImageGPTLayerNorm` is x / sqrt(mean(x²) + eps) · gain, i.e. our gain-only RMS norm;
   `activation_function` "quick_gelu" is our x·sigmoid(1.702x); attention scales by 1/√head_dim.
 - HF `Conv1D` stores weights (in, out) and computes x @ W + b; our nn.Linear stores (out, in), so

@@ -6,8 +6,8 @@ perf/tokens_per_s, perf/samples_per_s, perf/step_time_s, perf/data_wait_frac (th
 loop waited for batches), perf/tflops_per_device and perf/mfu (GPU only: model FLOPs per token and
 device peak from `igpt_ds.flops`), memory/max_allocated_gib (GPU) or memory/max_rss_gib (CPU),
 val/loss, val/bits_per_pixel; the resolved config as text, and hparams with the final losses at the
-end of a run. DeepSpeed's own monitor does not log the training loss (REFERENCE.md), so none of this
-relies on it.
+end of a run. DeepSpeed's own monitor logs the training loss only under the pipeline engine
+(docs/reference.md#deepspeed); these are logged the same way for both layouts.
 
 `tensorboard --logdir runs/` shows them.
 """

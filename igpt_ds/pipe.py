@@ -4,7 +4,7 @@ Layers, in order: `EmbedPipe` (SOS + token + position embeddings) -> n_layer x `
 `HeadPipe` (final norm + output head); `pipe_loss` runs on the last stage. DeepSpeed splits the list
 into `train.pipeline_stages` stages balanced by parameter count. Activation checkpointing covers
 the blocks only: checkpointing the embedding fails in DeepSpeed's reentrant checkpoint ("element 0
-of tensors does not require grad", REFERENCE.md).
+of tensors does not require grad", docs/reference.md#deepspeed).
 
 Only tensors travel between stages, so the BERT objective is encoded in the tensors themselves:
 masked input pixels carry the out-of-vocabulary id n_vocab, and labels are -100 (ignored) at

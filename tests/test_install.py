@@ -117,3 +117,18 @@ def test_deepspeed_module_launch_with_a_standard_json(installed, tmp_path):
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["optimizer"]["params"]["lr"] == 3e-3
     assert ds["zero_optimization"]["reduce_bucket_size"] == 32 * 32  # "auto" from igpt-tiny's width
     assert sorted(scalars(work / "runs" / "ds" / "tensorboard")["train/loss"]) == [1, 2, 3]
+    assert engine.split("engine: ", 1)[1] in text_summaries(work / "runs" / "ds" / "tensorboard")["engine"]
+
+
+def text_summaries(tb_dir: Path) -> dict[str, str]:
+    """{tag: text} of TensorBoard's text summaries (add_text)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for events in sorted(tb_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["tensors"]:
+            if tag.endswith("/text_summary"):
+                out[tag.split("/")[0]] = acc.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+    return out

@@ -66,7 +66,7 @@ slurm_up() {
   wait_for 10 munge -S "$dir/munge/munge.socket" -n || die "munged did not start: $(cat "$dir/munge/munged.log")"
 
   cat >"$dir/slurm.conf" <<EOF
-# One-node test cluster written by tests/cluster/cluster.sh (see REFERENCE.md).
+# One-node test cluster written by tests/cluster/cluster.sh (facts in docs/reference.md#a-slurm-cluster-on-one-machine).
 ClusterName=igpttest
 # Addresses given, so the daemons do not depend on how this machine's name resolves.
 SlurmctldHost=$host(127.0.0.1)

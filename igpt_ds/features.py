@@ -24,7 +24,6 @@ tensor; a DeepSpeed checkpoint read by several ranks is first consolidated once,
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,10 +43,9 @@ from igpt_ds.feature_store import (
     prepare_split,
     split_plan,
 )
-from igpt_ds.model import IGPT
+from igpt_ds.model import IGPT, autocast, compute_dtype
 from igpt_ds.palette import decode
-from igpt_ds.shards import ShardSplit
-from igpt_ds.trainer import open_shards
+from igpt_ds.shards import ShardSplit, open_shards
 
 
 @dataclass
@@ -76,22 +74,6 @@ class ExtractConfig:
         if self.batch_size < 1 or not self.splits:
             raise ConfigError("batch_size must be >= 1 and splits non-empty")
         compute_dtype(torch.device("cpu"), self.precision)  # validates the name
-
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """The dtype matmuls run in: `precision` on CUDA, always fp32 on CPU."""
-    if precision not in _DTYPES:
-        raise ConfigError(f"precision={precision!r} must be one of {list(_DTYPES)}")
-    return _DTYPES[precision] if device.type == "cuda" else torch.float32
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast to bf16/fp16 on CUDA with fp32 weights kept; a no-op in fp32 and on CPU."""
-    dtype = compute_dtype(device, precision)
-    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast("cuda", dtype=dtype)
 
 
 def resolve_layers(layers: list[int], n_layer: int) -> list[int]:

@@ -17,7 +17,7 @@ checkpoint fine-tunes here all the same (its weights are read in any layout). Th
 read tensor by tensor from a consolidated folder; a DeepSpeed checkpoint is first exported to one,
 `<run>/init_weights/`, by rank 0 alone (`checkpoint.consolidated_for_ranks`). Checkpoints, resume,
 resume at another world size (universal checkpoints), the save-and-exit on SIGTERM / SIGUSR1
-(`distributed.StopSignal`) and run files are pretraining's (`igpt_ds.checkpoint`, `igpt_ds.trainer`).
+(`distributed.StopSignal`) and the run lifecycle are pretraining's (`igpt_ds.checkpoint`, `igpt_ds.run`).
 
     deepspeed --num_gpus 8 launcher/finetune.py --config launcher/configs/finetune_cifar10.yaml \\
         --train.init_from=runs/igpt-s-imagenet32
@@ -36,17 +36,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import Tensor
 
 from igpt_ds import checkpoint, resume
+from igpt_ds import run as run_lifecycle
 from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
-from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed, on_rank0
+from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed
 from igpt_ds.engine import build_ds_config, describe, engine_facts, initialize, model_init_context, zero_stage
 from igpt_ds.model import IGPT, Linear, bert_mask, objective_loss
-from igpt_ds.shards import GlobalBatchSampler, ShardError, ShardSplit, rank_slice
-from igpt_ds.trainer import git_revision, open_shards
+from igpt_ds.shards import GlobalBatchSampler, ShardError, ShardSplit, open_shards, rank_slice
 from igpt_ds.weights import open_consolidated
 
 
@@ -154,8 +153,9 @@ class Finetuner:
         except ShardError as e:
             raise ConfigError(str(e)) from None
         # One decision for every rank, by rank 0, checked against this run before anything is built.
-        plan = on_rank0(lambda: resume.plan(t.run_dir / "checkpoints", None, "zero", self.world, self.world,
-                                            ds_config, self.data, t.seed, t.reset_data_position))  # fmt: skip
+        plan = run_lifecycle.resume_plan(t.run_dir, model=None, layout="zero", world=self.world, dp=self.world,
+                                         ds_config=ds_config, data=self.data, seed=t.seed,
+                                         reset_data_position=t.reset_data_position)  # fmt: skip
         ckpt = plan.ckpt if plan is not None else None
         if ckpt is None:
             init = checkpoint.consolidated_for_ranks(t.init_from, t.run_dir / "init_weights")
@@ -168,8 +168,6 @@ class Finetuner:
         self.palette = palette if palette is not None else self.train.palette
         self.n_classes = len(self.train.class_names) or int(self.train.labels.max()) + 1
         universal = plan is not None and plan.universal
-        if universal:
-            on_rank0(lambda: checkpoint.to_universal(ckpt))  # minutes for a large model: outside timed collectives
         ds_config = build_ds_config(t, cfg.optim, self.world, universal, hidden_size=self.model_cfg.n_embd)
         torch.manual_seed(t.seed)
         with model_init_context(ds_config):
@@ -195,21 +193,12 @@ class Finetuner:
         module = self.engine.module
         for name, values in zip(("feat_mean", "feat_std"), self.state["feat_stats"], strict=True):
             getattr(module, name).copy_(torch.tensor(values))
-        resolved = json.loads(json.dumps({**to_dict(cfg), "model": asdict(self.model_cfg)}))  # tuples -> lists
-        self.files = {"config.yaml": yaml.safe_dump(resolved, sort_keys=False),
-                      "ds_config.json": json.dumps(ds_config, indent=2), "git_rev.txt": git_revision()}  # fmt: skip
-        self.writer = None
-        if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            t.run_dir.mkdir(parents=True, exist_ok=True)
-            for name, text in self.files.items():
-                (t.run_dir / name).write_text(text)
-            self.writer = SummaryWriter(str(t.run_dir / "tensorboard"))
-            self.writer.add_text("engine", describe(engine_facts(ds_config, t, self.world)), self.state["step"])
-            print(describe(engine_facts(ds_config, t, self.world)), flush=True)
-            if ckpt is not None:
-                self.log(f"resumed from {ckpt} at step {self.state['step']}")
+        self.files = run_lifecycle.run_files({**to_dict(cfg), "model": asdict(self.model_cfg)}, ds_config)
+        run_lifecycle.write_run_files(t.run_dir, self.files, self.rank)
+        self.writer = run_lifecycle.open_tensorboard(t.run_dir, self.rank, self.state["step"], self.files,
+                                                     describe(engine_facts(ds_config, t, self.world)))  # fmt: skip
+        if ckpt is not None:
+            self.log(f"resumed from {ckpt} at step {self.state['step']}")
 
     def log(self, line: str, step: int | None = None, scalars: dict[str, float] | None = None) -> None:
         if self.writer is None:

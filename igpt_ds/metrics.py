@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import resource
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,34 +46,25 @@ class Metrics:
 
     def __init__(
         self,
-        log_dir: Path,
+        writer: Any,
         *,
-        enabled: bool,
         model_cfg: ModelConfig,
         world_size: int,
         global_batch: int,
         max_steps: int,
         start_step: int,
-        config_text: str,
-        engine_line: str = "",
     ):
-        self.enabled, self.world_size, self.global_batch, self.max_steps = enabled, world_size, global_batch, max_steps
+        """`writer`: rank 0's SummaryWriter (`run.open_tensorboard`), None on the other ranks."""
+        self.enabled, self.writer = writer is not None, writer
+        self.world_size, self.global_batch, self.max_steps = world_size, global_batch, max_steps
         self.seq_len = model_cfg.seq_len
         self.flops_per_token, self.peak = train_flops_per_token(model_cfg), peak_flops()
         self.last: dict[str, float] = {}
-        self.writer = self.bar = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+        self.bar = None
+        if self.enabled and sys.stdout.isatty():
+            from tqdm import tqdm
 
-            self.writer = SummaryWriter(str(log_dir))
-            self.writer.add_text("config", f"```\n{config_text}\n```", start_step)
-            if engine_line:
-                self.writer.add_text("engine", engine_line, start_step)
-                print(engine_line, flush=True)
-            if sys.stdout.isatty():
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def step(self) -> None:
         """Advance the progress bar (host only, no device sync)."""

@@ -19,6 +19,7 @@ must never touch a child's weights. This file imports torch only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from igpt_ds.config import ModelConfig
+from igpt_ds.config import ConfigError, ModelConfig
 
 
 class Linear(nn.Linear):
@@ -268,3 +269,20 @@ def count_parameters(cfg: ModelConfig) -> int:
     """Parameter count, built on the meta device (no memory, any size)."""
     with torch.device("meta"):
         return sum(p.numel() for p in IGPT(cfg).parameters())
+
+
+# Inference precision (feature extraction, sampling): fp32 weights, matmuls in bf16/fp16 on CUDA.
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The dtype matmuls run in: `precision` on CUDA, always fp32 on CPU."""
+    if precision not in _DTYPES:
+        raise ConfigError(f"precision={precision!r} must be one of {list(_DTYPES)}")
+    return _DTYPES[precision] if device.type == "cuda" else torch.float32
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to bf16/fp16 on CUDA with fp32 weights kept; a no-op in fp32 and on CPU."""
+    dtype = compute_dtype(device, precision)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast("cuda", dtype=dtype)

@@ -29,12 +29,10 @@ from igpt_ds.atomic import atomic_file
 from igpt_ds.checkpoint import check_palette, load_model_for_ranks
 from igpt_ds.config import ConfigError, DataConfig
 from igpt_ds.distributed import barrier, gather_objects, init_distributed
-from igpt_ds.features import autocast, compute_dtype
-from igpt_ds.model import IGPT, KVCache
+from igpt_ds.model import IGPT, KVCache, autocast, compute_dtype
 from igpt_ds.palette import decode
 from igpt_ds.plots import image_grid, save_png
-from igpt_ds.shards import rank_slice
-from igpt_ds.trainer import open_shards
+from igpt_ds.shards import open_shards, rank_slice
 
 # Spreads per-image seeds apart so (seed, image) pairs do not collide across nearby seeds.
 _SEED_STRIDE = 1_000_003

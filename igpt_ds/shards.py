@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from igpt_ds.config import ConfigError, DataConfig, ModelConfig
 from igpt_ds.palette import PaletteError, load_palette
 
 FORMAT_VERSION = 1
@@ -207,3 +208,22 @@ class GlobalBatchSampler:
 def rank_slice(n: int, rank: int, world: int) -> range:
     """Rank's contiguous, order-preserving share of range(n); shares are disjoint and cover it."""
     return range(n * rank // world, n * (rank + 1) // world)
+
+
+def open_shards(model: ModelConfig, data: DataConfig, split: str) -> ShardSplit:
+    """A shard split, checked against the model (n_px, vocabulary) before anything reads it; ConfigError (one line)
+    for a folder without a manifest, a missing, damaged or empty split, or another image size or palette size."""
+    if not (Path(data.shards) / MANIFEST).is_file():
+        raise ConfigError(f"data.shards={data.shards} holds no {MANIFEST}; build shards with igpt-build-shards")
+    try:
+        shards = ShardSplit(data.shards, split, verify=data.verify_checksums)
+    except ShardError as e:
+        raise ConfigError(str(e)) from None
+    if not len(shards):
+        raise ConfigError(f"the {split} split of {data.shards} is empty")
+    if (shards.n_px, shards.n_vocab) != (model.n_px, model.n_vocab):
+        raise ConfigError(
+            f"shards {data.shards} hold {shards.n_px}x{shards.n_px} images over {shards.n_vocab} colours but the "
+            f"model has model.n_px={model.n_px}, model.n_vocab={model.n_vocab}"
+        )
+    return shards

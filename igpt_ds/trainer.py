@@ -14,26 +14,23 @@ Launch: `deepspeed --num_gpus 8 launcher/pretrain.py --config launcher/configs/i
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from torch import Tensor
 
 from igpt_ds import checkpoint, resume
-from igpt_ds.config import ConfigError, DataConfig, ModelConfig, PretrainConfig, to_dict
-from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed, on_rank0
+from igpt_ds import run as run_lifecycle
+from igpt_ds.config import ConfigError, PretrainConfig, to_dict
+from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed
 from igpt_ds.engine import (
     apply_schedule,
     build_ds_config,
@@ -47,26 +44,8 @@ from igpt_ds.engine import (
 from igpt_ds.metrics import Metrics
 from igpt_ds.model import IGPT, lowest_scores_mask, objective_loss
 from igpt_ds.pipe import IGPTPipe, bert_pipe_batch
-from igpt_ds.shards import MANIFEST, GlobalBatchSampler, ShardError, ShardSplit
+from igpt_ds.shards import GlobalBatchSampler, ShardSplit, open_shards
 from igpt_ds.weights import open_consolidated
-
-
-def open_shards(model: ModelConfig, data: DataConfig, split: str) -> ShardSplit:
-    """A shard split, checked against the model (n_px, vocabulary) before anything trains."""
-    if not (Path(data.shards) / MANIFEST).is_file():
-        raise ConfigError(f"data.shards={data.shards} holds no {MANIFEST}; build shards with igpt-build-shards")
-    try:
-        shards = ShardSplit(data.shards, split, verify=data.verify_checksums)
-    except ShardError as e:
-        raise ConfigError(str(e)) from None
-    if not len(shards):
-        raise ConfigError(f"the {split} split of {data.shards} is empty")
-    if (shards.n_px, shards.n_vocab) != (model.n_px, model.n_vocab):
-        raise ConfigError(
-            f"shards {data.shards} hold {shards.n_px}x{shards.n_px} images over {shards.n_vocab} colours but the "
-            f"model has model.n_px={model.n_px}, model.n_vocab={model.n_vocab}"
-        )
-    return shards
 
 
 def build_model(cfg: PretrainConfig, ds_config: dict[str, Any], init: Mapping[str, Tensor] | None) -> torch.nn.Module:
@@ -267,10 +246,10 @@ def setup(cfg: PretrainConfig) -> Run:
     dp, t = dp_size(cfg.train, world), cfg.train
     data = resume.data_identity(train_split)
     # One decision for every rank, by rank 0, checked against this run before anything is built.
-    plan = on_rank0(lambda: resume.plan(t.run_dir / "checkpoints", cfg.model, t.layout, world, dp, ds_config, data,
-                                        t.seed, t.reset_data_position))  # fmt: skip
+    plan = run_lifecycle.resume_plan(t.run_dir, model=cfg.model, layout=t.layout, world=world, dp=dp,
+                                     ds_config=ds_config, data=data, seed=t.seed,
+                                     reset_data_position=t.reset_data_position)  # fmt: skip
     if plan is not None and plan.universal:
-        on_rank0(lambda: checkpoint.to_universal(plan.ckpt))  # minutes for a large model: outside timed collectives
         ds_config = build_ds_config(cfg.train, cfg.optim, world, load_universal=True, hidden_size=cfg.model.n_embd)
     init = load_init(cfg) if cfg.train.init_from and plan is None else None
     model = build_model(cfg, ds_config, init)
@@ -284,26 +263,17 @@ def setup(cfg: PretrainConfig) -> Run:
             sampler.load_state_dict(plan.meta["sampler"])
         start_step = plan.meta["step"]
         apply_schedule(engine)
-    resolved = json.loads(json.dumps(to_dict(cfg)))  # tuples -> lists for YAML
-    files = {
-        "config.yaml": yaml.safe_dump(resolved, sort_keys=False),
-        "ds_config.json": json.dumps(ds_config, indent=2),
-        "git_rev.txt": git_revision(),
-    }
-    if rank == 0:
-        cfg.train.run_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            (cfg.train.run_dir / name).write_text(text)
+    files = run_lifecycle.run_files(to_dict(cfg), ds_config)
+    run_lifecycle.write_run_files(t.run_dir, files, rank)
+    writer = run_lifecycle.open_tensorboard(t.run_dir, rank, start_step, files,
+                                            describe(engine_facts(ds_config, cfg.train, world)))  # fmt: skip
     metrics = Metrics(
-        cfg.train.run_dir / "tensorboard",
-        enabled=rank == 0,
+        writer,
         model_cfg=cfg.model,
         world_size=world,
         global_batch=cfg.train.global_batch,
         max_steps=cfg.train.max_steps,
         start_step=start_step,
-        config_text=files["config.yaml"],
-        engine_line=describe(engine_facts(ds_config, cfg.train, world)),
     )
     if plan is not None:
         how = (" (universal checkpoint)" if plan.universal else "") + (
@@ -351,20 +321,3 @@ def train(cfg: PretrainConfig) -> dict[str, float]:
     m.close({**to_dict(cfg), "engine": engine_facts(run.engine.config, t, torch.distributed.get_world_size())})
     barrier()  # every rank's writes are done before any exits: a launcher may kill the rest when one exits non-zero
     return {**m.last, "stopped_by": stopped_by}
-
-
-def git_revision() -> str:
-    """The commit of the code that ran, '+dirty' when the tree had changes."""
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "-uno"], cwd=here, capture_output=True, text=True, timeout=10
-        )
-        return (
-            rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") + "\n"
-            if rev.returncode == 0
-            else "unknown\n"
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown\n"

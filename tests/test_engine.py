@@ -199,7 +199,7 @@ def shards(tmp_path_factory):
 
 def test_shards_must_match_the_model(shards):
     from igpt_ds.shards import ShardSplit
-    from igpt_ds.trainer import open_shards
+    from igpt_ds.shards import open_shards
 
     n_vocab = ShardSplit(shards, "train").n_vocab
     open_shards(ModelConfig(n_px=8, n_vocab=n_vocab), DataConfig(shards=str(shards)), "train")
@@ -210,7 +210,7 @@ def test_shards_must_match_the_model(shards):
 
 
 def test_missing_shard_folder(tmp_path):
-    from igpt_ds.trainer import open_shards
+    from igpt_ds.shards import open_shards
 
     with pytest.raises(ConfigError, match="holds no manifest.json"):
         open_shards(ModelConfig(n_px=8), DataConfig(shards=str(tmp_path / "nowhere")), "train")

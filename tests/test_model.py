@@ -68,10 +68,14 @@ def test_bert_mask_semantics():
     torch.testing.assert_close(model(x, mask[:3]), model(other, mask[:3]), rtol=0, atol=0)
     emb = model.embed(x, mask[:3])
     torch.testing.assert_close(emb[mask[:3]], model.wpe.weight[:64].expand(3, -1, -1)[mask[:3]])
-    # The loss counts masked positions only.
+    # The loss counts masked positions only: the mean of -log softmax at the masked pixels, by hand.
     logits = model(x, mask[:3])
-    expected = torch.nn.functional.cross_entropy(logits[mask[:3]], x[mask[:3]])
-    torch.testing.assert_close(objective_loss(logits, x, mask[:3]), expected)
+    log_probs = logits - logits.logsumexp(dim=-1, keepdim=True)
+    by_hand = -log_probs.gather(-1, x.unsqueeze(-1)).squeeze(-1)[mask[:3]].mean()
+    torch.testing.assert_close(objective_loss(logits, x, mask[:3]), by_hand)
+    unmasked_changed = logits.clone()
+    unmasked_changed[~mask[:3]] += torch.randn_like(unmasked_changed[~mask[:3]])
+    assert objective_loss(unmasked_changed, x, mask[:3]) == objective_loss(logits, x, mask[:3])
 
 
 def test_kv_cache_step_equals_full_forward():
@@ -85,13 +89,24 @@ def test_kv_cache_step_equals_full_forward():
     torch.testing.assert_close(torch.stack([after_prefix, *rest], 1), full[:, 10:], rtol=1e-4, atol=1e-5)
 
 
+def rms_norm_by_hand(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """iGPT's norm written out (docs/reference.md#model): x / sqrt(mean(x²) + 1e-5) · gain."""
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain
+
+
 def test_features_shapes_and_values():
     model, x = tiny(), tokens()
     feats = model.features(x, [0, 1, 2])
     assert {k: v.shape for k, v in feats.items()} == {l: (3, 32) for l in (0, 1, 2)}
-    # Layer 0 is the first block's normalised input; layer n_layer the final norm's output.
-    torch.testing.assert_close(feats[0], model.h[0].ln_1(model.embed(x)).mean(1))
-    _, pooled = model.forward_pooled(x)
-    torch.testing.assert_close(feats[2], pooled)
+    # Layer 0 from the raw parameters: SOS then the pixels' token embeddings, plus positions, normalised, pooled.
+    h0 = torch.cat([model.sos.expand(3, 1, -1), model.wte.weight[x[:, :-1]]], 1) + model.wpe.weight[:64]
+    torch.testing.assert_close(feats[0], rms_norm_by_hand(h0, model.h[0].ln_1.weight).mean(1))
+    # Layer 1 and the final norm from what the ordinary forward pass (the logits' path) feeds block 1 and the head.
+    seen = {}
+    model.h[1].register_forward_pre_hook(lambda _, args: seen.__setitem__("block1_in", args[0]))
+    model.lm_head.register_forward_pre_hook(lambda _, args: seen.__setitem__("head_in", args[0]))
+    model(x)
+    torch.testing.assert_close(feats[1], rms_norm_by_hand(seen["block1_in"], model.h[1].ln_1.weight).mean(1))
+    torch.testing.assert_close(feats[2], seen["head_in"].mean(1))
     with pytest.raises(ValueError):
         model.features(x, [3])

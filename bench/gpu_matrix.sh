@@ -4,14 +4,14 @@
 # HF ImageGPT, our plain PyTorch model (eager and torch.compile) measured in the same run.
 #
 # On the H200 machine (its image has torch + transformers but no deepspeed), from the checkout root,
-# after `bash ../shared/device/make-wheels.sh` here has filled .whl/:
+# after `bash ../shared/device/make-wheels.sh` and `bash bench/gpu_wheels.sh` here have filled .whl/:
 #     device run, carry [".whl"], timeout_s 600:  bash bench/gpu_matrix.sh     (into $OUT; 5-7 min)
 # On a CPU, the same structure at the tiny shape, as a check of the script (~4 min on 2 cores):
 #     OUT=/tmp/matrix bash bench/gpu_matrix.sh --cpu
 #
 # Groups run in priority order and each is skipped when the time budget (BUDGET_S, default 420 s)
 # would be overrun, so a slow machine still returns the headline group. Everything lands in $OUT as
-# four files: gpu_matrix.json (all groups), gpu_matrix.md (all tables), gpu_matrix.log, env.txt.
+# five files: gpu_matrix.json (all groups), gpu_matrix.md (all tables), gpu_matrix.log, env.txt, gpu_tests.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder that receives the results}
@@ -42,6 +42,12 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 ZERO3=ds_configs/zero3_bf16.json
 { nvidia-smi 2>/dev/null; python3 -m pip list 2>/dev/null | grep -Ei '^(torch|deepspeed|transformers|triton) '; } \
     > "$OUT/env.txt"
+
+# 0. The GPU checks (tests/gpu: bf16 autocast, flash SDPA, compile under ZeRO-1, NCCL, cached decoding), ~1-2 min;
+#    they skip themselves without CUDA. Their summary lands in $OUT/gpu_tests.txt.
+echo "== tests/gpu (${SECONDS}s spent)"
+python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.txt" \
+    | tail -n 15
 
 # group NAME SECONDS_ESTIMATE PEERS... -- BENCH_ARGS...: one bench/train_throughput.py run, if time allows.
 group() {

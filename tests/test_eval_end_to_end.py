@@ -35,7 +35,7 @@ def test_digits_pretrain_probe_sample_finetune(tmp_path):
     assert all(name in table for name in names)
     per_layer = [r for r in report["rows"] if len(r["layers"]) == 1]
     assert max(r["test_acc"] for r in per_layer) > 4 * report["chance"]  # chance is 10%
-    assert (features / "probe" / "probe.png").stat().st_size > 0
+    assert_picture(features / "probe" / "probe.png")
     assert "probe/test_acc" in scalars(features / "probe" / "tensorboard")
     # The demo's features: one rank fits what two fit, and scikit-learn agrees at each chosen C.
     check(run_entry("linear_probe", "--features", str(features), "--out", str(tmp_path / "probe1")))
@@ -56,7 +56,8 @@ def test_digits_pretrain_probe_sample_finetune(tmp_path):
     tokens = np.load(samples / "tokens.npz")
     assert tokens["completions"].shape == (6, 64) and tokens["unconditional"].shape == (4, 64)
     np.testing.assert_array_equal(tokens["completions"][:, :32], np.repeat(tokens["originals"][:, :32], 2, axis=0))
-    assert (samples / "completions.png").stat().st_size > 0 and (samples / "unconditional.png").stat().st_size > 0
+    assert_picture(samples / "completions.png")
+    assert_picture(samples / "unconditional.png")
     assert list((samples / "tensorboard").glob("events.out.tfevents.*"))
 
     preset = "launcher/configs/finetune_digits_cpu.yaml"
@@ -69,3 +70,12 @@ def test_digits_pretrain_probe_sample_finetune(tmp_path):
     cfg, weights, palette = load_consolidated(tmp_path / "runs" / "digits-finetune" / "init_weights")
     assert cfg.n_layer == 2 and palette is not None
     assert torch.equal(weights["wte.weight"], checkpoint.load_model_for_eval(run)[0].wte.weight)
+
+
+def assert_picture(path):
+    """A PNG that decodes, larger than one 8x8 digit, with more than one colour (not a blank canvas)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) > 8, (path, image.size)
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 24)) > 1, path

@@ -73,18 +73,28 @@ def test_probe_on_synthetic_features_agrees_with_sklearn(tmp_path):
     assert abs(sk.test_acc - ours.test_acc) <= 0.5
 
 
-def test_scalers_come_from_train_only(tmp_path):
+def test_scalers_come_from_train_only(tmp_path, monkeypatch):
     """Val and test features squashed 50x and shifted by 6 standard deviations (random signs): standardised with
     their own statistics (the leak) they would probe as well as train; with train's they must probe badly,
-    exactly as a reference that standardises by hand with train statistics does. Per layer and concatenated."""
+    exactly as a reference that standardises by hand with train statistics does. Per layer and concatenated.
+    Every scaler the probe fits holds train's statistics: test's or val's used for all splits alike would move
+    the result too little to see, so the statistics themselves are checked."""
     signs = np.random.default_rng(1).choice([-1.0, 1.0], 12)
     shift = lambda split, x: x if split == "train" else x / 50 + 6.0 * signs
     root = synthetic_features(tmp_path / "f", dim=12, n_classes=4, separation=1.5, transform=shift)
     splits = {k: FeatureSplit(root / k) for k in ("train", "val", "test")}
     classes = check_labels(splits, {"train": "train", "val": "val", "test": "test"})
+    fitted = []
+    real_fit = logreg.Scaler.fit.__func__
+    monkeypatch.setattr(logreg.Scaler, "fit", classmethod(lambda cls, x, n: fitted.append(real_fit(cls, x, n))
+                                                          or fitted[-1]))  # fmt: skip
     for task in (Task([0], 1), Task([0, 1], 1)):
+        fitted.clear()
         ours = run_task(task, splits, classes, [1.0], "torch", 1000)
         data = [(task.rows(s, range(s.n)), s.labels) for s in splits.values()]
+        (scaler,) = fitted
+        np.testing.assert_allclose(scaler.mean.numpy(), data[0][0].mean(0, dtype=np.float64), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(scaler.std.numpy(), data[0][0].std(0, dtype=np.float64), rtol=1e-5)
         honest = sklearn_reference(*data, 1.0)
         leaky = sklearn_reference(
             *data[:1],

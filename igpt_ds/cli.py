@@ -20,6 +20,7 @@ launcher script calls; it imports the job's module in the worker only.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 import typing
@@ -121,29 +122,10 @@ def run_job(name: str, argv: list[str] | None = None) -> None:
 
 # Console scripts (setup.py): igpt-pretrain, igpt-finetune, ... run one process; under a launcher use
 # `deepspeed --module igpt_ds pretrain ...` or the checkout's launcher/*.py scripts.
-def pretrain() -> None:
-    run_job("pretrain")
-
-
-def finetune() -> None:
-    run_job("finetune")
-
-
-def extract_features() -> None:
-    run_job("extract_features")
-
-
-def linear_probe() -> None:
-    run_job("linear_probe")
-
-
-def sample() -> None:
-    run_job("sample")
-
-
-def plan() -> None:
-    run_job("plan")
-
-
-def plan_eval() -> None:
-    run_job("plan_eval")
+pretrain = functools.partial(run_job, "pretrain")
+finetune = functools.partial(run_job, "finetune")
+extract_features = functools.partial(run_job, "extract_features")
+linear_probe = functools.partial(run_job, "linear_probe")
+sample = functools.partial(run_job, "sample")
+plan = functools.partial(run_job, "plan")
+plan_eval = functools.partial(run_job, "plan_eval")

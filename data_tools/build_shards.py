@@ -1,6 +1,6 @@
 """Build pre-tokenized, memory-mappable pixel shards from an image source.
 
-Reference: Chen et al. 2020, §3.1 / docs/reference.md#preprocessing (n_px² raster order, k-means
+Reference: docs/reference.md#preprocessing (n_px² raster order, k-means
 palette of 512 colours in x/127.5 - 1, 10% of train held out as validation).
 
 Launch:

@@ -1,6 +1,6 @@
 """One image -> an n_px × n_px uint8 RGB array: mode conversion, square crop, antialiased resize.
 
-Reference: Chen et al. 2020, §3.1 / docs/reference.md#preprocessing: images are downsampled to
+Reference: docs/reference.md#preprocessing: images are downsampled to
 n_px² (32, 48 or 64); evaluation uses a centre crop. Used by data_tools.build_shards workers.
 """
 

@@ -4,7 +4,7 @@ A source lists its samples without decoding them: file paths for folders (an Ima
 1.28M images costs only its path list), uint8 arrays for the rest (a .npy is memory-mapped).
 Workers in data_tools.build_shards decode one sample at a time with data_tools.images.load_rgb.
 
-Reference: Chen et al. 2020, §4 (CIFAR-10/100, ImageNet); docs/reference.md#preprocessing: CIFAR
+Reference: docs/reference.md#preprocessing (CIFAR-10/100, ImageNet): CIFAR
 holds out 10% of train as validation (`hold_out_val`).
 """
 

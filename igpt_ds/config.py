@@ -37,7 +37,7 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 
 @dataclass
 class ModelConfig:
-    """model: the GPT-2-style iGPT Transformer (paper §3, table of sizes in docs/)."""
+    """model: the GPT-2-style iGPT Transformer (docs/reference.md#model)."""
 
     size: str = "igpt-tiny"
     """Named size from MODEL_SIZES; n_layer/n_head/n_embd given explicitly override it."""
@@ -93,7 +93,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """optim: AdamW and the learning-rate schedule (paper §3.3: Adam β=(0.9, 0.95), warmup then cosine)."""
+    """optim: AdamW and the learning-rate schedule: Adam β=(0.9, 0.95), warmup then cosine
+    (docs/reference.md#objectives-and-recipe)."""
 
     lr: float = 3e-3
     """Peak learning rate (paper: ~3e-3 for iGPT-S, 1e-3 for iGPT-L at 32x32)."""

@@ -5,7 +5,7 @@ The run config owns batch sizes, gradient clipping, the optimizer and the LR sch
 accelerator) sets engine policy (ZeRO stage, precision, offload, buckets). `build_ds_config` is the one
 function that writes the run config's values into the JSON. A JSON brought from DeepSpeedExamples or HF may
 set those keys too: values that agree and "auto" are accepted, a contradiction is refused naming both.
-Recipe (paper §3.4, docs/reference.md#objectives-and-recipe): Adam β=(0.9, 0.95), no weight decay, linear warmup,
+Recipe (docs/reference.md#objectives-and-recipe): Adam β=(0.9, 0.95), no weight decay, linear warmup,
 then cosine decay to 0 (`lr_at`).
 
 The optimizer is DeepSpeed's "AdamW" type with `torch_adam: true` (torch.optim.AdamW, fused when
@@ -47,7 +47,8 @@ OWNED_KEYS = {
     "scheduler": "optim.warmup_steps / optim.schedule",
 }
 ADAM_TYPES = ("adam", "adamw")
-"""DeepSpeed optimizer types an `optimizer` section may name: the run trains with AdamW (paper §3.3)."""
+"""DeepSpeed optimizer types an `optimizer` section may name: the run trains with AdamW
+(docs/reference.md#objectives-and-recipe)."""
 
 
 def default_policy(device_name: str, bf16_supported: bool, layout: str) -> str:
@@ -106,7 +107,7 @@ def _optimizer(section: Any, source: str, optim: OptimConfig) -> None:
         kind = section.get("type") if isinstance(section, dict) else section
         raise ConfigError(
             f"optimizer type {kind!r} in {source} is not supported: igpt-ds trains with AdamW set by optim.* "
-            "(paper §3.3); Lamb, 1-bit Adam and other types are untested with its schedule and checkpoints; "
+            "(the paper's recipe); Lamb, 1-bit Adam and other types are untested with its schedule and checkpoints; "
             "remove the optimizer section or make it Adam/AdamW"
         )
     params = section.get("params", {})
@@ -196,7 +197,7 @@ def build_ds_config(
     if "scheduler" in raw:
         raise ConfigError(
             f"scheduler section in {source}: the learning-rate schedule is optim.warmup_steps / optim.schedule "
-            "(linear warmup, then cosine to 0 at train.max_steps; paper §3.3), which resumes and changes of "
+            "(linear warmup, then cosine to 0 at train.max_steps: the paper's recipe), which resumes and changes of "
             "max_steps keep right; remove the scheduler section and set optim.* instead"
         )
     policy = fill_auto({k: v for k, v in raw.items() if k not in OWNED_KEYS}, hidden_size, source)

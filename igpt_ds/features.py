@@ -1,4 +1,4 @@
-"""Frozen-feature extraction for linear probes (Chen et al. 2020, §3.4 and §4.2).
+"""Frozen-feature extraction for linear probes (docs/reference.md#evaluation).
 
 The feature of layer l is f^l = mean over positions of LN(h^l), block l's normalised input; l = n_layer
 is the final norm's output. One forward pass yields every requested layer (`IGPT.features`).

@@ -1,10 +1,10 @@
-"""Fine-tuning a pretrained iGPT for classification on DeepSpeed (Chen et al. 2020, §3.4 and §4.3).
+"""Fine-tuning a pretrained iGPT for classification on DeepSpeed (docs/reference.md#evaluation).
 
 A linear head on the mean-pooled final-norm output (`IGPT.forward_pooled`); the loss is
 L_CLF + λ·L_GEN with λ = `finetune.gen_weight` (the paper found the generative term helps; 0 drops it).
 The head reads the pooled features through a fixed standardisation measured before training (see
 `IGPTClassifier`) and may learn faster than the backbone (`finetune.head_lr_mult`).
-Constant learning rate after warmup (no cosine, paper §3.4), early stopping on validation accuracy:
+Constant learning rate after warmup (no cosine: docs/reference.md#evaluation), early stopping on validation accuracy:
 every improvement is saved to `<run>/best/` and scored on the test split at once, so the reported test
 accuracy is that of the checkpoint with the best validation accuracy; test never steers anything.
 Optional augmentation works on tokens: horizontal flips and translations of up to `finetune.shift`
@@ -51,7 +51,7 @@ from igpt_ds.weights import open_consolidated
 
 @dataclass
 class FinetuneSection:
-    """finetune: the classification fine-tune (L_CLF + gen_weight x L_GEN, paper §3.4)."""
+    """finetune: the classification fine-tune (L_CLF + gen_weight x L_GEN; docs/reference.md#evaluation)."""
 
     gen_weight: float = 1.0
     """λ in L_CLF + λ·L_GEN (paper: 1 beats 0); 0 trains the classifier loss alone."""

@@ -5,7 +5,7 @@ Why: OpenAI's released iGPT-S/M/L weights reach most users as HF ImageGPT direct
 the colour `clusters`).
 Both directions work on the files alone; `transformers` is needed only to *run* the HF model.
 
-The two implementations are the same network (Chen et al. 2020, §3; docs/reference.md#model):
+The two implementations are the same network (docs/reference.md#model):
 - HF `ImageGPTLayerNorm` is x / sqrt(mean(x²) + eps) · gain, i.e. our gain-only RMS norm;
   `activation_function` "quick_gelu" is our x·sigmoid(1.702x); attention scales by 1/√head_dim.
 - HF `Conv1D` stores weights (in, out) and computes x @ W + b; our nn.Linear stores (out, in), so
@@ -129,7 +129,8 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict[str, Any]:
         "n_head": cfg.n_head,
         "n_inner": None,
         "layer_norm_epsilon": NORM_EPS,
-        # iGPT trains without dropout (paper §3.3); HF's 0.1 default would make HF fine-tuning differ from ours.
+        # iGPT trains without dropout (docs/reference.md#model); HF's 0.1 default would make HF fine-tuning differ
+        # from ours.
         "attn_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "resid_pdrop": 0.0,

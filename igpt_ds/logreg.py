@@ -1,4 +1,4 @@
-"""Data-parallel multinomial L2 logistic regression: the linear probe's solver (Chen et al. 2020, §3.4, §4.2).
+"""Data-parallel multinomial L2 logistic regression: the linear probe's solver (docs/reference.md#evaluation).
 
 Each rank holds a disjoint range of the rows (`rank_rows`: its share of the train, val and test features);
 no rank ever holds all of them. The objective is scikit-learn's `LogisticRegression(C)` divided by C·N, so

@@ -8,9 +8,9 @@ Faithful to OpenAI's released implementation (openai/image-gpt):
 - untied, zero-initialised output head with one row per palette colour (loss at init = ln n_vocab);
 - init: token emb std 0.02, position emb 0.01, q/k/v 1/√d, attention output 1/√(d·L), MLP 0.02.
 
-Objectives (paper §3.2): `ar` — causal attention, cross-entropy on every pixel; `bert` — bidirectional
-attention, exactly max(1, round(mask_prob·T)) positions masked per image (token embedding zeroed, position
-embedding kept), cross-entropy on the masked positions only.
+Objectives (docs/reference.md#objectives-and-recipe): `ar` — causal attention, cross-entropy on every pixel;
+`bert` — bidirectional attention, exactly max(1, round(mask_prob·T)) positions masked per image (token
+embedding zeroed, position embedding kept), cross-entropy on the masked positions only.
 
 Every module initialises its own parameters inside its own __init__: under DeepSpeed's
 `zero.Init` a module's parameters are partitioned as soon as its constructor returns, so a parent

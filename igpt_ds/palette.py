@@ -1,6 +1,6 @@
 """Colour palette: fit k-means colour clusters, encode pixels to tokens, decode tokens to pixels.
 
-Reference: Chen et al. 2020, "Generative Pretraining from Pixels", §3.1 / docs/reference.md#preprocessing:
+Reference: docs/reference.md#preprocessing:
 k = 512 clusters of (R, G, B) in the space x/127.5 - 1; token = nearest centre by squared Euclidean
 distance; decode = rint(127.5·(c + 1)). A palette is a (k, 3) float32 array in [-1, 1], the same
 convention as OpenAI's `kmeans_centers.npy` and HF ImageGPT's `clusters`, so a released palette

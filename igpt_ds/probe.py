@@ -1,4 +1,4 @@
-"""Linear probes on frozen features (Chen et al. 2020, §3.4, §4.2 and Figure 3), fitted by all ranks together.
+"""Linear probes on frozen features (docs/reference.md#evaluation), fitted by all ranks together.
 
 For each layer: multinomial L2-regularised logistic regression on features standardised with the train
 split's mean and std (never val's or test's), the inverse regularisation strength C chosen on the

@@ -1,4 +1,4 @@
-"""Autoregressive sampling and image completion (Chen et al. 2020, §4.1 and Figure 1).
+"""Autoregressive sampling and image completion (Chen et al. 2020, Figure 1).
 
     deepspeed --num_gpus 8 launcher/sample.py --checkpoint runs/igpt_s --shards data/imagenet32 --top_k 40
     python launcher/sample.py --checkpoint runs/digits --shards demo_out/shards     (one process, CPU or GPU)

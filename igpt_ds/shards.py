@@ -1,6 +1,6 @@
 """Memory-mapped reader of pixel shards and a deterministic, resumable distributed sampler.
 
-Reference: Chen et al. 2020, §3.1 (raster-ordered colour tokens); the shards are written by
+Reference: docs/reference.md#preprocessing (raster-ordered colour tokens); the shards are written by
 `python -m data_tools.build_shards` (format described there). numpy only: no torch here.
 
 Memory per rank stays small on any dataset: token files are `np.memmap`ed (opened on first use,

@@ -1,4 +1,4 @@
-"""The pretraining loop: step, evaluate, log, checkpoint (paper §3.4 recipe; docs/reference.md#objectives-and-recipe).
+"""The pretraining loop: step, evaluate, log, checkpoint (docs/reference.md#objectives-and-recipe).
 
 `train(cfg)` runs on every rank. `setup` does everything that can fail (configuration, shards, the
 checkpoint to resume) before the first step; the loop in `train` is then the same collective path

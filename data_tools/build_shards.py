@@ -88,11 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build(args)
     except (UserError, PaletteError, ShardError) as e:
-        print(f"igpt-build-shards: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"igpt-build-shards: error: {printable(' '.join(str(e).split()))}", file=sys.stderr)
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on any console: bytes of a non-UTF-8 file name shown as \\xNN."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def build(args: argparse.Namespace) -> Path:
@@ -183,7 +188,8 @@ def _write_shards(tmp: Path, source: Source, palette: np.ndarray, lut: np.ndarra
             if name == "train" and not splits[name]["n"]:
                 example = ": ".join(problems[-1])
                 raise UserError(f"none of the {len(split)} training images could be read, e.g. {example}")
-    _write(tmp / "problems.txt", "".join(f"{n}\t{r}\n" for n, r in problems).encode())
+    # A file name is bytes on disk, not always UTF-8: written back as those bytes, so a line's name opens that file.
+    _write(tmp / "problems.txt", b"".join(f"{n}\t{r}\n".encode("utf-8", "surrogateescape") for n, r in problems))
     # --workers and --overwrite cannot change the bytes and --out is where they are: leaving them
     # out keeps the manifest identical for any worker count and valid after a move.
     recorded = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

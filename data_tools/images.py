@@ -1,4 +1,5 @@
-"""One image -> an n_px × n_px uint8 RGB array: mode conversion, square crop, antialiased resize.
+"""One image -> an n_px × n_px uint8 RGB array: as a viewer shows it (EXIF orientation, ICC colours), mode
+conversion, square crop, antialiased resize.
 
 Reference: docs/reference.md#preprocessing: images are downsampled to
 n_px² (32, 48 or 64); evaluation uses a centre crop. Used by data_tools.build_shards workers.
@@ -6,8 +7,10 @@ n_px² (32, 48 or 64); evaluation uses a centre crop. Used by data_tools.build_s
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageCms, ImageOps
 
 RESIZE_MODES = ("center-crop", "short-side")
 """center-crop: cut the largest centred square, then resize it to n_px (the whole short side kept).
@@ -21,6 +24,7 @@ BACKGROUND = (255, 255, 255)
 _FILTER = Image.Resampling.BICUBIC  # Pillow widens the kernel when shrinking: antialiased
 _REDUCING_GAP = 3.0  # box-reduce big images first; Pillow documents 3.0 as indistinguishable
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_SRGB = ImageCms.createProfile("sRGB")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -74,5 +78,21 @@ def load_rgb(item: str | np.ndarray, n_px: int, mode: str = "center-crop") -> np
                 # side): full-size decoding would dominate the time to shard ImageNet.
                 f.draft(None, (2 * n_px, 2 * n_px))
             f.load()
-            img = to_rgb(f)
+            img = to_rgb(as_displayed(f))
     return np.asarray(square(img, n_px, mode), dtype=np.uint8)
+
+
+def as_displayed(img: Image.Image) -> Image.Image:
+    """`img` as a viewer shows it: the EXIF orientation applied (phone photos are stored sideways with a tag
+    that viewers honour) and colours converted from an embedded ICC profile (Adobe RGB, Display P3, CMYK
+    print profiles) to sRGB, the space the palette's colours are in."""
+    img = ImageOps.exif_transpose(img)
+    icc = img.info.get("icc_profile")
+    if icc and img.mode in ("RGB", "RGBA", "CMYK", "L", "LA"):
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            out_mode = "RGBA" if "A" in img.mode else "RGB"
+            img = ImageCms.profileToProfile(img, source, _SRGB, outputMode=out_mode)
+        except (ImageCms.PyCMSError, OSError):  # a damaged profile: shown as the raw values, as most viewers do
+            pass
+    return img

@@ -104,12 +104,18 @@ def folder_source(root: Path) -> Source:
     If the top-level folders are train/val/test (train required), each is a split of that layout;
     a flat val/test under a labelled train is unlabelled. Files are listed recursively, sorted,
     hidden ones skipped; every other file is tried as an image (failures go to problems.txt).
+
+    Links are followed where they stay within their class (or split) folder, so a class folder may itself be a
+    link (`train/cat -> /data/cats`) and a file link may point anywhere but into another class. Every image file
+    is read once, however many paths reach it (hard links, links, loops): the first path in sorted order keeps
+    it, the others go to problems.txt with the reason.
     """
     top = _subdirs(root)
     split_roots = {s: root / s for s in SPLITS if s in top} if "train" in top and set(top) <= set(SPLITS) else {}
     split_roots = split_roots or {"train": root}
     class_names = _subdirs(split_roots["train"])
     splits, problems = {}, []
+    seen: dict[tuple[int, int], str] = {}  # (device, inode) of every image file taken -> the path that took it
     for split, split_root in split_roots.items():
         dirs = _subdirs(split_root)
         unknown = sorted(set(dirs) - set(class_names))
@@ -117,14 +123,18 @@ def folder_source(root: Path) -> Source:
             raise UserError(f"{split_root}: class folders {unknown[:3]} are not train classes; rename or remove them")
         paths, labels = [], []
         if dirs:
+            class_roots = {name: os.path.realpath(split_root / name) for name in dirs}
             for label, name in enumerate(class_names):
-                found = _files(split_root / name, recursive=True) if name in dirs else []
+                if name not in dirs:
+                    continue
+                others = [r for n, r in class_roots.items() if n != name]
+                found = _unique(_files(split_root / name, True, problems, others), seen, problems)
                 paths += found
                 labels += [label] * len(found)
             # files beside the class folders belong to no class
-            problems += [(p, "not inside a class folder") for p in _files(split_root, recursive=False)]
+            problems += [(p, "not inside a class folder") for p in _files(split_root, False, problems)]
         else:
-            paths = _files(split_root, recursive=True)
+            paths = _unique(_files(split_root, True, problems), seen, problems)
             labels = [-1] * len(paths)
         splits[split] = whole(paths, np.asarray(labels, dtype=np.int64))
     if not len(splits["train"]):
@@ -137,13 +147,56 @@ def _subdirs(path: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
-def _files(path: Path, recursive: bool) -> list[str]:
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _files(path: Path, recursive: bool, problems: list, other_classes: list[str] = ()) -> list[str]:
+    """Files under `path`, sorted, hidden ones skipped. Recursive: a linked folder is followed only when its
+    real location lies inside `path`'s (a link out of a class folder could pull in another class's images) and
+    once (loops end); a file whose real location lies in another class folder is not this class's. What is not
+    followed goes to `problems`."""
     if not recursive:
         return sorted(e.path for e in os.scandir(path) if e.is_file() and not e.name.startswith("."))
-    out = []
+    root_real, visited, out = os.path.realpath(path), set(), []
     for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        real = os.path.realpath(dirpath)
+        key = (os.stat(dirpath).st_dev, os.stat(dirpath).st_ino)
+        if key in visited or not _inside(real, root_real):
+            dirnames[:] = []
+            why = "folder reached again through a link" if key in visited else f"link to {real}, outside {path}"
+            problems.append((dirpath, f"{why}: not followed"))
+            continue
+        visited.add(key)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+        for f in sorted(filenames):
+            full = os.path.join(dirpath, f)
+            if f.startswith("."):
+                continue
+            target = os.path.realpath(full)
+            owner = next((c for c in other_classes if _inside(target, c)), None)
+            if owner is not None:
+                problems.append((full, f"link to {target}, an image of another class folder: not read twice"))
+            else:
+                out.append(full)
+    return out
+
+
+def _unique(paths: list[str], seen: dict[tuple[int, int], str], problems: list) -> list[str]:
+    """`paths` minus files already taken (same device and inode: hard links, links to one file)."""
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as e:  # a dangling link: the decoder would fail on it too, with this reason
+            problems.append((path, f"cannot read ({e.strerror})"))
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            problems.append((path, f"the same file as {seen[key]}: read once"))
+        else:
+            seen[key] = path
+            out.append(path)
     return out
 
 

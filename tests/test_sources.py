@@ -1,6 +1,7 @@
 """data_tools sources and image conversion: every source type through the shard builder."""
 
 import json
+import os
 import pickle
 import tarfile
 
@@ -188,3 +189,98 @@ def test_digits_split_is_stratified_and_round_trips_exactly(tmp_path):
     rgb = np.repeat(grey[..., None], 3, axis=-1).reshape(360, 64, 3)
     np.testing.assert_array_equal(P.decode(tokens, s.palette), rgb)
     np.testing.assert_array_equal(labels, src.splits["test"].labels)
+
+
+# --- what the images mean: links, metadata, names (each kind with a hand-built tree) ---------------------------
+
+
+def solid(path, colour, size=(8, 8)):
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_links_and_loops_read_each_image_once_and_never_relabel(tmp_path, palette_file):
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    for d in (src / "cat", src / "dog", elsewhere / "birds"):
+        d.mkdir(parents=True)
+    solid(src / "cat" / "c.png", (255, 0, 0))
+    solid(src / "dog" / "d.png", (0, 0, 255))
+    solid(elsewhere / "birds" / "b.png", (0, 255, 0))
+    (src / "cat" / "up").symlink_to("..")  # a loop back to the root: would reach dog/ from inside cat/
+    (src / "dog" / "again.png").hardlink_to(src / "dog" / "d.png")  # one file, two names
+    (src / "dog" / "cat_link.png").symlink_to(src / "cat" / "c.png")  # a link into another class
+    (src / "bird").symlink_to(elsewhere / "birds")  # a class folder that is a link: followed
+    out = tmp_path / "out"
+    assert build(src, "--out", out, "--n-px", 8, "--palette", palette_file, "--val-fraction", 0) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    _, labels = read_all(out)
+    assert manifest["class_names"] == ["bird", "cat", "dog"] and sorted(labels.tolist()) == [0, 1, 2]
+    problems = dict(line.split("\t") for line in (out / "problems.txt").read_text().splitlines())
+    dog = src / "dog"
+    assert set(problems) == {str(src / "cat" / "up"), str(dog / "d.png"), str(dog / "cat_link.png")}
+    assert "not followed" in problems[str(src / "cat" / "up")]
+    assert problems[str(dog / "d.png")] == f"the same file as {dog / 'again.png'}: read once"  # first in order
+    assert "another class folder" in problems[str(src / "dog" / "cat_link.png")]
+
+
+def test_exif_orientation_is_applied_as_viewers_do(tmp_path):
+    """Stored top red / bottom blue with orientation 6 ("rotate 90° clockwise to view"): shown left blue, right red."""
+    stored = np.zeros((32, 32, 3), np.uint8)
+    stored[:16] = (255, 0, 0)
+    stored[16:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = load_rgb(str(tmp_path / "phone.jpg"), 8).astype(int)
+    assert (abs(shown[:, :3] - (0, 0, 255)).max(), abs(shown[:, 5:] - (255, 0, 0)).max()) < (40, 40), shown[4]
+
+
+def linear_rgb_profile() -> bytes:
+    """sRGB's primaries with a linear tone curve (gamma 1): littlecms's sRGB profile, TRC tags rewritten."""
+    import struct
+
+    from PIL import ImageCms
+
+    icc = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    (n_tags,) = struct.unpack(">I", icc[128:132])
+    for i in range(n_tags):
+        entry = 132 + 12 * i
+        sig, offset, _ = struct.unpack(">4sII", icc[entry : entry + 12])
+        if sig in (b"rTRC", b"gTRC", b"bTRC"):
+            curve = b"curv" + bytes(4) + struct.pack(">IH", 1, 0x0100)  # one entry: gamma 1.0 (u8Fixed8)
+            icc[offset : offset + len(curve)] = curve
+            icc[entry + 8 : entry + 12] = struct.pack(">I", len(curve))
+    return bytes(icc)
+
+
+def test_an_embedded_colour_profile_is_applied(tmp_path):
+    """Values stored in a linear-light profile are shown (and must be quantised) as sRGB: the sRGB transfer
+    function of the stored values, not the stored values."""
+    from PIL import ImageCms
+
+    raw = np.full((8, 8, 3), (200, 120, 40), np.uint8)
+    Image.fromarray(raw).save(tmp_path / "linear.png", icc_profile=linear_rgb_profile())
+    Image.fromarray(raw).save(tmp_path / "srgb.png", icc_profile=ImageCms.ImageCmsProfile(
+        ImageCms.createProfile("sRGB")).tobytes())  # fmt: skip
+    c = raw / 255.0
+    srgb_of_linear = 255 * np.where(c <= 0.0031308, 12.92 * c, 1.055 * c ** (1 / 2.4) - 0.055)
+    assert abs(load_rgb(str(tmp_path / "linear.png"), 8) - srgb_of_linear).max() <= 2
+    assert abs(load_rgb(str(tmp_path / "srgb.png"), 8).astype(int) - raw).max() <= 1  # sRGB into sRGB: unchanged
+
+
+def test_names_that_are_not_utf8_round_trip_and_never_crash(tmp_path, palette_file, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    solid(src / "good.png", (10, 200, 30))
+    bad = os.path.join(os.fsencode(src), b"bad_\xff.png")
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    out = tmp_path / "out"
+    assert build(src, "--out", out, "--n-px", 8, "--palette", palette_file, "--val-fraction", 0) == 0
+    (line,) = (out / "problems.txt").read_bytes().splitlines()
+    name = line.split(b"\t")[0]
+    assert name == bad and os.path.exists(name)  # the listed name opens that very file
+    json.loads((out / "manifest.json").read_text())  # still valid JSON
+    assert build(src, "--out", tmp_path / "strict", "--palette", palette_file, "--strict") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad_\\xff.png" in err[0]

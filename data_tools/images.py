@@ -7,6 +7,7 @@ n_px² (32, 48 or 64); evaluation uses a centre crop. Used by data_tools.build_s
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -89,10 +90,18 @@ def as_displayed(img: Image.Image) -> Image.Image:
     img = ImageOps.exif_transpose(img)
     icc = img.info.get("icc_profile")
     if icc and img.mode in ("RGB", "RGBA", "CMYK", "L", "LA"):
-        try:
-            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            out_mode = "RGBA" if "A" in img.mode else "RGB"
-            img = ImageCms.profileToProfile(img, source, _SRGB, outputMode=out_mode)
-        except (ImageCms.PyCMSError, OSError):  # a damaged profile: shown as the raw values, as most viewers do
-            pass
+        transform = _to_srgb(icc, img.mode)
+        if transform is not None:
+            img = ImageCms.applyTransform(img, transform)
     return img
+
+
+@functools.lru_cache(maxsize=32)
+def _to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from profile `icc` to sRGB, built once per profile (a camera or scanner writes the same one
+    into every file); None for a damaged profile, whose values are then shown raw, as most viewers do."""
+    try:
+        return ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(icc)), _SRGB, mode,
+                                       "RGBA" if "A" in mode else "RGB")  # fmt: skip
+    except (ImageCms.PyCMSError, OSError):
+        return None

@@ -12,9 +12,10 @@ Launchers stop ranks in ways a training process cannot survive on its own:
 So the process a launcher starts is only a *supervisor*. It works out its rank (`launchers.rank_env`: the
 launcher's variables, Slurm's, or Open MPI's through mpi4py), starts the *worker* — the same command — in a
 new session, reparented away from the launcher's process tree (a double fork), forwards SIGTERM, SIGINT,
-SIGUSR1 and SIGUSR2 to it (SIGHUP as SIGTERM), and exits with the worker's status. It also watches the
-launcher processes above it (`launchers.launcher_processes`) and turns the exit of any of them into a
-SIGTERM for the worker. The supervisor imports neither torch nor DeepSpeed and holds no device.
+SIGUSR1 and SIGUSR2 to it (SIGHUP as SIGTERM; SIGUSR2 makes the worker print every thread's stack and go on,
+`dump_stacks_on`), and exits with the worker's status. It also watches the launcher processes above it
+(`launchers.launcher_processes`) and turns the exit of any of them into a SIGTERM for the worker. The supervisor
+imports neither torch nor DeepSpeed and holds no device.
 
 The worker treats the loss of its supervisor (a pipe it holds reaches end-of-file, whatever killed the
 supervisor) as SIGTERM: pretraining and fine-tuning save a checkpoint and exit, evaluation exits at once
@@ -28,6 +29,7 @@ entry point in the launched process itself (debuggers, profilers).
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import os
 import signal
@@ -61,8 +63,15 @@ def supervised(main: Callable[[], int]) -> int:
     if os.environ.get(WORKER_ENV):
         return run_worker(main)
     if os.environ.get(DISABLE_ENV) == "0" or slurm_task():
+        dump_stacks_on(signal.SIGUSR2)
         return main()
     return supervise()
+
+
+def dump_stacks_on(sig: int) -> None:
+    """`sig` prints every thread's Python stack to stderr and the run goes on: `kill -USR2 <launched pid>` shows
+    where a rank that seems stuck is (the supervisor forwards it to the worker)."""
+    faulthandler.register(sig, file=sys.__stderr__, all_threads=True)
 
 
 def slurm_task() -> bool:
@@ -135,6 +144,7 @@ def run_worker(main: Callable[[], int]) -> int:
     for fd in (life_r, status_w):  # programs this worker starts must not hold the supervisor's pipes open
         os.set_inheritable(fd, False)
     os.write(status_w, f"pid {os.getpid()}\n".encode())
+    dump_stacks_on(signal.SIGUSR2)
     sys.stdout, sys.stderr = Console(sys.stdout), Console(sys.stderr)
     threading.Thread(target=watch_supervisor, args=(life_r,), daemon=True, name="igpt-supervisor-watch").start()
     code = 1

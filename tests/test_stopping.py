@@ -60,7 +60,13 @@ def launch_and_signal(cmd: list[str], log: Path, sig: int, marker: str, started:
     try:
         wait_for(lambda: re.search(started, log.read_text(), re.M), TIMEOUT, "training", log.read_text)
         proc.send_signal(sig)
-        rc = proc.wait(timeout=TIMEOUT)
+        try:
+            rc = proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR2)  # the worker prints every thread's stack into the log
+            time.sleep(5)
+            pytest.fail(f"the run did not exit within {TIMEOUT} s of {signal.Signals(sig).name}; its log and "
+                        f"stacks:\n{log.read_text()[-12000:]}")  # fmt: skip
         left = lambda: "\n".join(" ".join(p.cmdline()) for p in processes_of(marker)) + "\n" + log.read_text()
         wait_for(lambda: not processes_of(marker), 120, "every process of the run to end", left)
     finally:

@@ -43,6 +43,22 @@ def test_a_signal_reaches_the_worker_and_its_status_comes_back(tmp_path):
     assert (tmp_path / "got_sigterm").exists()
 
 
+def test_sigusr2_prints_the_workers_stacks_and_the_run_goes_on(tmp_path):
+    """`kill -USR2` on the launched command: where a seemingly stuck run is, without stopping it."""
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = start(tmp_path, code=7, stdout=out, stderr=subprocess.STDOUT)
+    wait_for(tmp_path / "worker.pid")
+    proc.send_signal(signal.SIGUSR2)
+    deadline = time.monotonic() + 60
+    while "Current thread" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    assert 'supervised_program.py", line' in log.read_text() and proc.poll() is None  # its stack; still running
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 7
+
+
 def test_a_killed_supervisor_still_lets_the_worker_finish(tmp_path):
     """What mpirun and DeepSpeed's agent do 0.2 s / 30 s after SIGTERM; the console (a pipe) closes with it."""
     proc = start(tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -47,10 +47,26 @@ from tqdm import tqdm
 
 from data_tools import UserError
 from data_tools.images import RESIZE_MODES, load_rgb
-from data_tools.sources import Source, Split, hold_out_val, open_source
+from data_tools.sources import Source, Split, hold_out_val, open_source, split_sources, with_test_labels
 from igpt_ds.atomic import publish_dir
 from igpt_ds.palette import MAX_K, PaletteError, encode, fit_palette, load_palette, palette_lut
 from igpt_ds.shards import FORMAT_VERSION, MANIFEST, TOKEN_DTYPE, ShardError
+
+SOURCES_HELP = """sources:
+  image folder   class-per-subfolder (labels = sorted folder names), flat (unlabelled), or train/ val/ test/
+                 folders of either kind; any format Pillow reads, recursive; links followed within their class
+                 folder, each file read once; EXIF orientation and ICC colours applied
+  ImageNet       ROOT with train/<synset>/*.JPEG and the flat val/*.JPEG ILSVRC ships, plus --test-labels FILE
+                 (a file,label CSV, Kaggle's LOC_val_solution.csv, or the devkit's
+                 ILSVRC2012_validation_ground_truth.txt with meta.mat beside it): test = ILSVRC val,
+                 val = --val-fraction of train (0.04 in the paper's ImageNet recipe)
+  CIFAR          cifar-10-python.tar.gz / cifar-100-python.tar.gz, or their extracted folders
+  .npz           uint8 images (N, H, W[, C]), C in 1/3/4, under 'images' [+ 'labels'] (one train split) or
+                 'train_images', 'val_images', 'test_images' [+ '<split>_labels']; optional 'class_names';
+                 labels are ints, -1 = unlabelled
+  .npy           uint8 images (N, H, W[, C]), unlabelled, memory-mapped
+  digits         scikit-learn's 1,797 8x8 digits (offline; the demo)
+  per split      --train A [--val B] [--test C]: one source per split (each of B, C holds one split)"""
 
 CHUNK = 64
 """Images per worker task: small enough to balance, large enough to amortise the messaging."""
@@ -64,8 +80,13 @@ images: neighbouring pixels are alike, so more images give a more varied sample.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="igpt-build-shards", description=__doc__.split("\n\n")[0])
-    p.add_argument("source", help="image folder, CIFAR folder/.tar.gz, .npz/.npy, or 'digits'")
+    p = argparse.ArgumentParser(prog="igpt-build-shards", description=__doc__.split("\n\n")[0], epilog=SOURCES_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("source", nargs="?", help="image folder, CIFAR folder/.tar.gz, .npz/.npy, or 'digits'")
+    p.add_argument("--train", help="the train split's own source (instead of SOURCE), with --val/--test")
+    p.add_argument("--val", help="a source holding the val split alone (with --train)")
+    p.add_argument("--test", help="a source holding the test split alone (with --train)")
+    p.add_argument("--test-labels", type=Path, help="label file of a flat val/ (ILSVRC): it becomes the test split")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not hold shards yet)")
     p.add_argument("--n-px", type=int, default=32, help="image side in pixels (sequence = n_px²)")
     p.add_argument("--resize", choices=RESIZE_MODES, default="center-crop", help="how non-square images are cut")
@@ -106,7 +127,17 @@ def build(args: argparse.Namespace) -> Path:
     palette = load_palette(args.palette) if args.palette else None
     if palette is not None and args.k is not None and args.k != len(palette):
         raise UserError(f"--k {args.k} disagrees with --palette {args.palette} ({len(palette)} colours); drop --k")
-    source = hold_out_val(open_source(args.source), args.val_fraction, args.seed)
+    if (args.source is None) == (args.train is None):
+        raise UserError("give one SOURCE, or --train with --val/--test for sources held per split")
+    if args.source is not None and (args.val or args.test):
+        raise UserError("--val/--test go with --train, not with SOURCE")
+    if args.train is not None:
+        source = split_sources(args.train, {k: v for k, v in (("val", args.val), ("test", args.test)) if v})
+    else:
+        source = open_source(args.source)
+    if args.test_labels is not None:
+        source = with_test_labels(source, args.test_labels)
+    source = hold_out_val(source, args.val_fraction, args.seed)
     if args.strict and source.problems:
         raise UserError(f"{source.problems[0][0]}: {source.problems[0][1]} (--strict)")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ CAPTION = 14  # pixels of caption under each tile
 def summary(shards: ShardSplit) -> str:
     m = shards.manifest
     names = m["class_names"]
-    classes = f"{len(names)} ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else "none"
+    classes = f"{len(names)} ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else "no names"
     lines = [
         f"shards     {shards.root}",
         f"source     {m.get('source', '?')}",
@@ -38,9 +38,23 @@ def summary(shards: ShardSplit) -> str:
         f"classes    {classes}",
     ]
     for split, entry in m["splits"].items():
-        lines.append(f"{split:<10} {entry['n']} images in {len(entry['shards'])} shards")
+        labels = ShardSplit(shards.root, split).labels
+        lines.append(f"{split:<10} {entry['n']} images in {len(entry['shards'])} shards; {label_counts(labels, names)}")
     lines.append(f"skipped    {m.get('skipped', 0)} (problems.txt)")
     return "\n".join(lines)
+
+
+def label_counts(labels: np.ndarray, class_names: list[str]) -> str:
+    """How a split's images are labelled, from its labels alone (arrays need no class names for this)."""
+    labelled = labels[labels >= 0]
+    if not len(labelled):
+        return "unlabelled"
+    ids, counts = np.unique(labelled, return_counts=True)
+    name = lambda k: class_names[k] if k < len(class_names) else str(k)
+    shown = ", ".join(f"{name(int(k))}: {c}" for k, c in zip(ids[:10], counts[:10], strict=True))
+    spread = f"; {counts.min()}-{counts.max()} a class" if len(ids) > 10 else ""
+    unlabelled = f"; {len(labels) - len(labelled)} unlabelled" if len(labelled) < len(labels) else ""
+    return f"{len(ids)} labels ({shown}{', ...' if len(ids) > 10 else ''}{spread}){unlabelled}"
 
 
 def grid(shards: ShardSplit, n: int) -> Image.Image:

@@ -200,6 +200,104 @@ def _unique(paths: list[str], seen: dict[tuple[int, int], str], problems: list) 
     return out
 
 
+# --- ImageNet's layout: a flat val/ labelled by a file --------------------------------------------
+
+
+def with_test_labels(source: Source, label_file: Path) -> Source:
+    """ILSVRC's layout: class folders under train/ and the flat val/ ILSVRC ships (its labels in a separate
+    file). The flat split becomes `test`, labelled from `label_file`; `hold_out_val` then holds val out of train
+    (the paper: 4% of ImageNet train as validation, results on ILSVRC val).
+
+    `label_file`: a CSV of `file,label` (a header row is allowed; file by name or stem, label a class folder
+    name), Kaggle's `LOC_val_solution.csv` (`ImageId,PredictionString`: the first word is the synset), or the
+    devkit's `ILSVRC2012_validation_ground_truth.txt` (one ILSVRC2012_ID per line, in the sorted order of the
+    val files) with the devkit's `meta.mat` beside it. Raises UserError for a layout without a flat split, a
+    file without a label, or a label that is no train class.
+    """
+    flat = [s for s in ("test", "val") if s in source.splits and (source.splits[s].labels == -1).all()]
+    if not source.class_names or not flat:
+        raise UserError(f"--test-labels {label_file} needs class folders under train/ and a flat val/ (or test/) "
+                        f"beside it; {source.description} has splits {list(source.splits)}")  # fmt: skip
+    split = source.splits[flat[0]]
+    files = [split.items[i] for i in split.index]
+    by_name = read_label_file(Path(label_file), files)
+    classes = {name: k for k, name in enumerate(source.class_names)}
+    unknown = sorted({lab for lab in by_name.values() if lab not in classes})
+    if unknown:
+        raise UserError(
+            f"{label_file}: labels {unknown[:3]} are no class folder of train/ (e.g. {source.class_names[:2]})"
+        )
+    problems, keep, labels = list(source.problems), [], []
+    for p, path in enumerate(files):
+        name = os.path.basename(path)
+        label = by_name.get(name, by_name.get(os.path.splitext(name)[0]))
+        if label is None:
+            problems.append((path, f"no label in {label_file}"))
+        else:
+            keep.append(p)
+            labels.append(classes[label])
+    test = Split(split.items, np.asarray(labels, dtype=np.int64), split.index[keep])
+    splits = {k: v for k, v in source.splits.items() if k != flat[0]} | {"test": test}
+    splits = {k: splits[k] for k in SPLITS if k in splits}
+    return Source(f"{source.description}; test = {flat[0]}/ labelled by {label_file}", source.class_names, splits,
+                  problems)  # fmt: skip
+
+
+def read_label_file(path: Path, files: list[str]) -> dict[str, str]:
+    """{file name or stem: class name} from one of `with_test_labels`'s label formats."""
+    if not path.is_file():
+        raise UserError(f"--test-labels {path} does not exist")
+    if path.suffix.lower() == ".txt":  # the devkit's ground truth: ILSVRC2012_IDs in sorted file order
+        meta = path.with_name("meta.mat")
+        if not meta.is_file():
+            raise UserError(f"{path}: the devkit's ground truth needs its meta.mat beside it ({meta})")
+        from scipy.io import loadmat
+
+        synsets = loadmat(meta, squeeze_me=True)["synsets"]
+        wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+        ids = [int(line) for line in path.read_text().split()]
+        names = sorted(os.path.basename(f) for f in files)
+        if len(ids) != len(names):
+            raise UserError(
+                f"{path}: {len(ids)} labels for {len(names)} files in the flat split; use the matching files"
+            )
+        return {name: wnid[i] for name, i in zip(names, ids, strict=True)}
+    import csv
+
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    header = [c.strip() for c in rows[0]]
+    if header[:2] == ["ImageId", "PredictionString"]:  # Kaggle's LOC_val_solution.csv
+        return {r[0]: r[1].split()[0] for r in rows[1:]}
+    if len(header) < 2:
+        raise UserError(f"{path}: expected rows of file,label")
+    body = rows[1:] if header[0].lower() in ("file", "filename", "image", "path", "name") else rows
+    return {os.path.basename(r[0].strip()): r[1].strip() for r in body}
+
+
+def split_sources(train: str, others: dict[str, str]) -> Source:
+    """One source per split (`--train A --val B --test C`): each of B and C holds one split's images (a folder,
+    an array file); their class names must be train's (or absent)."""
+    source = open_source(train)
+    splits, problems = dict(source.splits), list(source.problems)
+    for split, spec in others.items():
+        if split in splits:
+            raise UserError(f"--train {train} already holds a {split} split; drop --{split} or give train alone")
+        extra = open_source(spec)
+        if len(extra.splits) != 1:
+            raise UserError(f"--{split} {spec} holds splits {list(extra.splits)}; give a source of one split")
+        if extra.class_names and source.class_names and extra.class_names != source.class_names:
+            raise UserError(f"--{split} {spec} has classes {extra.class_names[:3]}..., --train {train} has "
+                            f"{source.class_names[:3]}...; they must be the same list")  # fmt: skip
+        (splits[split],) = extra.splits.values()
+        problems += extra.problems
+    splits = {k: splits[k] for k in SPLITS if k in splits}
+    described = ", ".join(f"{k} = {v}" for k, v in others.items())
+    return Source(f"{source.description}; {described}", source.class_names, splits, problems)
+
+
 # --- CIFAR python batches --------------------------------------------------------------------
 
 CIFAR = {

@@ -284,3 +284,88 @@ def test_names_that_are_not_utf8_round_trip_and_never_crash(tmp_path, palette_fi
     assert build(src, "--out", tmp_path / "strict", "--palette", palette_file, "--strict") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad_\\xff.png" in err[0]
+
+
+def ilsvrc_tree(root, synsets=("n01440764", "n01443537", "n01484850"), per_class=5, n_val=6):
+    """A tiny ILSVRC tree: train/<synset>/*.JPEG, the flat val/*.JPEG, and val's labels (synset of each file)."""
+    val_labels = {}
+    for k, synset in enumerate(synsets):
+        (root / "train" / synset).mkdir(parents=True)
+        for i in range(per_class):
+            solid(root / "train" / synset / f"{synset}_{i}.JPEG", (80 * k, 10 * i, 200 - 60 * k))
+    (root / "val").mkdir()
+    for i in range(n_val):
+        name = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
+        solid(root / "val" / name, (40 * i, 100, 50))
+        val_labels[name] = synsets[(i * 2) % len(synsets)]
+    return val_labels
+
+
+@pytest.mark.parametrize("kind", ["csv", "kaggle", "devkit"])
+def test_imagenet_layout_train_val_held_out_test_is_ilsvrc_val(tmp_path, palette_file, kind):
+    truth = ilsvrc_tree(tmp_path / "imagenet")
+    synsets = ["n01440764", "n01443537", "n01484850"]
+    if kind == "csv":
+        labels = tmp_path / "val_labels.csv"
+        labels.write_text("file,label\n" + "".join(f"{f},{s}\n" for f, s in reversed(truth.items())))
+    elif kind == "kaggle":
+        labels = tmp_path / "LOC_val_solution.csv"
+        labels.write_text("ImageId,PredictionString\n" + "".join(
+            f"{f.removesuffix('.JPEG')},{s} 1 2 3 4 {s} 5 6 7 8\n" for f, s in truth.items()))  # fmt: skip
+    else:
+        from scipy.io import savemat
+
+        devkit = tmp_path / "devkit"
+        devkit.mkdir()
+        ids = {s: 100 + k for k, s in enumerate(synsets)}  # the devkit numbers synsets its own way
+        records = np.array([(i, s) for s, i in ids.items()], dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O")])
+        savemat(devkit / "meta.mat", {"synsets": records})
+        labels = devkit / "ILSVRC2012_validation_ground_truth.txt"
+        labels.write_text("".join(f"{ids[truth[f]]}\n" for f in sorted(truth)))
+    out = tmp_path / "out"
+    assert build(tmp_path / "imagenet", "--out", out, "--n-px", 8, "--palette", palette_file,
+                 "--test-labels", labels, "--val-fraction", 0.2) == 0  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["class_names"] == synsets  # synset ids, sorted: a stable order
+    assert {s: e["n"] for s, e in manifest["splits"].items()} == {"train": 12, "val": 3, "test": 6}
+    _, test_labels = read_all(out, "test")
+    assert [synsets[k] for k in test_labels] == [truth[f] for f in sorted(truth)]
+    assert (read_all(out, "val")[1] >= 0).all()  # held out of labelled train
+
+
+def test_imagenet_labels_that_are_no_class_or_missing_files(tmp_path, palette_file, capsys):
+    truth = ilsvrc_tree(tmp_path / "imagenet")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("".join(f"{f},{s}\n" for f, s in list(truth.items())[1:]))  # the first file has no label
+    out = tmp_path / "out"
+    assert build(tmp_path / "imagenet", "--out", out, "--palette", palette_file, "--n-px", 8,
+                 "--test-labels", labels) == 0  # fmt: skip
+    assert json.loads((out / "manifest.json").read_text())["splits"]["test"]["n"] == 5
+    assert f"no label in {labels}" in (out / "problems.txt").read_text()
+    labels.write_text("ILSVRC2012_val_00000001.JPEG,n99999999\n")
+    capsys.readouterr()
+    assert build(tmp_path / "imagenet", "--out", tmp_path / "o2", "--palette", palette_file,
+                 "--test-labels", labels) == 2  # fmt: skip
+    assert "['n99999999'] are no class folder of train/" in capsys.readouterr().err
+
+
+def test_one_source_per_split_and_inspect_counts_labels(tmp_path, palette_file, capsys):
+    rng = np.random.default_rng(0)
+    images = lambda n: rng.integers(0, 256, (n, 6, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "train.npz", images=images(10), labels=np.arange(10) % 3)
+    np.savez(tmp_path / "test.npz", images=images(4), labels=np.array([2, 2, 1, 0]))
+    out = tmp_path / "out"
+    assert build("--train", tmp_path / "train.npz", "--test", tmp_path / "test.npz", "--out", out, "--n-px", 6,
+                 "--palette", palette_file, "--val-fraction", 0) == 0  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {s: e["n"] for s, e in manifest["splits"].items()} == {"train": 10, "test": 4}
+    np.testing.assert_array_equal(read_all(out, "test")[1], [2, 2, 1, 0])
+    from data_tools.inspect_shards import main as inspect_main
+
+    capsys.readouterr()
+    assert inspect_main([str(out), "--out", str(tmp_path / "grid.png")]) == 0
+    text = capsys.readouterr().out
+    assert "train      10 images in 1 shards; 3 labels (0: 4, 1: 3, 2: 3)" in text, text
+    assert "test       4 images in 1 shards; 3 labels (0: 1, 1: 1, 2: 2)" in text
+    assert build(tmp_path / "train.npz", "--test", tmp_path / "test.npz", "--out", tmp_path / "x") == 2
+    assert "--val/--test go with --train" in capsys.readouterr().err

@@ -90,6 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output folder (must not hold shards yet)")
     p.add_argument("--n-px", type=int, default=32, help="image side in pixels (sequence = n_px²)")
     p.add_argument("--resize", choices=RESIZE_MODES, default="center-crop", help="how non-square images are cut")
+    p.add_argument(
+        "--full-decode",
+        action="store_true",
+        help="decode JPEGs at full size before resizing (the reference path; slower, see bench/results)",
+    )
     p.add_argument("--k", type=int, default=None, help="palette size to fit (default 512)")
     p.add_argument("--palette", type=Path, default=None, help="use this (k, 3) .npy palette instead of fitting")
     p.add_argument("--palette-samples", type=int, default=1_000_000, help="training pixels the palette is fit on")
@@ -183,7 +188,7 @@ def _sample_pixels(train: Split, args: argparse.Namespace) -> np.ndarray:
     n_img = min(len(train), math.ceil(PIXEL_POOL * args.palette_samples / args.n_px**2))
     chosen = train.subset(np.sort(rng.choice(len(train), n_img, replace=False)))
     pixels, first_problem = [], None
-    with _Workers(args.workers, args.n_px, args.resize, lut=None) as workers:
+    with _Workers(args.workers, args.n_px, args.resize, None, not args.full_decode) as workers:
         chunks = tqdm(workers.map(_tasks(chosen)), total=math.ceil(n_img / CHUNK), desc="palette pixels", **BAR)
         for start, (rgb, problems) in zip(range(0, n_img, CHUNK), chunks, strict=True):
             if problems:
@@ -203,7 +208,10 @@ def _write_shards(tmp: Path, source: Source, palette: np.ndarray, lut: np.ndarra
     problems = list(source.problems)
     splits = {}
     total = sum(len(s) for s in source.splits.values())
-    with _Workers(args.workers, args.n_px, args.resize, lut) as workers, tqdm(total=total, desc="encode", **BAR) as bar:
+    with (
+        _Workers(args.workers, args.n_px, args.resize, lut, not args.full_decode) as workers,
+        tqdm(total=total, desc="encode", **BAR) as bar,
+    ):
         for name, split in source.splits.items():
             writer = _ShardWriter(tmp, name, args.shard_size)
             for (tokens, failed), start in zip(workers.map(_tasks(split)), range(0, len(split), CHUNK), strict=True):
@@ -291,8 +299,8 @@ class _ShardWriter:
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(n_px: int, resize: str, lut: np.ndarray | None, parent: int | None = None) -> None:
-    _STATE.update(n_px=n_px, resize=resize, lut=lut)
+def _init_worker(n_px: int, resize: str, lut: np.ndarray | None, draft: bool, parent: int | None = None) -> None:
+    _STATE.update(n_px=n_px, resize=resize, lut=lut, draft=draft)
     if parent is not None:  # in a pool process: do not outlive a killed conversion as an orphan
         threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
@@ -310,7 +318,7 @@ def _convert(items: list[str] | np.ndarray) -> tuple[np.ndarray, list[tuple[int,
     done, failed = [], []
     for j, item in enumerate(items):
         try:
-            rgb = load_rgb(item, n_px, _STATE["resize"])
+            rgb = load_rgb(item, n_px, _STATE["resize"], draft=_STATE["draft"])
         except Exception as e:  # Pillow raises many types for bad files; each is a skipped file
             failed.append((j, f"{type(e).__name__}: {e}"))
             continue
@@ -326,14 +334,15 @@ def _tasks(split: Split) -> Iterator[list[str] | np.ndarray]:
 class _Workers:
     """`map` runs `_convert` over tasks in order: in this process, or in a pool of processes."""
 
-    def __init__(self, n: int, n_px: int, resize: str, lut: np.ndarray | None):
+    def __init__(self, n: int, n_px: int, resize: str, lut: np.ndarray | None, draft: bool = True):
         self.pool = None
         if n > 1:
             # spawn: workers start clean (no inherited threads or locks) and get the table once each.
             ctx = multiprocessing.get_context("spawn")
-            self.pool = ProcessPoolExecutor(n, ctx, initializer=_init_worker, initargs=(n_px, resize, lut, os.getpid()))
+            init = (n_px, resize, lut, draft, os.getpid())
+            self.pool = ProcessPoolExecutor(n, ctx, initializer=_init_worker, initargs=init)
         else:
-            _init_worker(n_px, resize, lut)
+            _init_worker(n_px, resize, lut, draft)
         self.window = 4 * n
 
     def map(self, tasks: Iterable) -> Iterator[tuple[np.ndarray, list[tuple[int, str]]]]:

@@ -65,18 +65,20 @@ def square(img: Image.Image, n_px: int, mode: str = "center-crop") -> Image.Imag
     return img.crop((left, top, left + n_px, top + n_px))
 
 
-def load_rgb(item: str | np.ndarray, n_px: int, mode: str = "center-crop") -> np.ndarray:
+def load_rgb(item: str | np.ndarray, n_px: int, mode: str = "center-crop", draft: bool = True) -> np.ndarray:
     """A file path or a uint8 array (H, W[, C]) -> uint8 (n_px, n_px, 3), rows of (y, x).
 
-    Raises whatever Pillow raises for unreadable, truncated or non-image files.
+    `draft`: a big JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT (libjpeg's scaled decoding, still
+    >= 2·n_px on the short side) instead of at full size: several times faster; the pixels differ slightly
+    from full decoding + resize (bench/results/README.md measures both). Raises whatever Pillow raises for
+    unreadable, truncated or non-image files.
     """
     if isinstance(item, np.ndarray):
         img = to_rgb(Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item))
     else:
         with Image.open(item) as f:
-            if f.format == "JPEG":
-                # Decode big JPEGs at 1/2, 1/4 or 1/8 scale in the DCT (still >= 2·n_px on the short
-                # side): full-size decoding would dominate the time to shard ImageNet.
+            if f.format == "JPEG" and draft:
+                # Full-size decoding would dominate the time to shard ImageNet.
                 f.draft(None, (2 * n_px, 2 * n_px))
             f.load()
             img = to_rgb(as_displayed(f))

@@ -102,3 +102,13 @@ def test_stop_flag(tmp_path):
     report = json.loads((tmp_path / "stop_flag.json").read_text())
     assert report["world"] == 2 and set(report["step_us"]) == {"none", "gloo_async", "check_10"}
     assert report["sockets_of_a_gloo_group_per_rank"] >= 1  # gloo's mesh: a socket for each other rank
+
+
+def test_shard_throughput(tmp_path):
+    run("shard_throughput.py", "--images", "30", "--out-dir", str(tmp_path))
+    report = json.loads((tmp_path / "shards.json").read_text())
+    assert set(report["runs"]) == {f"{n}_workers{w}" for n in ("jpeg", "jpeg_full_decode", "digits") for w in (1, 2)}
+    assert all(r["images_per_s"] > 0 and r["images_per_cpu_s"] > 0 for r in report["runs"].values())
+    assert 0.3 < report["draft_vs_full_decode"]["tokens_identical"] < 1  # close to, not the same as, full decoding
+    assert list(report["imagenet_train_minutes"]) == ["32", "64", "128"]
+    assert "ImageNet train" in (tmp_path / "shards.md").read_text()

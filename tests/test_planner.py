@@ -15,9 +15,9 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+from pretrain_support import REPO
 
 from igpt_ds.config import ConfigError, ModelConfig, load_config
 from igpt_ds.model import IGPT

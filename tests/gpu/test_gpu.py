@@ -18,8 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from igpt_ds.config import ModelConfig
-from igpt_ds.model import IGPT, KVCache
+if torch.cuda.is_available():  # before DeepSpeed is imported: the suite's conftest sets the CPU accelerator
+    os.environ["DS_ACCELERATOR"] = "cuda"
+
+from igpt_ds.config import ModelConfig  # noqa: E402
+from igpt_ds.model import IGPT, KVCache  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

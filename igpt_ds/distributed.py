@@ -187,7 +187,11 @@ class StopSignal:
         self.every = every
         self.received: list[int] = []
         for sig in self.SIGNALS:
-            signal.signal(sig, self.note)
+            # A signal the process was started ignoring stays ignored, as in any Python program and in the
+            # supervisor: a shell without job control starts `cmd &` ignoring SIGINT so that Ctrl-C on the script
+            # does not reach it (send such a run SIGTERM), and `nohup` is an explicit request.
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, self.note)
 
     def note(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and signal.SIGINT in self.received:

@@ -88,6 +88,8 @@ def test_step_reader_passes_a_read_error_to_the_loop():
 
 
 def test_stop_signal_is_decided_at_check_steps_only(one_rank_group):
+    for sig in StopSignal.SIGNALS:  # as from a terminal, however the suite was started (one_rank_group restores)
+        signal.signal(sig, signal.SIG_DFL)
     stop = StopSignal(every=5)
     os.kill(os.getpid(), signal.SIGUSR1)
     time.sleep(0.1)
@@ -101,3 +103,18 @@ def test_stop_signal_is_decided_at_check_steps_only(one_rank_group):
     with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait for a checkpoint
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)
+
+
+def test_a_signal_the_process_was_started_ignoring_stays_ignored(one_rank_group):
+    """`cmd &` in a script starts cmd ignoring SIGINT (and `nohup` SIGHUP): such a run ignores it, as any Python
+    program does; the other stop signals still act."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    stop = StopSignal(every=1)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    assert stop.check(1) == 0
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)
+    assert stop.check(2) == signal.SIGTERM

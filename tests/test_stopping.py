@@ -50,13 +50,22 @@ def wait_for(check_fn, timeout: float, what: str, details=lambda: ""):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{details()}")
 
 
+def as_from_a_terminal() -> None:
+    """The signal dispositions of a command typed at a terminal. A test runner started in the background of a
+    script (`make test &`, CI wrappers) inherits SIGINT ignored, and a run started ignoring SIGINT ignores it,
+    as any Python program does: the SIGINT cases must not depend on how the suite was started."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def launch_and_signal(cmd: list[str], log: Path, sig: int, marker: str, started: str = r"^step [1-9]\d*/") -> int:
     """Start `cmd` (its output in `log`), send `sig` to that process alone once `started` appears in the log,
     wait for it to exit and for every process naming `marker` to be gone; its exit status."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env(PATH=f"{VENV_BIN}:{env()['PATH']}", OMPI_ALLOW_RUN_AS_ROOT="1",
                                 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", MASTER_PORT=str(free_port())), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=as_from_a_terminal)  # fmt: skip
     try:
         wait_for(lambda: re.search(started, log.read_text(), re.M), TIMEOUT, "training", log.read_text)
         proc.send_signal(sig)

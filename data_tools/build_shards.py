@@ -158,7 +158,7 @@ def build(args: argparse.Namespace) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(_summary(out, manifest))
+    print(printable(_summary(out, manifest)))
     return out
 
 

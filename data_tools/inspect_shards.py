@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from data_tools.build_shards import printable
 from igpt_ds.atomic import atomic_file
 from igpt_ds.palette import decode
 from igpt_ds.shards import ShardError, ShardSplit
@@ -99,13 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.n < 1:
             raise ShardError(f"--n {args.n} must be at least 1")
         shards = ShardSplit(args.root, args.split, verify=args.verify)
-        print(summary(shards))
+        print(printable(summary(shards)))
         if not len(shards):
             raise ShardError(f"split {args.split!r} of {args.root} is empty; nothing to draw")
         with atomic_file(args.out) as f:
             grid(shards, args.n).save(f, format="PNG")
     except ShardError as e:
-        print(f"igpt-inspect-shards: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"igpt-inspect-shards: error: {printable(' '.join(str(e).split()))}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")
     return 0

@@ -284,6 +284,19 @@ def test_names_that_are_not_utf8_round_trip_and_never_crash(tmp_path, palette_fi
     assert build(src, "--out", tmp_path / "strict", "--palette", palette_file, "--strict") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad_\\xff.png" in err[0]
+    # A class folder whose name is not UTF-8: a valid manifest, a class name that maps back to the folder.
+    tree = tmp_path / "tree"
+    for name in (b"caf\xe9", b"dog"):
+        folder = os.path.join(os.fsencode(tree), name)
+        os.makedirs(folder)
+        solid(os.path.join(os.fsdecode(folder), "x.png"), (1, 2, 3))
+    assert build(tree, "--out", tmp_path / "named", "--n-px", 8, "--palette", palette_file, "--val-fraction", 0) == 0
+    names = json.loads((tmp_path / "named" / "manifest.json").read_text())["class_names"]
+    assert [os.fsencode(n) for n in names] == [b"caf\xe9", b"dog"]
+    from data_tools.inspect_shards import main as inspect_main
+
+    assert inspect_main([str(tmp_path / "named"), "--out", str(tmp_path / "grid.png")]) == 0
+    assert "caf\\xe9" in capsys.readouterr().out
 
 
 def ilsvrc_tree(root, synsets=("n01440764", "n01443537", "n01484850"), per_class=5, n_val=6):

@@ -5,7 +5,7 @@
 Precedence (igpt_ds.config): dataclass defaults < `--config` YAML < `--key=value` overrides. A
 configuration or input error (`ConfigError`: missing or incompatible checkpoint, shards tokenised with
 another palette than the checkpoint's, split without labels, layers out of range, ...; `ShardError`:
-missing split, damaged shard) prints one line on stderr and exits with status 2, on every rank.
+missing split, damaged shard) prints one line on stderr ("igpt-<job>: error: ...") and exits with status 2, on every rank.
 
 Exit status: 0 when the job finished; 2 for a configuration or input error; 128 + the signal number when
 SIGTERM / SIGINT / SIGUSR1 (or the launcher's exit) stopped a training run after it saved a checkpoint
@@ -90,19 +90,19 @@ def run_entry(module: str, config: str, job: str, description: str, error_prefix
     sys.exit(supervised(worker))
 
 
-# Every entry point: (module, config class, job function, description, error prefix). A distributed job runs
-# supervised (igpt_ds.supervisor); the planners run in the launched process.
+# Every entry point: (module, config class, job function, description). A distributed job runs supervised
+# (igpt_ds.supervisor); the planners run in the launched process. Errors read "igpt-<job>: error: ...", as the
+# console script is named (and as igpt-build-shards writes them).
 JOBS = {
-    "pretrain": ("igpt_ds.trainer", "PretrainConfig", "train", "iGPT pretraining on DeepSpeed", "config error"),
-    "finetune": ("igpt_ds.finetune", "FinetuneConfig", "finetune", "Fine-tune a pretrained iGPT for classification",
-                 "error"),
+    "pretrain": ("igpt_ds.trainer", "PretrainConfig", "train", "iGPT pretraining on DeepSpeed"),
+    "finetune": ("igpt_ds.finetune", "FinetuneConfig", "finetune", "Fine-tune a pretrained iGPT for classification"),
     "extract_features": ("igpt_ds.features", "ExtractConfig", "extract",
-                         "Extract frozen iGPT features for linear probes", "error"),
+                         "Extract frozen iGPT features for linear probes"),
     "linear_probe": ("igpt_ds.probe", "ProbeConfig", "linear_probe",
-                     "Logistic-regression probes on frozen iGPT features", "error"),
-    "sample": ("igpt_ds.sampling", "SampleConfig", "sample", "iGPT samples and image completions", "error"),
+                     "Logistic-regression probes on frozen iGPT features"),
+    "sample": ("igpt_ds.sampling", "SampleConfig", "sample", "iGPT samples and image completions"),
     "plan_eval": ("igpt_ds.eval_planner", "EvalPlanConfig", "report",
-                  "Cost of evaluating iGPT models: disk, memory per rank, probe FLOPs", "config error"),
+                  "Cost of evaluating iGPT models: disk, memory per rank, probe FLOPs"),
 }  # fmt: skip
 UNSUPERVISED = {"plan_eval"}
 
@@ -113,11 +113,17 @@ def run_job(name: str, argv: list[str] | None = None) -> None:
         from igpt_ds.planner import cli
 
         sys.exit(cli(argv))
-    module, config, job, description, prefix = JOBS[name]
+    module, config, job, description = JOBS[name]
+    prefix = f"{program(name)}: error"
     if name in UNSUPERVISED:
         mod = importlib.import_module(module)
         sys.exit(main(getattr(mod, config), getattr(mod, job), description, argv, error_prefix=prefix))
     run_entry(module, config, job, description, prefix, argv)
+
+
+def program(job: str) -> str:
+    """The console script of entry point `job`: igpt-pretrain, igpt-linear-probe, ..."""
+    return "igpt-" + job.replace("_", "-")
 
 
 # Console scripts (setup.py): igpt-pretrain, igpt-finetune, ... run one process; under a launcher use

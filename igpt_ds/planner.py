@@ -414,7 +414,7 @@ def cli(argv: list[str] | None = None) -> int:
         policy_file, policy = planned_policy(cfg)
         mine = configured_layout(cfg, policy)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"igpt-plan: error: {e}", file=sys.stderr)
         return 2
     knobs = Knobs.from_policy(policy)
     shape = Shape.of(cfg.model)

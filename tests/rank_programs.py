@@ -89,7 +89,7 @@ def pretrain_ranks(config: str, overrides: str, rank1_overrides: str, rank1_blin
     if rank == 1 and rank1_blind:
         checkpoint.latest = lambda root: None
     argv = ["--config", config, *overrides.split(), *(rank1_overrides.split() if rank == 1 else [])]
-    code = main(PretrainConfig, train, "pretrain", argv, error_prefix="config error")
+    code = main(PretrainConfig, train, "pretrain", argv, error_prefix="igpt-pretrain: error")
     print(f"rank {rank} exit {code}", flush=True)
     sys.exit(code)
 

@@ -68,7 +68,7 @@ def test_deepspeed_config_flag_is_train_ds_config_and_both_is_an_error(tmp_path)
     cmd = [sys.executable, "launcher/pretrain.py", "--deepspeed_config", "cpu", "--train.ds_config", "cpu_zero3"]
     out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
-        "config error: --deepspeed_config and --train.ds_config both given; keep one"
+        "igpt-pretrain: error: --deepspeed_config and --train.ds_config both given; keep one"
     )
     assert "Traceback" not in out.stderr
 
@@ -77,4 +77,7 @@ def test_an_unknown_flag_is_one_line_exit_2():
     out = subprocess.run([sys.executable, "launcher/linear_probe.py", "--featurs", "x"], cwd=REPO, env=env(),
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1] == "error: unrecognized arguments: --featurs x (--help lists every flag)"
+    assert (
+        out.stderr.strip().splitlines()[-1]
+        == "igpt-linear-probe: error: unrecognized arguments: --featurs x (--help lists every flag)"
+    )

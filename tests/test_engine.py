@@ -235,6 +235,6 @@ def test_launcher_reports_a_config_error_in_one_line_before_training(tmp_path, s
         timeout=120,
     )
     assert out.returncode == 2
-    errors = [line for line in out.stderr.splitlines() if line.startswith("config error:")]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("igpt-pretrain: error:")]
     assert len(errors) == 1 and "ZeRO stage 0 or 1" in errors[0]
     assert not (tmp_path / "runs").exists()  # nothing started

@@ -5,7 +5,8 @@
 Precedence (igpt_ds.config): dataclass defaults < `--config` YAML < `--key=value` overrides. A
 configuration or input error (`ConfigError`: missing or incompatible checkpoint, shards tokenised with
 another palette than the checkpoint's, split without labels, layers out of range, ...; `ShardError`:
-missing split, damaged shard) prints one line on stderr ("igpt-<job>: error: ...") and exits with status 2, on every rank.
+missing split, damaged shard) prints one line on stderr ("igpt-<job>: error: ...") and exits with status 2, on
+every rank.
 
 Exit status: 0 when the job finished; 2 for a configuration or input error; 128 + the signal number when
 SIGTERM / SIGINT / SIGUSR1 (or the launcher's exit) stopped a training run after it saved a checkpoint

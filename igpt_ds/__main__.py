@@ -13,7 +13,7 @@ import sys
 from igpt_ds.cli import JOBS, run_job
 
 if __name__ == "__main__":
-    names = [*JOBS, "plan"]
+    names = list(JOBS)
     # DeepSpeed's launcher puts --local_rank=N before the script's own arguments (here: before JOB).
     args = sys.argv[1:]
     local_rank = [a for a in args[:1] if a.startswith("--local_rank")]

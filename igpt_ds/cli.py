@@ -102,18 +102,15 @@ JOBS = {
     "linear_probe": ("igpt_ds.probe", "ProbeConfig", "linear_probe",
                      "Logistic-regression probes on frozen iGPT features"),
     "sample": ("igpt_ds.sampling", "SampleConfig", "sample", "iGPT samples and image completions"),
+    "plan": ("igpt_ds.planner", "PlanConfig", "report", "iGPT capacity planner: memory, communication, step time"),
     "plan_eval": ("igpt_ds.eval_planner", "EvalPlanConfig", "report",
                   "Cost of evaluating iGPT models: disk, memory per rank, probe FLOPs"),
 }  # fmt: skip
-UNSUPERVISED = {"plan_eval"}
+UNSUPERVISED = {"plan", "plan_eval"}
 
 
 def run_job(name: str, argv: list[str] | None = None) -> None:
     """Run entry point `name` of JOBS (or `plan`) on `argv` (default: the command line's arguments); exits."""
-    if name == "plan":
-        from igpt_ds.planner import cli
-
-        sys.exit(cli(argv))
     module, config, job, description = JOBS[name]
     prefix = f"{program(name)}: error"
     if name in UNSUPERVISED:

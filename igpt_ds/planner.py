@@ -32,7 +32,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,15 +39,13 @@ from typing import Any
 
 import torch
 
+from igpt_ds.atomic import write_text
 from igpt_ds.config import (
     DS_CONFIGS_DIR,
     ConfigError,
     ModelConfig,
     PretrainConfig,
     find_shipped,
-    instantiate,
-    make_parser,
-    parse_args,
     to_dict,
 )
 from igpt_ds.flops import train_flops_per_token
@@ -113,6 +110,10 @@ class PlanConfig(PretrainConfig):
     """A pretraining config (same YAML presets) plus the cluster to plan for."""
 
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    top: int = 5
+    """Fastest fitting layouts to list per GPU count."""
+    json: str = ""
+    """Also write every estimate to this JSON file."""
 
 
 @dataclass(frozen=True)
@@ -376,7 +377,7 @@ def format_table(rows: list[Estimate]) -> str:
     return "\n".join(lines)
 
 
-# The command line (launcher/plan.py, igpt-plan, python -m igpt_ds plan).
+# The report of the command line (launcher/plan.py, igpt-plan, python -m igpt_ds plan; igpt_ds.cli parses it).
 
 
 def configured_layout(cfg: PlanConfig, policy: dict) -> Layout:
@@ -403,26 +404,18 @@ def planned_policy(cfg: PlanConfig) -> tuple[Path, dict]:
     return path, load_policy(path)
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """The planner's command line: print the plan per GPU count (and --json FILE); exit status 2 on a config error."""
-    parser = make_parser(PlanConfig, "iGPT capacity planner")
-    parser.add_argument("--top", type=int, default=5, help="fastest fitting layouts to list per GPU count")
-    parser.add_argument("--json", type=str, help="write every estimate here")
-    try:
-        args = parse_args(parser, sys.argv[1:] if argv is None else argv)
-        cfg = instantiate(parser, args, PlanConfig)
-        policy_file, policy = planned_policy(cfg)
-        mine = configured_layout(cfg, policy)
-    except ConfigError as e:
-        print(f"igpt-plan: error: {e}", file=sys.stderr)
-        return 2
+def report(cfg: PlanConfig) -> None:
+    """The planner's report (launcher/plan.py, igpt-plan): the plan per GPU count, printed, and `cfg.json` if
+    set. Raises ConfigError for a DeepSpeed JSON that is missing or does not fit the layout."""
+    policy_file, policy = planned_policy(cfg)
+    mine = configured_layout(cfg, policy)
     knobs = Knobs.from_policy(policy)
     shape = Shape.of(cfg.model)
     print(
         f"{cfg.model.size} at {cfg.model.n_px}x{cfg.model.n_px}: {shape.params / 1e6:.1f}M parameters, "
         f"global batch {cfg.train.global_batch}, {policy_file} ({knobs})"
     )
-    report = {"config": to_dict(cfg), "knobs": to_dict(knobs), "plans": {}}
+    result = {"config": to_dict(cfg), "knobs": to_dict(knobs), "plans": {}}
     for n_gpus, rows in plan(cfg, knobs).items():
         own: Estimate | None = None
         if n_gpus % mine.pp == 0 and cfg.train.global_batch % (mine.micro_batch * n_gpus // mine.pp) == 0:
@@ -437,14 +430,13 @@ def cli(argv: list[str] | None = None) -> int:
                 else "no layout fits"
             )
         )
-        print(format_table(([own] if own else []) + fitting[: args.top]))
+        print(format_table(([own] if own else []) + fitting[: cfg.top]))
         if own is None:
             print(
                 f"(the configured layout {mine.name} with micro-batch {mine.micro_batch} does not divide "
                 f"global batch {cfg.train.global_batch} over {n_gpus} GPUs)"
             )
-        report["plans"][n_gpus] = {"configured": own.row() if own else None, "all": [e.row() for e in rows]}
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"\nwrote {args.json}")
-    return 0
+        result["plans"][n_gpus] = {"configured": own.row() if own else None, "all": [e.row() for e in rows]}
+    if cfg.json:
+        write_text(cfg.json, json.dumps(result, indent=1))
+        print(f"\nwrote {cfg.json}")

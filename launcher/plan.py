@@ -10,9 +10,7 @@ For each GPU count it prints the layout the config describes, then the fastest l
 Precedence: dataclass defaults < `--config` YAML < dotted overrides. A configuration error exits 2.
 """
 
-import sys
-
-from igpt_ds.planner import cli
+from igpt_ds.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    run_job("plan")

@@ -22,7 +22,7 @@ setup(
         "safetensors>=0.4",
         "matplotlib>=3.7",
         # --help from the config dataclasses' field docstrings; typed YAML presets and dotted flags.
-        "jsonargparse>=4.32",
+        "jsonargparse>=4.49",  # ArgumentParser.instantiate
         "docstring-parser>=0.15",
     ],
     extras_require={

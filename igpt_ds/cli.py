@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 
 def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str] | None = None,
-         error_prefix: str = "error") -> int:  # fmt: skip
+         error_prefix: str = "error", prog: str | None = None) -> int:  # fmt: skip
     """Parse argv into `cls`, call `run(cfg)`; the exit status (see the module docstring).
 
     `--help` lists every field of `cls` (type, default, docstring). A run with a `train` section also takes
@@ -44,7 +44,7 @@ def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str
     from igpt_ds.shards import ShardError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(cls, description)
+    parser = make_parser(cls, description, prog)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by older DeepSpeed launchers
     deepspeed_flags = typing.get_type_hints(cls).get("train") is TrainConfig
     if deepspeed_flags:
@@ -80,13 +80,13 @@ def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str
 
 
 def run_entry(module: str, config: str, job: str, description: str, error_prefix: str = "error",
-              argv: list[str] | None = None) -> None:  # fmt: skip
+              argv: list[str] | None = None, prog: str | None = None) -> None:  # fmt: skip
     """An entry point's `__main__`: `job` of `module` on `config` (both names in `module`), supervised; exits."""
     from igpt_ds.supervisor import supervised
 
     def worker() -> int:
         mod = importlib.import_module(module)
-        return main(getattr(mod, config), getattr(mod, job), description, argv, error_prefix=error_prefix)
+        return main(getattr(mod, config), getattr(mod, job), description, argv, error_prefix, prog)
 
     sys.exit(supervised(worker))
 
@@ -115,8 +115,8 @@ def run_job(name: str, argv: list[str] | None = None) -> None:
     prefix = f"{program(name)}: error"
     if name in UNSUPERVISED:
         mod = importlib.import_module(module)
-        sys.exit(main(getattr(mod, config), getattr(mod, job), description, argv, error_prefix=prefix))
-    run_entry(module, config, job, description, prefix, argv)
+        sys.exit(main(getattr(mod, config), getattr(mod, job), description, argv, prefix, program(name)))
+    run_entry(module, config, job, description, prefix, argv, program(name))
 
 
 def program(job: str) -> str:

@@ -271,13 +271,14 @@ def declared_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def make_parser(cls: type, description: str = "") -> jsonargparse.ArgumentParser:
+def make_parser(cls: type, description: str = "", prog: str | None = None) -> jsonargparse.ArgumentParser:
     """The command line of a run configured by dataclass `cls`: `--config` + one `--section.field` per field.
 
     `--help` lists every field with its type, default and docstring. Built by jsonargparse, which checks
     keys and types of the YAML and the flags alike.
     """
     parser = jsonargparse.ArgumentParser(
+        prog=prog,
         description=description,
         exit_on_error=False,
         allow_abbrev=False,  # `--train.max_step` must not quietly mean --train.max_steps

@@ -161,7 +161,8 @@ def _files(path: Path, recursive: bool, problems: list, other_classes: list[str]
     root_real, visited, out = os.path.realpath(path), set(), []
     for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
         real = os.path.realpath(dirpath)
-        key = (os.stat(dirpath).st_dev, os.stat(dirpath).st_ino)
+        st = os.stat(dirpath)
+        key = (st.st_dev, st.st_ino)
         if key in visited or not _inside(real, root_real):
             dirnames[:] = []
             why = "folder reached again through a link" if key in visited else f"link to {real}, outside {path}"

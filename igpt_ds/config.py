@@ -301,7 +301,18 @@ def parse_args(parser: jsonargparse.ArgumentParser, argv: list[str]) -> jsonargp
 
     Raises ConfigError (one line) for a missing/malformed preset, an unknown key or a wrong type.
     """
-    argv = list(argv)
+    presets, rest = split_presets(argv)
+    front: list[str] = []
+    for name in presets:
+        path = find_preset(name)
+        _read_preset(path)  # the clear errors for a file that is not a mapping of sections
+        front += ["--config", str(path)]
+        _parse(parser, ["--config", str(path)], where=f"config file {path}: ")  # its errors name the file
+    return _parse(parser, front + rest, where="")
+
+
+def split_presets(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(`--config` values in order, every other argument)."""
     presets: list[str] = []
     rest: list[str] = []
     i = 0
@@ -318,13 +329,7 @@ def parse_args(parser: jsonargparse.ArgumentParser, argv: list[str]) -> jsonargp
         else:
             rest.append(arg)
         i += 1
-    front: list[str] = []
-    for name in presets:
-        path = find_preset(name)
-        _read_preset(path)  # the clear errors for a file that is not a mapping of sections
-        front += ["--config", str(path)]
-        _parse(parser, ["--config", str(path)], where=f"config file {path}: ")  # its errors name the file
-    return _parse(parser, front + rest, where="")
+    return presets, rest
 
 
 def _parse(parser: jsonargparse.ArgumentParser, argv: list[str], where: str) -> jsonargparse.Namespace:
@@ -339,7 +344,8 @@ def _parse(parser: jsonargparse.ArgumentParser, argv: list[str], where: str) -> 
 def instantiate(parser: jsonargparse.ArgumentParser, ns: jsonargparse.Namespace, cls: type[T]) -> T:
     """The dataclass `cls` from a parsed namespace (its `__post_init__` checks run here)."""
     ns = ns.clone()
-    for key in [k for k in vars(ns) if dataclasses.fields(cls) and k not in {f.name for f in dataclasses.fields(cls)}]:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in [k for k in vars(ns) if k not in fields]:
         delattr(ns, key)  # --config and an entry point's own flags are not fields
     built = parser.instantiate(ns)
     return cls(**{f.name: getattr(built, f.name) for f in dataclasses.fields(cls)})
@@ -355,10 +361,9 @@ def load_config(cls: type[T], preset: str | Path | None = None, overrides: list[
 def record_origins(cfg: T, argv: list[str]) -> T:
     """Note on `cfg` (and each section) where every field's value came from, for errors that must say so:
     "flag --train.global_batch", "preset <path>" or "default". Read back with `origin_of`."""
-    presets = [find_preset(v) for k, v in zip(argv, argv[1:], strict=False) if k == "--config"]
-    presets += [find_preset(a.split("=", 1)[1]) for a in argv if a.startswith("--config=")]
-    trees = [(p, _read_preset(p)) for p in presets]
-    flags = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    presets, rest = split_presets(list(argv))
+    trees = [(p, _read_preset(p)) for p in map(find_preset, presets)]
+    flags = {a[2:].split("=", 1)[0] for a in rest if a.startswith("--")}
 
     def where(key: str) -> str:
         if key in flags:

@@ -75,9 +75,15 @@ def policy_path(train: TrainConfig) -> Path:
         return find_shipped(train.ds_config, DS_CONFIGS_DIR, "ds_configs", "train.ds_config")
     from deepspeed.accelerator import get_accelerator
 
+    return DS_CONFIGS_DIR / default_policy(get_accelerator().device_name(), accelerator_has_bf16(), train.layout)
+
+
+def accelerator_has_bf16() -> bool:
+    """Whether the accelerator DeepSpeed detected trains in bf16 (never the CPU accelerator: slower than fp32)."""
+    from deepspeed.accelerator import get_accelerator
+
     acc = get_accelerator()
-    return DS_CONFIGS_DIR / default_policy(acc.device_name(), acc.device_name() != "cpu" and acc.is_bf16_supported(),
-                                           train.layout)  # fmt: skip
+    return acc.device_name() != "cpu" and acc.is_bf16_supported()
 
 
 def load_policy(path: str | Path) -> dict[str, Any]:
@@ -91,10 +97,11 @@ def load_policy(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"train.ds_config={path} is not valid JSON: {e}") from None
 
 
-def _agree(source: str, key: str, given: Any, ours: Any, ours_name: str, ours_from: str) -> Any:
-    """`ours` when the JSON's `given` is "auto" or equal; else the one-line error naming both and their origins."""
+def _agree(source: str, key: str, given: Any, ours: Any, ours_name: str, ours_from: str) -> None:
+    """Nothing when the JSON's `given` is "auto" or equals `ours`; else the one-line error naming both and their
+    origins."""
     if given == "auto" or given == ours or (isinstance(given, list) and list(ours) == given):
-        return ours
+        return
     raise ConfigError(
         f"{key}={given!r} in {source} contradicts {ours_name}={ours!r} ({ours_from}); make them agree "
         f'(or write "auto" in the JSON to take {ours_name})'
@@ -144,10 +151,7 @@ def fill_auto(node: Any, hidden_size: int | None, source: str, path: str = "") -
     if key == "fp16.enabled":
         return False
     if key == "bf16.enabled":
-        from deepspeed.accelerator import get_accelerator
-
-        acc = get_accelerator()
-        return acc.device_name() != "cpu" and acc.is_bf16_supported()
+        return accelerator_has_bf16()
     raise ConfigError(f'{key}="auto" in {source}: igpt-ds has no value to fill it with; write a value')
 
 

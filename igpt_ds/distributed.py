@@ -17,6 +17,7 @@ save a checkpoint together and exit.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import signal
@@ -36,8 +37,30 @@ from igpt_ds.launchers import rank_env
 T = TypeVar("T")
 
 
+def without_cpu_shm_allreduce() -> None:
+    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce (idempotent; call before the
+    first `deepspeed.init_distributed` or `deepspeed.initialize`).
+
+    Why: with the CPU accelerator every DeepSpeed process group JIT-compiles the `deepspeed_shm_comm` op (minutes
+    on a small machine, a compiler needed on every node) and maps a 69 MB segment per rank named
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> that it never unlinks (DeepSpeed 0.19.8:
+    csrc/cpu/comm/shm.cpp has no call to shared_close). Every run on a new port leaves 69 MB x local ranks
+    of RAM in /dev/shm until reboot; a test suite or a sweep of CPU runs fills the machine's memory. The op
+    serves only `deepspeed.comm.inference_all_reduce` (tensor-parallel inference), which igpt-ds never calls:
+    training collectives go through torch.distributed either way. docs/reference.md#deepspeed."""
+    # By module name: `import deepspeed.comm.torch as m` would bind PyTorch, which deepspeed.comm re-exports as `torch`.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    if getattr(ds_torch, "build_shm_op", None) is not None:
+        ds_torch.build_shm_op = _no_shm_op
+
+
+def _no_shm_op() -> None:
+    return None
+
+
 def init_distributed(timeout_s: int) -> tuple[int, int]:
     """Start the process group (idempotent); returns (rank, world_size)."""
+    without_cpu_shm_allreduce()
     if not dist.is_initialized():
         os.environ.update(rank_env())
         deepspeed.init_distributed(

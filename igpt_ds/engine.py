@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from igpt_ds.config import DS_CONFIGS_DIR, ConfigError, OptimConfig, TrainConfig, find_shipped, origin_of
+from igpt_ds.distributed import without_cpu_shm_allreduce
 
 # DeepSpeed keys whose values the run config owns, and where each is set. A JSON may set them too (as
 # DeepSpeedExamples and HF's JSONs do) if it agrees, or "auto" to take the run config's value.
@@ -296,6 +297,7 @@ def initialize(
     grad); a group's own "lr" is scaled by the same schedule. `compile_model`: engine.compile()
     (torch.compile of the module, compiled on the first forward).
     """
+    without_cpu_shm_allreduce()  # deepspeed.initialize starts DeepSpeed's comm backend if nothing did
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
 

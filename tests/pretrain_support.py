@@ -72,14 +72,19 @@ def free_port() -> int:
 
 
 def start_ranks(
-    config: Path, *overrides: str, nprocs: int = 2, log_dir: Path, script: str = "pretrain"
+    config: Path, *overrides: str, nprocs: int = 2, log_dir: Path, script: str = "pretrain", port: int | None = None
 ) -> list[subprocess.Popen]:
     """Start `nprocs` ranks of launcher/<script>.py the way torchrun would (env://), logs in `log_dir`."""
-    port = str(free_port())
+    port = str(port or free_port())
     procs = []
     for rank in range(nprocs):
         rank_env = env(
-            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(nprocs),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            LOCAL_SIZE=str(nprocs),  # as the DeepSpeed launcher sets it: all ranks on this node
         )
         log = open(log_dir / f"rank{rank}.log", "a")
         cmd = [sys.executable, f"launcher/{script}.py", "--config", str(config), *overrides]
@@ -90,14 +95,23 @@ def start_ranks(
 def run_ranks(
     config: Path, *overrides: str, nprocs: int = 2, log_dir: Path, timeout: float = 300, script: str = "pretrain"
 ) -> str:
-    """Run ranks to completion; rank 0's log. Fails the test on a nonzero exit."""
-    procs = start_ranks(config, *overrides, nprocs=nprocs, log_dir=log_dir, script=script)
+    """Run ranks to completion; rank 0's log. Fails the test on a nonzero exit, and if the run left DeepSpeed's CPU
+    shared-memory buffers behind (igpt_ds.distributed.without_cpu_shm_allreduce)."""
+    port = free_port()
+    procs = start_ranks(config, *overrides, nprocs=nprocs, log_dir=log_dir, script=script, port=port)
     codes = [p.wait(timeout=timeout) for p in procs]
     out = (log_dir / "rank0.log").read_text()
     assert codes == [0] * nprocs, (
         f"exit codes {codes}\n{out[-4000:]}\n{(log_dir / f'rank{nprocs - 1}.log').read_text()[-3000:]}"
     )
+    assert shm_segments(port) == [], "the run left shared memory in /dev/shm"
     return out
+
+
+def shm_segments(port: int) -> list[str]:
+    """DeepSpeed's CPU all-reduce segments of the process group on `port` (/dev/shm/deepspeed_allreduce_buffer_
+    <uid>_<addr>_<port>_<rank>)."""
+    return sorted(str(p) for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def scalars(tb_dir: Path) -> dict[str, dict[int, float]]:

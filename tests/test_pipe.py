@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from igpt_ds.config import ModelConfig
+from igpt_ds.distributed import without_cpu_shm_allreduce
 from igpt_ds.model import IGPT, Block, bert_mask, objective_loss
 from igpt_ds.pipe import EmbedPipe, HeadPipe, bert_pipe_batch, igpt_name, pipe_loss
 
@@ -39,6 +40,7 @@ def test_every_layout_and_stage_count_starts_from_the_same_distinct_layers(one_r
     from igpt_ds.pipe import IGPTPipe, SeededLayerSpec
 
     monkeypatch.setenv("LOCAL_RANK", "0")
+    without_cpu_shm_allreduce()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # DeepSpeed's view of the fixture's group
     cfg = ModelConfig(size="igpt-tiny", n_px=8, n_layer=3)
     state = IGPT(cfg, seed=5).state_dict()

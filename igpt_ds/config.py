@@ -56,7 +56,10 @@ class ModelConfig:
     objective: str = "ar"
     """'ar' (next pixel, causal) or 'bert' (masked pixels, bidirectional)."""
     mask_prob: float = 0.15
-    """BERT objective: fraction of positions masked."""
+    """BERT objective: probability that a position is masked (paper: 0.15)."""
+    bert_mask: str = "bernoulli"
+    """BERT objective: 'bernoulli' masks each position independently (paper, OpenAI's code); 'exact' masks exactly
+    max(1, round(mask_prob·T)) positions per image (lower-variance steps; not the paper's)."""
 
     def __post_init__(self) -> None:
         if self.size not in MODEL_SIZES:
@@ -73,6 +76,9 @@ class ModelConfig:
         _require(1 < self.n_vocab <= 65536, f"model.n_vocab={self.n_vocab} must be in 2..65536")
         _require(self.objective in ("ar", "bert"), f"model.objective={self.objective!r} must be 'ar' or 'bert'")
         _require(0.0 < self.mask_prob < 1.0, f"model.mask_prob={self.mask_prob} must be in (0, 1)")
+        _require(
+            self.bert_mask in ("bernoulli", "exact"), f"model.bert_mask={self.bert_mask!r} must be bernoulli or exact"
+        )
 
     @property
     def seq_len(self) -> int:

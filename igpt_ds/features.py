@@ -1,7 +1,8 @@
 """Frozen-feature extraction for linear probes (docs/reference.md#evaluation).
 
 The feature of layer l is f^l = mean over positions of LN(h^l), block l's normalised input; l = n_layer
-is the final norm's output. One forward pass yields every requested layer (`IGPT.features`).
+is the final norm's output. One forward pass yields every requested layer (`IGPT.features`); a BERT model's
+input is masked as in training, features averaged over `bert_masks` masks per image (`model.eval_features`).
 
 Features are sharded by rank, on any filesystem (layout: `igpt_ds.feature_store`). Each rank computes the
 parts p of a split with p mod world = rank and writes them into files of its own; batches start at
@@ -43,7 +44,7 @@ from igpt_ds.feature_store import (
     prepare_split,
     split_plan,
 )
-from igpt_ds.model import IGPT, autocast, compute_dtype
+from igpt_ds.model import IGPT, autocast, compute_dtype, eval_features
 from igpt_ds.palette import decode
 from igpt_ds.shards import ShardSplit, open_shards
 
@@ -65,14 +66,18 @@ class ExtractConfig:
     """Images per forward pass on one rank."""
     precision: str = "bf16"
     """Compute dtype on GPU (bf16, fp16, fp32); CPU always computes in fp32. Features are stored as fp32."""
+    bert_masks: int = 1
+    """BERT models: features are the mean over this many evaluation masks per image (OpenAI's code masks every
+    forward: 1; the paper ensembles several); 0 extracts from unmasked inputs, which the model never saw in
+    training. Ignored for AR models."""
     dist_timeout_s: int = 600
     """Collective timeout; also how long rank 0 waits for other ranks' parts without any of them finishing one."""
 
     def __post_init__(self) -> None:
         if not self.checkpoint:
             raise ConfigError("checkpoint must name a run, checkpoint or consolidated folder")
-        if self.batch_size < 1 or not self.splits:
-            raise ConfigError("batch_size must be >= 1 and splits non-empty")
+        if self.batch_size < 1 or not self.splits or self.bert_masks < 0:
+            raise ConfigError("batch_size must be >= 1, splits non-empty, bert_masks >= 0")
         compute_dtype(torch.device("cpu"), self.precision)  # validates the name
 
 
@@ -105,6 +110,7 @@ def extract_parts(
     world: int = 1,
     precision: str = "bf16",
     progress: bool = True,
+    bert_masks: int = 1,
 ) -> int:
     """Compute and write this rank's missing parts of `split`; returns how many it wrote. Touches no file
     another rank writes and takes part in no collective. Batches start at multiples of the batch size."""
@@ -120,7 +126,7 @@ def extract_parts(
                 b = min(a + batch_size, stop)
                 tokens, _ = split.batch(np.arange(a, b))
                 with torch.no_grad(), autocast(device, precision):
-                    out = model.features(torch.from_numpy(tokens).to(device), layers)
+                    out = eval_features(model, torch.from_numpy(tokens).to(device), layers, np.arange(a, b), bert_masks)
                 for i, l in enumerate(layers):
                     feats[i, a - start : b - start] = out[l].float().cpu().numpy()
                 pixels[a - start : b - start] = decode(tokens, split.palette)[..., :channels].reshape(b - a, -1)
@@ -143,6 +149,8 @@ def extract(cfg: ExtractConfig) -> dict[str, Path]:
     def decide() -> dict[str, tuple[dict, str]]:
         """Rank 0 checks the inputs and reads what is already on disk, once for every rank."""
         source = checkpoint_identity(cfg.checkpoint)
+        if model_cfg.objective == "bert":
+            source["bert_masks"] = cfg.bert_masks  # other masks, other features: a rerun starts the split over
         for name, split in splits.items():
             check_palette(palette, split, cfg.checkpoint)
             if (split.labels < 0).any():
@@ -156,7 +164,9 @@ def extract(cfg: ExtractConfig) -> dict[str, Path]:
     decisions = on_rank0(decide)
     for name, (plan, state) in decisions.items():
         if state != "done":
-            extract_parts(model, splits[name], Path(cfg.out) / name, plan, rank, world, cfg.precision, rank == 0)
+            extract_parts(
+                model, splits[name], Path(cfg.out) / name, plan, rank, world, cfg.precision, rank == 0, cfg.bert_masks
+            )
     outputs = {name: Path(cfg.out) / name for name in splits}
     if rank == 0:
         meta = {

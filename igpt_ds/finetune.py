@@ -2,8 +2,11 @@
 
 A linear head on the mean-pooled final-norm output (`IGPT.forward_pooled`); the loss is
 L_CLF + λ·L_GEN with λ = `finetune.gen_weight` (the paper found the generative term helps; 0 drops it).
-The head reads the pooled features through a fixed standardisation measured before training (see
-`IGPTClassifier`) and may learn faster than the backbone (`finetune.head_lr_mult`).
+By default the head is OpenAI's: zero-initialised, without a bias, on the raw pooled output (`IGPTClassifier`);
+`finetune.head_bias` and `finetune.standardize_features` are named departures from it. The head may learn
+faster than the backbone (`finetune.head_lr_mult`). A BERT model sees masked inputs in evaluation as in
+training (OpenAI's code masks in every forward): class probabilities are averaged over `finetune.eval_masks`
+masks per image, keyed by the image's index (the paper's ensembling of BERT masks); 0 evaluates unmasked.
 Constant learning rate after warmup (no cosine: docs/reference.md#evaluation), early stopping on validation accuracy:
 every improvement is saved to `<run>/best/` and scored on the test split at once, so the reported test
 accuracy is that of the checkpoint with the best validation accuracy; test never steers anything.
@@ -44,7 +47,7 @@ from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
 from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed
 from igpt_ds.engine import build_ds_config, describe, engine_facts, initialize, model_init_context, zero_stage
-from igpt_ds.model import IGPT, Linear, bert_mask, objective_loss
+from igpt_ds.model import IGPT, Linear, bert_mask, eval_bert_mask, objective_loss
 from igpt_ds.shards import GlobalBatchSampler, ShardError, ShardSplit, open_shards, rank_slice
 from igpt_ds.weights import open_consolidated
 
@@ -64,13 +67,25 @@ class FinetuneSection:
     head_lr_mult: float = 1.0
     """The head's learning rate relative to optim.lr: a zero-initialised head has further to go than the
     pretrained backbone, which a high LR would damage."""
+    head_bias: bool = False
+    """Give the head a bias. OpenAI's head has none (src/model.py: clf_logits = h · wclf^T)."""
+    standardize_features: bool = False
+    """Feed the head the pooled features standardised by a fixed mean and std measured on `stats_images` train
+    images before training (as the linear probe standardises). Not OpenAI's: its head reads the raw pooled output.
+    Why one may want it: pooled features vary little across images next to their mean (std ~0.08 vs ~0.5 in a
+    small model), so a zero-initialised head on raw features learns slowly at the backbone's learning rate."""
     stats_images: int = 4096
-    """Train images whose pooled features give the head's fixed standardisation (see IGPTClassifier)."""
+    """Train images whose pooled features give the standardisation (standardize_features only)."""
+    eval_masks: int = 1
+    """BERT models: masks per evaluation image, class probabilities averaged over them (OpenAI's code: 1, a fresh
+    mask in every forward; the paper's BERT results ensemble several); 0 evaluates unmasked inputs."""
     test_split: str = "test"
 
     def __post_init__(self) -> None:
-        if min(self.gen_weight, self.patience, self.shift) < 0 or self.head_lr_mult <= 0 or self.stats_images < 1:
-            raise ConfigError("finetune.gen_weight, patience, shift must be >= 0; head_lr_mult > 0; stats_images >= 1")
+        if min(self.gen_weight, self.patience, self.shift, self.eval_masks) < 0 or self.head_lr_mult <= 0:
+            raise ConfigError("finetune.gen_weight, patience, shift, eval_masks must be >= 0; head_lr_mult > 0")
+        if self.stats_images < 1:
+            raise ConfigError("finetune.stats_images must be >= 1")
 
 
 def _optim_defaults() -> OptimConfig:
@@ -99,16 +114,16 @@ class FinetuneConfig:
 class IGPTClassifier(IGPT):
     """IGPT plus `clf_head` on the pooled final-norm output; backbone parameter names stay IGPT's.
 
-    The head sees the pooled features standardised by a fixed mean and std measured on the train split
-    before fine-tuning (as the linear probe standardises). That is still a linear head on the features,
-    but a well-conditioned one: pooled features vary little across images next to their mean (std ~0.08
-    vs ~0.5 in a small model), so a zero-initialised head on raw features barely learns at the backbone's LR.
+    OpenAI's classifier (src/model.py): class logits = mean over positions of ln_f's output, times a (n_classes, C)
+    matrix initialised to zero (every class starts equally likely), no bias. `bias` adds one (zero-initialised);
+    `feat_mean` / `feat_std` standardise the pooled features before the head (identity unless the fine-tuner sets
+    them: finetune.standardize_features).
     """
 
-    def __init__(self, cfg: ModelConfig, n_classes: int):
+    def __init__(self, cfg: ModelConfig, n_classes: int, bias: bool = False):
         super().__init__(cfg)
-        self.clf_head = Linear(cfg.n_embd, n_classes, bias=True, std=0.0)  # zero: starts at uniform predictions
-        # Not in the state dict: set by the fine-tuner from run.json, so checkpoints keep DeepSpeed's format.
+        self.clf_head = Linear(cfg.n_embd, n_classes, bias=bias, std=0.0)
+        # Not in the state dict: set by the fine-tuner from its run state, so checkpoints keep DeepSpeed's format.
         self.register_buffer("feat_mean", torch.zeros(cfg.n_embd), persistent=False)
         self.register_buffer("feat_std", torch.ones(cfg.n_embd), persistent=False)
 
@@ -171,7 +186,7 @@ class Finetuner:
         ds_config = build_ds_config(t, cfg.optim, self.world, universal, hidden_size=self.model_cfg.n_embd)
         torch.manual_seed(t.seed)
         with model_init_context(ds_config):
-            model = IGPTClassifier(self.model_cfg, self.n_classes)
+            model = IGPTClassifier(self.model_cfg, self.n_classes, bias=cfg.finetune.head_bias)
         model.activation_checkpointing = t.activation_checkpointing
         if state is not None:  # the pretrained backbone; the head keeps its (zero) initialisation
             checkpoint.load_weights(
@@ -188,10 +203,10 @@ class Finetuner:
             if not t.reset_data_position:
                 self.sampler.load_state_dict(plan.meta["sampler"])
             self.state.update(plan.meta["finetune"], step=plan.meta["step"])
-        else:
+        elif cfg.finetune.standardize_features:
             self.state["feat_stats"] = self.feature_stats()
         module = self.engine.module
-        for name, values in zip(("feat_mean", "feat_std"), self.state["feat_stats"], strict=True):
+        for name, values in zip(("feat_mean", "feat_std"), self.state.get("feat_stats", ()), strict=False):
             getattr(module, name).copy_(torch.tensor(values))
         self.files = run_lifecycle.run_files({**to_dict(cfg), "model": asdict(self.model_cfg)}, ds_config)
         run_lifecycle.write_run_files(t.run_dir, self.files, self.rank)
@@ -214,9 +229,9 @@ class Finetuner:
         clf = F.cross_entropy(class_logits.float(), labels)
         return clf, objective_loss(logits, tokens, mask), (class_logits.argmax(dim=1) == labels).sum()
 
-    def frozen_batches(self, split: ShardSplit, n: int) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """(rows, tokens, labels) of this rank's slice of split[0:n], in eval mode without gradients. Every
-        rank yields the same number of batches (ZeRO-3 gathers parameters collectively): a rank out of rows
+    def frozen_batches(self, split: ShardSplit, n: int) -> Iterator[tuple[int, np.ndarray, Tensor, Tensor]]:
+        """(rows, image indices, tokens, labels) of this rank's slice of split[0:n], in eval mode without gradients.
+        Every rank yields the same number of batches (ZeRO-3 gathers parameters collectively): a rank out of rows
         gets one repeated row with rows = 0, for the caller to leave uncounted."""
         mb = self.cfg.train.micro_batch
         mine = rank_slice(n, self.rank, self.world)
@@ -225,19 +240,30 @@ class Finetuner:
         with torch.no_grad():
             for b in range(n_batches):
                 part = mine[b * mb : (b + 1) * mb]
-                tokens, labels = split.batch(np.asarray(part) if len(part) else np.zeros(1, np.int64))
+                idx = np.asarray(part) if len(part) else np.zeros(1, np.int64)
+                tokens, labels = split.batch(idx)
                 yield (
                     len(part),
+                    idx,
                     torch.from_numpy(tokens).to(self.engine.device),
                     torch.from_numpy(labels).to(self.engine.device),
                 )
         self.engine.train()
 
+    def eval_mask(self, idx: np.ndarray, j: int) -> Tensor | None:
+        """Mask j of evaluation images `idx` for a BERT model (keyed by image index: the same at any world size
+        and batching); None for AR or with finetune.eval_masks = 0."""
+        m = self.model_cfg
+        if m.objective != "bert" or self.cfg.finetune.eval_masks == 0:
+            return None
+        return eval_bert_mask(m, idx, j).to(self.engine.device)
+
     def feature_stats(self) -> tuple[list[float], list[float]]:
         """Mean and std of the pretrained model's pooled features over the first train images."""
         sums = torch.zeros(3, self.model_cfg.n_embd, dtype=torch.float64, device=self.engine.device)
-        for k, tokens, _ in self.frozen_batches(self.train, min(len(self.train), self.cfg.finetune.stats_images)):
-            pooled = self.engine(tokens)[2].double()[:k]
+        n = min(len(self.train), self.cfg.finetune.stats_images)
+        for k, idx, tokens, _ in self.frozen_batches(self.train, n):
+            pooled = self.engine(tokens, self.eval_mask(idx, 0))[2].double()[:k]
             sums += torch.stack([pooled.sum(0), (pooled * pooled).sum(0), pooled.new_full(pooled.shape[1:], k)])
         dist.all_reduce(sums)
         mean = sums[0] / sums[2]
@@ -255,7 +281,9 @@ class Finetuner:
             tokens, labels = map(torch.from_numpy, self.train.batch(chunk))
             tokens = augment(tokens, n_px, ft.flip, ft.shift, gen) if ft.flip or ft.shift else tokens
             mask = (
-                bert_mask(tokens.shape, self.model_cfg.mask_prob, gen) if self.model_cfg.objective == "bert" else None
+                bert_mask(tokens.shape, self.model_cfg.mask_prob, gen, kind=self.model_cfg.bert_mask)
+                if self.model_cfg.objective == "bert"
+                else None
             )
             tokens, labels = tokens.to(self.engine.device), labels.to(self.engine.device)
             clf, lgen, correct = self.losses(tokens, labels, None if mask is None else mask.to(tokens.device))
@@ -266,11 +294,20 @@ class Finetuner:
         return sums
 
     def evaluate(self, split: ShardSplit) -> dict[str, float]:
-        """Accuracy and losses over a whole split, each rank a slice; inputs unmasked (for a BERT model
-        the gen loss is then over visible pixels, not comparable with training's)."""
+        """Accuracy and losses over a whole split, each rank a slice. A BERT model's inputs are masked as in
+        training, class probabilities averaged over finetune.eval_masks masks (`eval_mask`); unmasked with 0
+        (the gen loss is then over visible pixels, not comparable with training's)."""
+        n_masks = max(1, self.cfg.finetune.eval_masks) if self.model_cfg.objective == "bert" else 1
         sums = torch.zeros(4, device=self.engine.device)
-        for k, tokens, labels in self.frozen_batches(split, len(split)):
-            clf, lgen, correct = self.losses(tokens, labels, None)
+        for k, idx, tokens, labels in self.frozen_batches(split, len(split)):
+            probs, lgen = 0.0, 0.0
+            for j in range(n_masks):
+                mask = self.eval_mask(idx, j)
+                logits, class_logits, _ = self.engine(tokens, mask)
+                probs = probs + class_logits.float().softmax(dim=1) / n_masks
+                lgen = lgen + objective_loss(logits, tokens, mask) / n_masks
+            clf = F.nll_loss(probs.clamp_min(1e-30).log(), labels)
+            correct = (probs.argmax(dim=1) == labels).sum()
             k = clf.new_tensor(k)
             sums += torch.stack([clf * k, lgen * k, correct.float() * (k > 0), k])
         dist.all_reduce(sums)

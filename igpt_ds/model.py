@@ -9,12 +9,14 @@ Faithful to OpenAI's released implementation (openai/image-gpt):
 - init: token emb std 0.02, position emb 0.01, q/k/v 1/√d, attention output 1/√(d·L), MLP 0.02.
 
 Objectives (docs/reference.md#objectives-and-recipe): `ar` — causal attention, cross-entropy on every pixel;
-`bert` — bidirectional attention, exactly max(1, round(mask_prob·T)) positions masked per image (token
-embedding zeroed, position embedding kept), cross-entropy on the masked positions only.
+`bert` — bidirectional attention, each position masked independently with probability mask_prob (token
+embedding zeroed, position embedding kept), the loss of an image the mean cross-entropy over its masked
+positions, then the mean over images: OpenAI's `uniform > bert_mask_prob` keep-mask and its per-image
+normalisation. `model.bert_mask=exact` masks exactly max(1, round(mask_prob·T)) positions per image instead.
 
 Every module initialises its own parameters inside its own __init__: under DeepSpeed's
 `zero.Init` a module's parameters are partitioned as soon as its constructor returns, so a parent
-must never touch a child's weights. This file imports torch only.
+must never touch a child's weights. This file imports torch and numpy only.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -198,16 +201,17 @@ class IGPT(nn.Module):
         """Mean cross-entropy in nats per predicted pixel (AR: all pixels; BERT: masked ones)."""
         return objective_loss(self(tokens, mask), tokens, mask)
 
-    def features(self, tokens: Tensor, layers: list[int]) -> dict[int, Tensor]:
+    def features(self, tokens: Tensor, layers: list[int], mask: Tensor | None = None) -> dict[int, Tensor]:
         """Mean-pooled normalised block inputs LN(h^l), each (B, C), in one forward pass.
 
         Layer l < n_layer is block l's input through that block's own norm (ln_1); l = n_layer is
         the final norm's output (what fine-tuning pools). The pass stops after the deepest layer.
+        `mask` (B, T): a BERT model's masked positions (`eval_bert_mask`).
         """
         if any(not 0 <= l <= self.cfg.n_layer for l in layers):
             raise ValueError(f"layers {layers} out of range 0..{self.cfg.n_layer}")
         wanted, out = set(layers), {}
-        x = self.embed(tokens)
+        x = self.embed(tokens, mask)
         for l, block in enumerate(self.h):
             if l in wanted:
                 out[l] = block.ln_1(x).mean(dim=1)
@@ -242,10 +246,41 @@ class IGPT(nn.Module):
 
 
 def objective_loss(logits: Tensor, tokens: Tensor, mask: Tensor | None) -> Tensor:
-    """Cross-entropy (nats/pixel) in fp32; with a BERT mask only masked positions count."""
-    if mask is not None:
-        logits, tokens = logits[mask], tokens[mask]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
+    """Cross-entropy in nats/pixel, fp32. AR (`mask` None): the mean over every pixel. BERT: `per_image_loss`
+    over the masked positions."""
+    if mask is None:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
+    return per_image_loss(logits, tokens, mask)
+
+
+def per_image_loss(logits: Tensor, targets: Tensor, scored: Tensor) -> Tensor:
+    """Mean over images of each image's mean cross-entropy over its `scored` positions (B, T bool); images with
+    none scored are left out (0 when no image has any). OpenAI's BERT loss (src/model.py:
+    reduce_sum(losses·(1-M), 1) / reduce_sum(1-M, 1), then reduce_mean), which divides by zero for such an image.
+    Only the scored positions' logits are converted to fp32: (n_scored, V), not (B, T, V)."""
+    rows = scored.nonzero()[:, 0]
+    ce = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
+    per_image = torch.zeros(scored.shape[0], device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
+    counts = scored.sum(dim=1)
+    has = counts > 0
+    return (per_image[has] / counts[has]).sum() / has.sum().clamp_min(1)
+
+
+BERT_MASKS = ("bernoulli", "exact")
+"""model.bert_mask: 'bernoulli' — each position masked with probability mask_prob (the paper, OpenAI's code);
+'exact' — exactly max(1, round(mask_prob·T)) per image: every image weighs the same number of predictions."""
+
+
+def mask_from_uniform(u: Tensor, mask_prob: float, kind: str = "bernoulli") -> Tensor:
+    """Boolean (B, T) BERT mask from uniform draws `u` (B, T): u < mask_prob ('bernoulli'; OpenAI's keep-mask is
+    u > mask_prob) or the max(1, round(mask_prob·T)) lowest draws of each row ('exact')."""
+    if kind == "bernoulli":
+        return u < mask_prob
+    if kind != "exact":
+        raise ValueError(f"bert mask kind {kind!r} must be one of {BERT_MASKS}")
+    n_masked = max(1, round(mask_prob * u.shape[1]))
+    chosen = u.topk(n_masked, dim=1, largest=False).indices
+    return torch.zeros(u.shape, dtype=torch.bool, device=u.device).scatter_(1, chosen, True)
 
 
 def bert_mask(
@@ -253,16 +288,51 @@ def bert_mask(
     mask_prob: float,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    kind: str = "bernoulli",
 ) -> Tensor:
-    """Boolean (B, T) mask with exactly max(1, round(mask_prob·T)) positions per image, uniform."""
-    return lowest_scores_mask(torch.rand(shape, generator=generator, device=device), mask_prob)
+    """Boolean (B, T) BERT mask, True = masked (`mask_from_uniform`)."""
+    return mask_from_uniform(torch.rand(shape, generator=generator, device=device), mask_prob, kind)
 
 
-def lowest_scores_mask(scores: Tensor, mask_prob: float) -> Tensor:
-    """True at the max(1, round(mask_prob·T)) lowest of each row's scores (B, T)."""
-    n_masked = max(1, round(mask_prob * scores.shape[1]))
-    chosen = scores.topk(n_masked, dim=1, largest=False).indices
-    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, chosen, True)
+def keyed_bert_masks(
+    seed: int, stream: int, step: int, indices: np.ndarray, seq_len: int, mask_prob: float, kind: str = "bernoulli"
+) -> Tensor:
+    """`bert_mask` for the samples `indices` (B, seq_len), each drawn from a counter-based generator (Philox)
+    keyed by (seed, stream, step, sample index): a sample's mask is the same whichever batch, rank or
+    process draws it, and costs one small generator, not a seeded torch.Generator, per sample."""
+    u = np.stack(
+        [
+            np.random.Generator(np.random.Philox(key=[seed, int(i)], counter=[0, 0, step, stream])).random(
+                seq_len, dtype=np.float32
+            )
+            for i in indices
+        ]
+    ).reshape(len(indices), seq_len)
+    return mask_from_uniform(torch.from_numpy(u), mask_prob, kind)
+
+
+EVAL_MASK_SEED = 0
+"""Key of evaluation masks (with the image index and the mask number): fixed, so every evaluation of a run, and
+every run, scores the same masked inputs."""
+
+
+def eval_bert_mask(cfg: ModelConfig, idx: np.ndarray, j: int = 0) -> Tensor:
+    """Evaluation mask j (B, T) of the images `idx` of a split, for a BERT model: OpenAI's code masks the input of
+    every forward, evaluation and feature extraction included. Keyed by (image index, j): the same at any world
+    size and batching; drawn like training's masks (model.mask_prob, model.bert_mask)."""
+    return keyed_bert_masks(EVAL_MASK_SEED, 0, j, idx, cfg.seq_len, cfg.mask_prob, cfg.bert_mask)
+
+
+def eval_features(model: IGPT, tokens: Tensor, layers: list[int], idx: np.ndarray, n_masks: int) -> dict[int, Tensor]:
+    """`IGPT.features` of images `idx` (tokens (B, T)); for a BERT model with n_masks >= 1, their mean over that many
+    evaluation masks (`eval_bert_mask`; the paper ensembles BERT masks), unmasked with 0. AR: one plain pass."""
+    if model.cfg.objective != "bert" or n_masks == 0:
+        return model.features(tokens, layers)
+    total: dict[int, Tensor] = {}
+    for j in range(n_masks):
+        out = model.features(tokens, layers, eval_bert_mask(model.cfg, idx, j).to(tokens.device))
+        total = {l: total.get(l, 0) + f.float() / n_masks for l, f in out.items()}
+    return total
 
 
 def count_parameters(cfg: ModelConfig) -> int:

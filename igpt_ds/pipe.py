@@ -25,12 +25,11 @@ import re
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import Tensor, nn
 
 from igpt_ds.config import ModelConfig
-from igpt_ds.model import IGPT, Block, Linear, RMSNorm, add_input_embeddings, seed_layer
+from igpt_ds.model import IGPT, Block, Linear, RMSNorm, add_input_embeddings, per_image_loss, seed_layer
 
 IGNORE = -100
 
@@ -64,8 +63,9 @@ class HeadPipe(nn.Module):
 
 
 def pipe_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy (nats/pixel, fp32) over the labelled positions; equals model.objective_loss."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE)
+    """`model.objective_loss` from the labels alone (nats/pixel, fp32): the mean over images of each image's mean
+    cross-entropy over its labelled positions (AR: all of them; BERT: the masked ones)."""
+    return per_image_loss(logits, labels.clamp_min(0), labels != IGNORE)
 
 
 class SeededLayerSpec(LayerSpec):

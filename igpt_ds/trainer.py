@@ -42,7 +42,7 @@ from igpt_ds.engine import (
     zero_stage,
 )
 from igpt_ds.metrics import Metrics
-from igpt_ds.model import IGPT, lowest_scores_mask, objective_loss
+from igpt_ds.model import IGPT, keyed_bert_masks, objective_loss
 from igpt_ds.pipe import IGPTPipe, bert_pipe_batch
 from igpt_ds.shards import GlobalBatchSampler, ShardSplit, open_shards
 from igpt_ds.weights import open_consolidated
@@ -77,21 +77,6 @@ def load_init(cfg: PretrainConfig) -> Mapping[str, Tensor]:
 HostBatch = tuple[Tensor, Tensor | None]  # tokens (B, T) and the BERT mask (B, T) or None, on the host
 
 
-def keyed_bert_masks(seed: int, stream: int, step: int, indices: np.ndarray, seq_len: int, mask_prob: float) -> Tensor:
-    """`bert_mask` for the samples `indices` (B, seq_len), each drawn from a counter-based generator (Philox)
-    keyed by (seed, stream, step, sample index): a sample's mask is the same whichever batch, rank or
-    process draws it, and costs one small generator, not a seeded torch.Generator, per sample."""
-    scores = np.stack(
-        [
-            np.random.Generator(np.random.Philox(key=[seed, int(i)], counter=[0, 0, step, stream])).random(
-                seq_len, dtype=np.float32
-            )
-            for i in indices
-        ]
-    )
-    return lowest_scores_mask(torch.from_numpy(scores), mask_prob)
-
-
 def read_micro_batches(
     split: ShardSplit,
     indices: np.ndarray,
@@ -99,6 +84,7 @@ def read_micro_batches(
     mask_prob: float,
     mask_key: tuple[int, int, int] | None,
     pin: bool,
+    mask_kind: str = "bernoulli",
 ) -> list[HostBatch]:
     """`indices`' rows of `split` as micro-batches of (tokens, BERT mask or None) on the host, pinned for a
     GPU. With `mask_key` = (seed, stream, step), each sample's mask is `keyed_bert_masks`': the same on the
@@ -106,7 +92,7 @@ def read_micro_batches(
     out = []
     for chunk in np.split(np.asarray(indices), len(indices) // micro_batch):
         tokens = torch.from_numpy(split.batch(chunk)[0])
-        mask = None if mask_key is None else keyed_bert_masks(*mask_key, chunk, split.seq_len, mask_prob)
+        mask = None if mask_key is None else keyed_bert_masks(*mask_key, chunk, split.seq_len, mask_prob, mask_kind)
         out.append((tokens.pin_memory(), None if mask is None else mask.pin_memory()) if pin else (tokens, mask))
     return out
 
@@ -169,7 +155,8 @@ class Run:
         """This rank's micro-batches on the host: `read_micro_batches` with BERT masks keyed by (seed, *key)."""
         mask_key = (self.cfg.train.seed, *key) if self.cfg.model.objective == "bert" else None
         pin = self.engine.device.type != "cpu"
-        return read_micro_batches(split, indices, self.cfg.train.micro_batch, self.cfg.model.mask_prob, mask_key, pin)
+        m = self.cfg.model
+        return read_micro_batches(split, indices, self.cfg.train.micro_batch, m.mask_prob, mask_key, pin, m.bert_mask)
 
     def device_batches(self, host: list[HostBatch]) -> list[tuple[Tensor, Tensor | None]]:
         """`host` on the engine's device, copied without blocking; (inputs, labels) for the pipeline."""

@@ -39,10 +39,67 @@ def test_augment_flip_and_shift():
 def test_classifier_keeps_igpt_names():
     cfg = ModelConfig(size="igpt-tiny", n_px=8, n_vocab=16)
     names = set(IGPTClassifier(cfg, 4).state_dict())
-    assert names - set(IGPT(cfg).state_dict()) == {"clf_head.weight", "clf_head.bias"}
+    assert names - set(IGPT(cfg).state_dict()) == {"clf_head.weight"}
+    assert set(IGPTClassifier(cfg, 4, bias=True).state_dict()) - names == {"clf_head.bias"}
     logits, classes, pooled = IGPTClassifier(cfg, 4)(torch.zeros(2, 64, dtype=torch.long))
-    assert logits.shape == (2, 64, 16) and classes.shape == (2, 4) and not classes.any()  # zero head at start
-    assert pooled.shape == (2, 32)
+    assert logits.shape == (2, 64, 16) and classes.shape == (2, 4) and pooled.shape == (2, 32)
+
+
+def test_the_default_head_is_openais_zero_initialised_bias_free_on_the_raw_pooled_output():
+    """src/model.py: wclf (classes, n_embd) ~ N(0, 0) = zeros, clf_logits = mean_t(ln_f(h)) · wclf^T, no bias."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(size="igpt-tiny", n_px=8, n_vocab=16)
+    model = IGPTClassifier(cfg, 4).eval()
+    assert model.clf_head.bias is None and not model.clf_head.weight.any()
+    tokens = torch.randint(0, 16, (3, 64))
+    _, classes, _ = model(tokens)
+    assert not classes.any()  # every class equally likely at the start
+    torch.nn.init.normal_(model.clf_head.weight)
+    pooled = model.ln_f(model.blocks(model.embed(tokens))).mean(dim=1)  # the raw pooled final-norm output
+    _, classes, got = model(tokens)
+    torch.testing.assert_close(got, pooled)
+    torch.testing.assert_close(classes, pooled @ model.clf_head.weight.T)
+    # The named departures: a bias, and standardised features (finetune.head_bias, finetune.standardize_features).
+    other = IGPTClassifier(cfg, 4, bias=True).eval()
+    other.load_state_dict({**model.state_dict(), "clf_head.bias": torch.arange(4.0)})
+    other.feat_mean.fill_(0.5)
+    other.feat_std.fill_(2.0)
+    torch.testing.assert_close(other(tokens)[1], (pooled - 0.5) / 2.0 @ model.clf_head.weight.T + torch.arange(4.0))
+
+
+def test_a_bert_model_is_evaluated_on_masked_inputs_averaged_over_keyed_masks(one_rank_group):
+    """OpenAI's code masks a BERT model's input in every forward, evaluation included; finetune.eval_masks = K
+    averages class probabilities over K masks keyed by image index; 0 evaluates unmasked inputs."""
+    from types import SimpleNamespace
+
+    from igpt_ds.finetune import Finetuner
+    from igpt_ds.model import EVAL_MASK_SEED, keyed_bert_masks
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(size="igpt-tiny", n_px=8, n_vocab=16, objective="bert")
+    model = IGPTClassifier(cfg, 3).eval()
+    torch.nn.init.normal_(model.clf_head.weight, std=30.0)
+    model.device = torch.device("cpu")
+    idx = torch.arange(5).numpy() + 100  # images 100..104 of the split
+    tokens, labels = torch.randint(0, 16, (5, 64)), torch.tensor([0, 1, 2, 0, 1])
+
+    def evaluate(eval_masks: int) -> float:
+        ft = SimpleNamespace(
+            model_cfg=cfg, engine=model, cfg=SimpleNamespace(finetune=FinetuneSection(eval_masks=eval_masks))
+        )
+        ft.eval_mask = lambda i, j: Finetuner.eval_mask(ft, i, j)
+        ft.frozen_batches = lambda split, n: iter([(5, idx, tokens, labels)])
+        return Finetuner.evaluate(ft, split=[None] * 5)["acc"]
+
+    def by_hand(masks: list) -> float:
+        probs = torch.stack([model(tokens, m)[1].softmax(dim=1) for m in masks]).mean(dim=0)
+        return 100.0 * (probs.argmax(dim=1) == labels).float().mean().item()
+
+    keyed = [keyed_bert_masks(EVAL_MASK_SEED, 0, j, idx, 64, 0.15) for j in range(4)]
+    assert evaluate(1) == pytest.approx(by_hand(keyed[:1]))
+    assert evaluate(4) == pytest.approx(by_hand(keyed))
+    assert evaluate(0) == pytest.approx(by_hand([None]))
+    assert len({by_hand(keyed[:1]), by_hand(keyed), by_hand([None])}) > 1  # the three policies differ here
 
 
 def test_config_checks():

@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from igpt_ds.config import ModelConfig
-from igpt_ds.model import IGPT, KVCache, bert_mask, count_parameters, objective_loss
+from igpt_ds.model import IGPT, KVCache, bert_mask, count_parameters, mask_from_uniform, objective_loss
 
 TINY = dict(size="igpt-tiny", n_px=8, n_vocab=512)
 
@@ -56,10 +57,49 @@ def test_preset_parameter_counts(size, n_px, expected):
     assert count_parameters(ModelConfig(size=size, n_px=n_px)) == pytest.approx(expected, rel=0.03)
 
 
+def test_bert_masks_are_a_bernoulli_draw_per_position_or_an_exact_count():
+    """The paper's and OpenAI's mask: every position masked independently with probability 0.15 (their keep-mask is
+    uniform > 0.15); model.bert_mask=exact masks exactly round(0.15·T) per image instead."""
+    gen = torch.Generator().manual_seed(0)
+    mask = bert_mask((20000, 64), 0.15, gen)
+    assert mask.dtype == torch.bool
+    assert abs(mask.float().mean().item() - 0.15) < 0.003  # std of the rate: sqrt(.15·.85 / 1.28M) = 0.0003
+    rate = mask.float().mean(dim=0)  # every position alike
+    assert rate.min() > 0.13 and rate.max() < 0.17
+    # A per-image count is Binomial(64, 0.15): mean 9.6, variance 8.16 (an exact count has variance 0) ...
+    counts = mask.sum(dim=1).float()
+    assert abs(counts.mean().item() - 9.6) < 0.1 and 7.5 < counts.var().item() < 8.9
+    # ... and positions are independent: neighbours' indicators are uncorrelated.
+    a, b = mask[:, :-1].float().flatten(), mask[:, 1:].float().flatten()
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.01
+    exact = bert_mask((2000, 64), 0.15, gen, kind="exact")
+    assert (exact.sum(dim=1) == round(0.15 * 64)).all() and not torch.equal(exact[0], exact[1])
+    rate = exact.float().mean(dim=0)
+    assert rate.min() > 0.1 and rate.max() < 0.2  # uniform over positions
+
+
+def test_bert_loss_is_the_mean_over_images_of_each_images_mean_over_its_masked_positions():
+    """OpenAI's gen loss for BERT: reduce_sum(ce·(1-M), 1) / reduce_sum(1-M, 1), then the mean over the batch."""
+    torch.manual_seed(0)
+    logits, targets = torch.randn(4, 16, 8), torch.randint(0, 8, (4, 16))
+    u = torch.rand(4, 16)
+    u[0, :12] = 0.0  # image 0 has many masked positions, the others few: per-token and per-image means differ
+    keep = (u > 0.15).float()  # the official keep-mask M
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (4, 16)
+    official = ((ce * (1 - keep)).sum(1) / (1 - keep).sum(1)).mean()
+    mask = mask_from_uniform(u, 0.15)
+    torch.testing.assert_close(objective_loss(logits, targets, mask), official)
+    assert abs(ce[mask].mean() - official) > 1e-3  # the per-token mean is another number
+    # An image with nothing masked is left out (the official code would divide by zero); none at all: 0.
+    mask[1] = False
+    kept = [0, 2, 3]
+    by_hand = torch.stack([ce[i][mask[i]].mean() for i in kept]).mean()
+    torch.testing.assert_close(objective_loss(logits, targets, mask), by_hand)
+    assert objective_loss(logits, targets, torch.zeros_like(mask)).item() == 0.0
+
+
 def test_bert_mask_semantics():
     mask = bert_mask((4, 64), 0.15, torch.Generator().manual_seed(0))
-    assert mask.dtype == torch.bool and (mask.sum(1) == round(0.15 * 64)).all()
-    assert not torch.equal(mask[0], mask[1])  # drawn per image
 
     model, x = tiny("bert"), tokens()
     # A masked pixel's value is invisible to the model: its token embedding is zeroed, position kept.
@@ -71,7 +111,8 @@ def test_bert_mask_semantics():
     # The loss counts masked positions only: the mean of -log softmax at the masked pixels, by hand.
     logits = model(x, mask[:3])
     log_probs = logits - logits.logsumexp(dim=-1, keepdim=True)
-    by_hand = -log_probs.gather(-1, x.unsqueeze(-1)).squeeze(-1)[mask[:3]].mean()
+    nll = -log_probs.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+    by_hand = torch.stack([nll[i][mask[i]].mean() for i in range(3)]).mean()
     torch.testing.assert_close(objective_loss(logits, x, mask[:3]), by_hand)
     unmasked_changed = logits.clone()
     unmasked_changed[~mask[:3]] += torch.randn_like(unmasked_changed[~mask[:3]])
@@ -110,3 +151,22 @@ def test_features_shapes_and_values():
     torch.testing.assert_close(feats[2], seen["head_in"].mean(1))
     with pytest.raises(ValueError):
         model.features(x, [3])
+
+
+def test_bert_features_are_taken_from_masked_inputs_averaged_over_keyed_masks():
+    """Feature extraction sees a BERT model's input as training did (masked; OpenAI's code masks every forward),
+    averaged over n keyed masks (the paper ensembles BERT masks); 0 = unmasked; AR models are never masked."""
+    from igpt_ds.model import eval_bert_mask, eval_features
+
+    model, x = tiny("bert"), tokens()
+    idx = np.arange(40, 40 + len(x))
+    masks = [eval_bert_mask(model.cfg, idx, j) for j in range(3)]
+    assert not torch.equal(masks[0], masks[1]) and torch.equal(
+        masks[0], eval_bert_mask(model.cfg, idx[::-1], 0).flip(0)
+    )
+    by_hand = sum(model.features(x, [1, 2], m)[1] for m in masks) / 3
+    torch.testing.assert_close(eval_features(model, x, [1, 2], idx, 3)[1], by_hand)
+    torch.testing.assert_close(eval_features(model, x, [1], idx, 0)[1], model.features(x, [1])[1])
+    assert (eval_features(model, x, [1], idx, 1)[1] - model.features(x, [1])[1]).abs().max() > 1e-4
+    ar = tiny("ar")
+    torch.testing.assert_close(eval_features(ar, x, [1], idx, 3)[1], ar.features(x, [1])[1])

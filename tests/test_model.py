@@ -161,9 +161,8 @@ def test_bert_features_are_taken_from_masked_inputs_averaged_over_keyed_masks():
     model, x = tiny("bert"), tokens()
     idx = np.arange(40, 40 + len(x))
     masks = [eval_bert_mask(model.cfg, idx, j) for j in range(3)]
-    assert not torch.equal(masks[0], masks[1]) and torch.equal(
-        masks[0], eval_bert_mask(model.cfg, idx[::-1], 0).flip(0)
-    )
+    assert not torch.equal(masks[0], masks[1])
+    assert torch.equal(masks[0], eval_bert_mask(model.cfg, idx[::-1], 0).flip(0))  # keyed by image, not by batch
     by_hand = sum(model.features(x, [1, 2], m)[1] for m in masks) / 3
     torch.testing.assert_close(eval_features(model, x, [1, 2], idx, 3)[1], by_hand)
     torch.testing.assert_close(eval_features(model, x, [1], idx, 0)[1], model.features(x, [1])[1])

@@ -9,10 +9,12 @@ tests/test_architecture.py checks it):
     model        model (IGPT, KV cache, inference precision), pipe (pipeline layout), weights (consolidated
                  safetensors), flops, hf_interop (HF ImageGPT / OpenAI weights)
     run          engine (DeepSpeed JSON, optimizer, schedule), checkpoint, resume (what a checkpoint may resume),
-                 run (the run lifecycle both loops share), metrics (TensorBoard)
-    train        trainer (pretraining loop), finetune (classification fine-tuning), planner (capacity)
-    evaluate     features + feature_store (extraction), logreg + probe (linear probes), sampling, plots,
-                 eval_planner (evaluation capacity)
+                 run (the run lifecycle both loops share), metrics (TensorBoard), logreg (the probe's data-parallel
+                 solver), plots (PNG figures)
+    train        trainer (pretraining loop), live_probe (probes during pretraining), finetune (classification
+                 fine-tuning), planner (capacity)
+    evaluate     features + feature_store (extraction), probe (linear probes), sampling, eval_planner (evaluation
+                 capacity)
     entry        cli (every entry point's command line, console scripts), __main__ (python -m igpt_ds JOB)
 
 One flat package on purpose: config, distributed and checkpoint serve every stage, so subpackages would make

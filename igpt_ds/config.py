@@ -163,6 +163,16 @@ class TrainConfig:
     """Validation every this many steps (0 = never)."""
     eval_batches: int = 4
     """Global batches of the validation split per evaluation (the same ones each time)."""
+    probe_every: int = 1000
+    """Live linear probe every this many steps and at step 0 (0 = never; off by itself when the shards have no
+    labels): pooled features of `probe_layers` on a fixed labelled subset, a probe per layer fitted by all ranks,
+    validation accuracy per layer in TensorBoard (igpt_ds.live_probe)."""
+    probe_images: int = 2048
+    """Train-split images the live probe fits on (evenly spaced over the split; the same every time)."""
+    probe_val_images: int = 1024
+    """Validation-split images the live probe scores on."""
+    probe_layers: list[int] = field(default_factory=list)
+    """Layers the live probe reads (l < n_layer: block l's normalised input; n_layer: final norm); empty = all."""
     save_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0
@@ -186,6 +196,10 @@ class TrainConfig:
         )
         _require(self.eval_every >= 0 and self.eval_batches > 0, "train.eval_every must be >= 0, eval_batches > 0")
         _require(self.keep_checkpoints > 0, "train.keep_checkpoints must be > 0")
+        _require(
+            self.probe_every >= 0 and min(self.probe_images, self.probe_val_images) > 0,
+            "train.probe_every must be >= 0, probe_images and probe_val_images > 0",
+        )
 
     @property
     def run_dir(self) -> Path:

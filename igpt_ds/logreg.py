@@ -50,6 +50,9 @@ SOLVER_COPIES = 84
 vectors, its direction, gradients and line-search copies, the closure's fixed-point accumulator, scales and
 partials, and what the allocator keeps of freed ones. Measured, not counted: bench/probe_scale.py at 1000
 classes (50k x 512, 100 iterations) needs 83-84 on the CPU, on 1 rank and on 2 (the state is replicated)."""
+Group = dist.ProcessGroup | None
+"""The ranks that hold the rows (None: all of them): the pipeline layout's live probe fits each stage's layers
+within that stage's data-parallel group."""
 BLOCK_ROWS = 256
 """Rows per block: the unit of exact summation and of the split of rows over ranks."""
 
@@ -64,14 +67,14 @@ def blocks(n_local: int) -> list[slice]:
     return [slice(a, min(n_local, a + BLOCK_ROWS)) for a in range(0, n_local, BLOCK_ROWS)]
 
 
-def world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+def world(group: Group = None) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
-def all_reduce(t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
-    """In place over ranks (a no-op without a process group)."""
-    if world() > 1:
-        dist.all_reduce(t, op=op)
+def all_reduce(t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM, group: Group = None) -> Tensor:
+    """In place over the ranks of `group` (default: all; a no-op without a process group)."""
+    if world(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
     return t
 
 
@@ -90,21 +93,22 @@ class FixedPointSum:
         """Add one block's flat partial (any float dtype)."""
         self.acc += (partial.double() * self.scale).round_().long()
 
-    def total(self) -> Tensor:
+    def total(self, group: Group = None) -> Tensor:
         """The sum over every rank's blocks, float64, identical on every rank (collective)."""
-        return all_reduce(self.acc).double() / self.scale
+        return all_reduce(self.acc, group=group).double() / self.scale
 
 
-def max_over_ranks(x: Tensor, row_value: Callable[[Tensor], Tensor]) -> float:
+def max_over_ranks(x: Tensor, row_value: Callable[[Tensor], Tensor], group: Group = None) -> float:
     """The largest `row_value(block)` over every rank's rows, block by block (no full-size temporary);
     collective."""
     local = max((float(row_value(x[c]).max()) for c in blocks(len(x))), default=0.0)
-    return float(all_reduce(torch.tensor([local], dtype=torch.float64, device=x.device), dist.ReduceOp.MAX).item())
+    out = torch.tensor([local], dtype=torch.float64, device=x.device)
+    return float(all_reduce(out, dist.ReduceOp.MAX, group).item())
 
 
-def max_abs(x: Tensor) -> float:
+def max_abs(x: Tensor, group: Group = None) -> float:
     """max |x| over every rank's rows (collective)."""
-    return max_over_ranks(x, torch.abs)
+    return max_over_ranks(x, torch.abs, group)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -119,18 +123,18 @@ class Scaler:
     std: Tensor
 
     @classmethod
-    def fit(cls, x: Tensor, n_global: int) -> Scaler:
+    def fit(cls, x: Tensor, n_global: int, group: Group = None) -> Scaler:
         """Mean and population std of every rank's rows of `x` (n_local, d), `n_global` rows in all; collective.
         A constant feature (std < 1e-8, e.g. an always-white corner pixel) keeps scale 1 and becomes 0."""
-        d, n_blocks, bound = x.shape[1], math.ceil(n_global / BLOCK_ROWS), max_abs(x)
+        d, n_blocks, bound = x.shape[1], math.ceil(n_global / BLOCK_ROWS), max_abs(x, group)
         total = FixedPointSum([d], [BLOCK_ROWS * bound], n_blocks, x.device)
         for c in blocks(len(x)):
             total.add(x[c].double().sum(0))
-        mean = total.total() / max(1, n_global)
+        mean = total.total(group) / max(1, n_global)
         squares = FixedPointSum([d], [BLOCK_ROWS * (2 * bound) ** 2], n_blocks, x.device)
         for c in blocks(len(x)):
             squares.add(((x[c].double() - mean) ** 2).sum(0))
-        std = (squares.total() / max(1, n_global)).sqrt()
+        std = (squares.total(group) / max(1, n_global)).sqrt()
         std[std < 1e-8] = 1.0
         return cls(mean, std)
 
@@ -161,6 +165,7 @@ def fit(
     max_iter: int = 1000,
     warm: Fit | None = None,
     tol: float = 1e-6,
+    group: Group = None,
 ) -> Fit:
     """Minimise J over every rank's rows; collective (every rank calls it with its rows).
 
@@ -171,8 +176,8 @@ def fit(
     d, K = x.shape[1], n_classes
     W = warm.W.clone() if warm is not None else torch.zeros(d, K, dtype=dtype, device=device)
     b = warm.b.clone() if warm is not None else torch.zeros(K, dtype=dtype, device=device)
-    x_abs = max_abs(x)
-    row_l1 = max_over_ranks(x, lambda block: block.abs().sum(1))
+    x_abs = max_abs(x, group)
+    row_l1 = max_over_ranks(x, lambda block: block.abs().sum(1), group)
     n_blocks = math.ceil(n_global / BLOCK_ROWS)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=HISTORY, tolerance_grad=tol,
                             tolerance_change=1e-9, line_search_fn="strong_wolfe")  # fmt: skip
@@ -191,7 +196,7 @@ def fit(
             p = torch.exp(z - lse[:, None])  # softmax
             p[torch.arange(len(tc), device=device), tc] -= 1.0  # ∂CE/∂z = softmax - onehot
             sums.add(torch.cat([loss[None], (xc.T @ p).flatten(), p.sum(0)]))
-        total = (sums.total() / n_global).to(dtype)
+        total = (sums.total(group) / n_global).to(dtype)
         W.grad = total[1 : 1 + d * K].view(d, K) + W / (C * n_global)
         b.grad = total[1 + d * K :].clone()
         return total[0] + (W * W).sum() / (2 * C * n_global)
@@ -201,13 +206,13 @@ def fit(
     return Fit(W.detach(), b.detach(), n_iter < max_iter, n_iter)
 
 
-def correct(x: Tensor, target: Tensor, model: Fit) -> int:
+def correct(x: Tensor, target: Tensor, model: Fit, group: Group = None) -> int:
     """How many rows of every rank's `x` the model classifies right (an all-reduced count; collective)."""
     hits = torch.zeros(1, dtype=torch.int64, device=x.device)
     for c in blocks(len(x)):
         logits = x[c].to(model.W.dtype) @ model.W + model.b
         hits += (logits.argmax(dim=1) == target[c]).sum()
-    return int(all_reduce(hits).item())
+    return int(all_reduce(hits, group=group).item())
 
 
 def fit_sklearn(x: Tensor, target: Tensor, n_classes: int, C: float, max_iter: int = 1000) -> Fit:

@@ -48,6 +48,54 @@ def plot_probe(report: dict, path: str | Path) -> Path:
     return Path(path)
 
 
+def live_probe_layers(acc: dict[int, float], chance: float, n_layer: int, step: int) -> plt.Figure:
+    """The live probe at one step: validation accuracy against layer (the paper's Figure 3, one curve)."""
+    layers = sorted(acc)
+    fig, ax = plt.subplots(figsize=(5.6, 3.4), dpi=100)
+    ax.plot(layers, [acc[l] for l in layers], "o-")
+    best = max(layers, key=lambda l: acc[l])
+    ax.plot([best], [acc[best]], "*", ms=14, color="tab:red", label=f"best: layer {best} ({acc[best]:.1f}%)")
+    ax.axhline(chance, color="k", lw=0.8, alpha=0.4, label="chance")
+    ax.set_xlabel(f"layer (block input; {n_layer} = final norm)")
+    ax.set_ylabel("probe accuracy on validation (%)")
+    ax.set_title(f"Live linear probe at step {step}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def live_probe_history(history: list[dict], chance: float, path: str | Path | None = None) -> plt.Figure:
+    """Best live-probe accuracy against validation loss over a run (one point per probe, labelled by step), and
+    both against step: representation quality rising as the generative loss falls (the paper's Figure 3)."""
+    steps = [h["step"] for h in history]
+    loss = [h["val_loss"] for h in history]
+    best = [h["best_acc"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 3.8), dpi=110)
+    left.plot(loss, best, "o-")
+    for x, y, s in zip(loss, best, steps, strict=True):
+        left.annotate(str(s), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    left.invert_xaxis()  # training moves right: loss falls
+    left.set_xlabel("validation loss (nats/pixel)")
+    left.set_ylabel("best-layer probe accuracy (%)")
+    left.axhline(chance, color="k", lw=0.8, alpha=0.4, label="chance")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    right.plot(steps, best, "o-", color="tab:blue", label="best-layer probe accuracy (%)")
+    right.set_xlabel("step")
+    right.set_ylabel("probe accuracy (%)", color="tab:blue")
+    twin = right.twinx()
+    twin.plot(steps, loss, "s--", color="tab:orange", alpha=0.8)
+    twin.set_ylabel("validation loss (nats/pixel)", color="tab:orange")
+    right.grid(alpha=0.3)
+    fig.suptitle("Live linear probe over the run")
+    fig.tight_layout()
+    if path is not None:
+        with atomic_file(path) as f:
+            fig.savefig(f, format="png")
+    return fig
+
+
 def image_grid(columns: list[np.ndarray], scale: int = 1, gap: int = 1, titles: list[str] = ()) -> np.ndarray:
     """Tile columns of images, each (N, H, W, 3) uint8, into one (rows·H', cols·W', 3) picture.
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from igpt_ds import checkpoint, resume
 from igpt_ds import run as run_lifecycle
 from igpt_ds.config import ConfigError, PretrainConfig, to_dict
-from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed
+from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed, on_rank0
 from igpt_ds.engine import (
     apply_schedule,
     build_ds_config,
@@ -41,6 +41,7 @@ from igpt_ds.engine import (
     model_init_context,
     zero_stage,
 )
+from igpt_ds.live_probe import LiveProbe, choose_subset
 from igpt_ds.metrics import Metrics
 from igpt_ds.model import IGPT, keyed_bert_masks, objective_loss
 from igpt_ds.pipe import IGPTPipe, bert_pipe_batch
@@ -276,6 +277,15 @@ def train(cfg: PretrainConfig) -> dict[str, float]:
     stop = StopSignal(cfg.train.stop_check_every)  # preemption, time limit, launcher gone: save, then exit
     run = setup(cfg)
     t, m = cfg.train, run.metrics
+    started = time.perf_counter()
+    subset, why_off = on_rank0(lambda: choose_subset(cfg, run.train, run.val))  # one decision for every rank
+    probe = LiveProbe(run, subset, run.start_step) if subset is not None else None
+    if probe is None and t.probe_every:
+        m.print(f"live probe off: {why_off}")
+    if probe is not None and run.start_step == 0:
+        val_loss = run.evaluate()
+        m.val(0, val_loss)
+        probe.run_probe(0, val_loss)
     last_step = t.stop_at or t.max_steps
     step, saved, window, stopped_by = run.start_step, run.start_step, 0, 0
     loss_sum = torch.zeros((), device=run.engine.device)
@@ -293,8 +303,12 @@ def train(cfg: PretrainConfig) -> dict[str, float]:
             run.data_wait_s = 0.0
             loss_sum.zero_()
             window, tic = 0, time.perf_counter()
-        if t.eval_every and step % t.eval_every == 0:
-            m.val(step, run.evaluate())
+        probe_due = probe is not None and step % t.probe_every == 0
+        if (t.eval_every and step % t.eval_every == 0) or probe_due:
+            val_loss = run.evaluate()
+            m.val(step, val_loss)
+            if probe_due:
+                probe.run_probe(step, val_loss)
         stopped_by = stop.check(step)
         if step % t.save_every == 0 or stopped_by:
             run.save(step)
@@ -305,6 +319,8 @@ def train(cfg: PretrainConfig) -> dict[str, float]:
     if saved != step:
         run.save(step)
     run.reader.close()
+    if probe is not None:
+        probe.finish(step, time.perf_counter() - started)
     m.close({**to_dict(cfg), "engine": engine_facts(run.engine.config, t, torch.distributed.get_world_size())})
     barrier()  # every rank's writes are done before any exits: a launcher may kill the rest when one exits non-zero
     return {**m.last, "stopped_by": stopped_by}

@@ -44,6 +44,7 @@ def write_config(path: Path, shards: Path, run_root: Path, n_vocab: int, **train
             "eval_every": 5,
             "eval_batches": 1,
             "save_every": 5,
+            "probe_every": 0,  # the live probe costs seconds; the tests that check it turn it on
             **train,
         },
     }

@@ -22,9 +22,9 @@ STAGES = [
     ["config", "atomic", "launchers", "distributed", "supervisor"],
     ["palette", "shards"],
     ["model", "pipe", "weights", "flops", "hf_interop"],
-    ["engine", "checkpoint", "resume", "run", "metrics"],
-    ["trainer", "finetune", "planner"],
-    ["features", "feature_store", "logreg", "probe", "sampling", "plots", "eval_planner"],
+    ["engine", "checkpoint", "resume", "run", "metrics", "logreg", "plots"],
+    ["trainer", "live_probe", "finetune", "planner"],
+    ["features", "feature_store", "probe", "sampling", "eval_planner"],
     ["cli", "__main__"],
 ]
 

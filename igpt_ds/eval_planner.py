@@ -12,7 +12,7 @@ K = classes, D = probe width: d for a layer, k·d for the k-layer concatenation,
                           (8·N) + one batch of tokens, features and pixels
 - probe, per rank:        its rows of every split, fp32: ~(N_train + N_val + N_test)/world·D·4, in whole
                           `logreg.BLOCK_ROWS` blocks + the solver state replicated on every rank,
-                          `logreg.SOLVER_COPIES`·(D·K + K) values (float64 on CPU, float32 on GPU) + one block's
+                          `logreg.SOLVER_COPIES`·(D·K + K) float32 values + one run of blocks'
                           temporaries + every split's labels (8·N, read whole)
 - probe compute:          4·N_train·D·K FLOPs per L-BFGS pass (logits and gradient), divided over ranks
 
@@ -71,10 +71,11 @@ def probe_rows(n: int, world: int) -> int:
 
 def probe_bytes(n_train: int, n_val: int, n_test: int, dim: int, n_classes: int, world: int, gpu: bool) -> int:
     """Peak memory of one rank fitting one probe (see the module docstring), bytes."""
-    value = 4 if gpu else 8
+    value = 4  # float32 solver state on either device (logreg.compute_dtype); `gpu` only names where it runs
     rows = sum(probe_rows(n, world) for n in (n_train, n_val, n_test)) * dim * 4
     solver = logreg.SOLVER_COPIES * (dim * n_classes + n_classes) * value
-    block = logreg.BLOCK_ROWS * (dim + 3 * n_classes) * 8 + dim * n_classes * 8
+    run = max(1, min(logreg.MAX_RUN_BLOCKS, logreg.RUN_VALUES // (dim * n_classes)))  # blocks computed at once
+    block = run * (logreg.BLOCK_ROWS * (dim + 3 * n_classes) * 4 + dim * n_classes * 20)
     return rows + solver + block + 8 * (n_train + n_val + n_test)
 
 
@@ -94,7 +95,7 @@ class EvalPlanConfig:
     concat_k: int = 5
     """Layers in the concatenation probe (paper's iGPT-XL: 5)."""
     gpu: bool = True
-    """Probe on GPUs (float32 solver state) rather than CPUs (float64)."""
+    """Probe on GPUs rather than CPUs (the report's wording; the solver state is float32 on both)."""
     compute_bytes: int = 2
     """Bytes per activation value in extraction (2: bf16 on GPU; 4: fp32 on CPU)."""
 

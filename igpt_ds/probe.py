@@ -195,7 +195,7 @@ def dist_rank_world() -> tuple[int, int]:
 
 
 def probe_device() -> torch.device:
-    """The GPU of this rank where there is one (the solver's float32 path), else the CPU (float64)."""
+    """The GPU of this rank where there is one, else the CPU."""
     name = get_accelerator().current_device_name()
     return torch.device(name) if name.startswith("cuda") else torch.device("cpu")
 

@@ -1,0 +1,45 @@
+"""The live probe's choices that need no process group: which images it reads, and when it turns itself off.
+(Runs that log it under ZeRO-3 and the pipeline layout: test_pretrain_distributed.py.)"""
+
+import numpy as np
+
+from igpt_ds.config import PretrainConfig, TrainConfig
+from igpt_ds.live_probe import choose_subset, evenly_spaced
+
+
+class Split:
+    def __init__(self, labels):
+        self.labels = np.asarray(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def config(**train) -> PretrainConfig:
+    return PretrainConfig(train=TrainConfig(**train))
+
+
+def test_the_subset_is_fixed_evenly_spaced_and_labelled_with_class_indices():
+    assert evenly_spaced(10, 4).tolist() == [0, 3, 6, 9] and evenly_spaced(3, 8).tolist() == [0, 1, 2]
+    train, val = Split(np.arange(1000) % 5 * 2), Split(np.arange(100) % 5 * 2)  # labels 0, 2, 4, 6, 8
+    subset, why = choose_subset(config(probe_images=100, probe_val_images=20), train, val)
+    assert why == "" and subset.n_classes == 5
+    idx, y = subset.train
+    assert len(idx) == 100 and idx[0] == 0 and idx[-1] == 999 and np.all(np.diff(idx) > 0)
+    assert y.tolist() == (train.labels[idx] // 2).tolist()  # class indices 0..4, not the raw labels
+    again, _ = choose_subset(config(probe_images=100, probe_val_images=20), train, val)
+    assert np.array_equal(again.train[0], idx) and np.array_equal(again.val[0], subset.val[0])
+
+
+def test_the_live_probe_turns_itself_off_when_it_cannot_be_honest():
+    labelled = Split(np.arange(200) % 4)
+    cases = {
+        "train.probe_every=0": (config(probe_every=0), labelled, labelled),
+        "the shards have no labels": (config(), Split(-np.ones(200)), labelled),
+        "fewer than 2 classes": (config(), Split(np.zeros(200)), Split(np.zeros(50))),
+        "miss a validation class": (config(), Split(np.arange(200) % 3), Split(np.arange(50) % 4)),
+    }
+    for reason, (cfg, train, val) in cases.items():
+        subset, why = choose_subset(cfg, train, val)
+        assert subset is None and reason in why, (reason, why)
+    assert choose_subset(config(), labelled, labelled)[0] is not None

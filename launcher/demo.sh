@@ -38,7 +38,8 @@ cat <<EOF
 Done. Outputs:
   shards + manifest      $out/shards/  (grid of decoded samples: $out/shards_grid.png)
   pretraining run        $run/  (checkpoints/, config, ds_config.json)
-  TensorBoard            tensorboard --logdir $run/tensorboard
+  TensorBoard            tensorboard --logdir $run/tensorboard  (probe/*: the live probe during pretraining)
+  live probe over the run $run/live_probe.png
   probe table and plot   $out/features/probe/probe.json, $out/features/probe/probe.png
   completions            $out/samples/completions.png, $out/samples/unconditional.png
 EOF

@@ -96,6 +96,20 @@ def test_probe_scale(tmp_path):
     assert (tmp_path / "probe_scale.md").read_text().count("\n| 3,000 |") == 2
 
 
+def test_probe_speed(tmp_path):
+    args = ["--n", "2700", "--d", "16", "--layers", "3", "--threads", "1", "--c-grid", "0.01", "1"]
+    run("probe_speed.py", *args, "--out-dir", str(tmp_path))
+    report = json.loads((tmp_path / "probe_speed.json").read_text())
+    assert report["shape"] == {"train": 2700, "val": 300, "test": 500, "d": 16, "classes": 10, "layers": 3}
+    runs = {r["solver"]: r for r in report["runs"]}
+    assert set(runs) == {"torch", "sklearn"} and all(len(r["rows"]) == 3 for r in runs.values())
+    for ours, ref in zip(runs["torch"]["rows"], runs["sklearn"]["rows"], strict=True):
+        assert abs(ours["test_acc"] - ref["test_acc"]) <= 0.5, (ours, ref)  # the same probe, another solver
+    middle = [r["test_acc"] for r in runs["sklearn"]["rows"]]
+    assert middle[1] > max(middle[0], middle[2])  # the synthetic layers peak in the middle
+    assert (tmp_path / "probe_speed.md").read_text().count("\n| ") == 3
+
+
 @pytest.mark.multiproc
 def test_stop_flag(tmp_path):
     run("stop_flag.py", "--steps", "50", "--repeats", "1", "--out-dir", str(tmp_path))

@@ -106,13 +106,17 @@ class LiveProbe:
         and under ZeRO-3 each pass gathers every parameter once, so larger batches cost fewer gathers."""
         self.seconds = 0.0
         """Wall time this process spent in probes."""
-        self.history: list[dict] = on_rank0(lambda: self.read_history(start_step))
+        self.history, self.before = on_rank0(lambda: self.read_history(start_step))
+        """Probes of this run up to the step it resumes from, and the probe and wall seconds of its earlier
+        processes (the overhead is the run's, over every process that trained it)."""
 
-    def read_history(self, start_step: int) -> list[dict]:
+    def read_history(self, start_step: int) -> tuple[list[dict], dict[str, float]]:
         """Earlier probes of this run up to the step it resumes from (a rerun from step s redoes the later ones)."""
-        if not self.path.is_file():
-            return []
-        return [h for h in json.loads(self.path.read_text())["history"] if h["step"] <= start_step]
+        if not self.path.is_file() or start_step == 0:
+            return [], {"probe_s": 0.0, "wall_s": 0.0}
+        saved = json.loads(self.path.read_text())
+        before = saved.get("overhead", {"probe_s": 0.0, "wall_s": 0.0})
+        return [h for h in saved["history"] if h["step"] <= start_step], before
 
     @property
     def chance(self) -> float:
@@ -168,7 +172,10 @@ class LiveProbe:
                "chance": self.chance, "layers": self.layers, "c_grid": list(C_GRID),
                "history": self.history}  # fmt: skip
         if wall_s:
-            out["overhead"] = {"probe_s": self.seconds, "wall_s": wall_s, "share": self.seconds / wall_s}
+            probe_s, wall_s = self.before["probe_s"] + self.seconds, self.before["wall_s"] + wall_s
+            out["overhead"] = {"probe_s": probe_s, "wall_s": wall_s, "share": probe_s / wall_s}
+        elif self.before["wall_s"]:  # mid-run: the earlier processes' figure until this one's end adds to it
+            out["overhead"] = self.before
         write_text(self.path, json.dumps(out, indent=2) + "\n")
 
     def finish(self, step: int, wall_s: float) -> None:

@@ -43,3 +43,26 @@ def test_the_live_probe_turns_itself_off_when_it_cannot_be_honest():
         subset, why = choose_subset(cfg, train, val)
         assert subset is None and reason in why, (reason, why)
     assert choose_subset(config(), labelled, labelled)[0] is not None
+
+
+def test_a_resumed_run_keeps_the_probes_up_to_its_checkpoint_and_adds_up_the_overhead(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from igpt_ds.live_probe import LiveProbe
+
+    cfg = PretrainConfig(train=TrainConfig(run_root=str(tmp_path), name="run"))
+    cfg.train.run_dir.mkdir(parents=True)
+    history = [{"step": s, "val_loss": 1.0, "acc": {"0": 50.0}, "best_layer": 0, "best_acc": 50.0} for s in (0, 5, 9)]
+    saved = {"history": history, "overhead": {"probe_s": 10.0, "wall_s": 100.0, "share": 0.1}}
+    (cfg.train.run_dir / "live_probe.json").write_text(json.dumps(saved))
+    labelled = Split(np.arange(40) % 4)
+    subset, _ = choose_subset(cfg, labelled, labelled)
+    probe = LiveProbe(SimpleNamespace(cfg=cfg, pipeline=False, dp=1), subset, start_step=5)  # resumed from step 5
+    assert [h["step"] for h in probe.history] == [0, 5]  # the probe at step 9 came after the checkpoint: redone
+    probe.seconds = 5.0
+    probe.save(wall_s=50.0)
+    report = json.loads((cfg.train.run_dir / "live_probe.json").read_text())
+    assert report["overhead"] == {"probe_s": 15.0, "wall_s": 150.0, "share": 0.1}
+    fresh = LiveProbe(SimpleNamespace(cfg=cfg, pipeline=False, dp=1), subset, start_step=0)
+    assert fresh.history == [] and fresh.before["wall_s"] == 0.0  # a new run does not inherit a stale file

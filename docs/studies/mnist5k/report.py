@@ -24,6 +24,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RUNS = {"AR": "mnist5k-ar", "BERT": "mnist5k-bert"}
+FINETUNES = {
+    "L_CLF + L_GEN (OpenAI's head)": "mnist5k-ft",
+    "L_CLF alone (OpenAI's head)": "mnist5k-ft-clf",
+    "L_CLF + L_GEN, standardised features": "mnist5k-ft-std",
+}
+BERT_MASKS = {"unmasked (bert_masks=0)": "mnist5k-bert-m0", "1 mask (default)": "mnist5k-bert",
+              "mean of 4 masks": "mnist5k-bert-m4"}  # fmt: skip
 
 
 def load(path: Path) -> dict:
@@ -37,9 +44,9 @@ def main() -> None:
     root = args.out_root
     live = {k: load(root / "runs" / v / "live_probe.json") for k, v in RUNS.items()}
     probe = {k: load(root / "features" / v / "probe" / "probe.json") for k, v in RUNS.items()}
-    finetune = {k: load(root / "runs" / v / "results.json") for k, v in (("L_CLF + L_GEN", "mnist5k-ft"),
-                                                                         ("L_CLF", "mnist5k-ft-clf"))}  # fmt: skip
-    results = {"live_probe": live, "probe": probe, "finetune": finetune}
+    finetune = {k: load(root / "runs" / v / "results.json") for k, v in FINETUNES.items()}
+    masks = {k: load(root / "features" / v / "probe" / "probe.json") for k, v in BERT_MASKS.items()}
+    results = {"live_probe": live, "probe": probe, "finetune": finetune, "bert_masks": masks}
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     for k, v in RUNS.items():
         shutil.copy(root / "runs" / v / "live_probe.png", HERE / f"live_probe_{k.lower()}.png")
@@ -96,6 +103,12 @@ def table(results: dict) -> str:
     for k, r in results["finetune"].items():
         b = r["best"]
         lines.append(f"| {k} | {b['val_acc']:.1f} | {b['test_acc']:.1f} | {b['step']} |")
+    lines += ["", "| BERT features | best layer (val) | its test % | concat test % |", "|---|---|---|---|"]
+    for k, rep in results["bert_masks"].items():
+        best = next(r for r in rep["rows"] if r["layers"] == [rep["best_layer"]])
+        concat = next((r for r in rep["rows"] if r["name"].startswith("concat")), None)
+        lines.append(f"| {k} | {rep['best_layer']} | {best['test_acc']:.1f} | "
+                     f"{concat['test_acc'] if concat else float('nan'):.1f} |")  # fmt: skip
     overhead = {k: v.get("overhead", {}) for k, v in results["live_probe"].items()}
     lines += ["", "| live probe cost | probe s | run wall s | share |", "|---|---|---|---|"]
     for k, o in overhead.items():

@@ -3,13 +3,17 @@ same features. Issue 15, item 3 (a user probed 9 layers of 54k x 128 features wi
 
 Features: 9 synthetic "layers" of 54,000 train / 6,000 val / 10,000 test rows, d = 128, 10 classes, in the
 extracted layout (igpt_ds.feature_store). Layer l has class means of separation s_l rising to the middle layer
-and falling after it (an iGPT-like unimodal curve), x = mu_y + N(0, I). Both probes run through the real entry
-point, launcher/linear_probe.py, one process, on one core (OMP_NUM_THREADS=1) and then on two:
+and falling after it (an iGPT-like unimodal curve), x = (mu_y + N(0, I)) · M with M a rotation whose singular
+values spread over `--condition` (correlated features, as a network's are); or real extracted features.
+Both probes run through the real entry point, launcher/linear_probe.py, one process, on `--threads` cores:
   before  --solver sklearn: scikit-learn's LogisticRegression (L-BFGS, tol 1e-6), one fit per C of the grid;
-  after   --solver torch:   the data-parallel solver (igpt_ds.logreg; float32, runs of blocks, warm starts).
+  after   --solver torch:   the data-parallel solver (igpt_ds.logreg; float32, runs of blocks, warm starts, the
+          sweep stopped after 2 C values without a better validation accuracy: the probe's defaults).
 The C grid, max_iter and standardisation (train statistics) are the same; accuracy is compared per layer.
 
-    python bench/probe_speed.py                      # bench/results/probe_speed.{json,md} (~25 min on 2 cores)
+    python bench/probe_speed.py --threads 2          # bench/results/probe_speed.{json,md}
+    python bench/probe_speed.py --threads 2 --features studies_out/mnist5k/features/mnist5k-ar \
+        --name probe_speed_mnist5k                   # the study's real features (docs/studies/mnist5k)
     python bench/probe_speed.py --n 4000 --layers 2 --out-dir /tmp/p    # smoke
 """
 
@@ -30,6 +34,8 @@ import numpy as np
 from igpt_ds.feature_store import write_features
 
 REPO = Path(__file__).resolve().parent.parent
+PATIENCE = 2
+"""The probe's default `c_patience` for the new solver; scikit-learn (before) sweeps every C, as a user does."""
 
 
 def separations(n_layers: int) -> list[float]:
@@ -38,9 +44,13 @@ def separations(n_layers: int) -> list[float]:
     return [4.0 - 2.0 * abs(l - mid) / max(mid, 1) for l in range(n_layers)]
 
 
-def write_split(root: Path, split: str, n: int, d: int, k: int, n_layers: int, seed: int) -> None:
+def write_split(root: Path, split: str, n: int, d: int, k: int, n_layers: int, seed: int, condition: float) -> None:
     rng = np.random.default_rng([seed, d, k])
     mus = [rng.normal(scale=s / np.sqrt(2 * d), size=(k, d)).astype(np.float32) for s in separations(n_layers)]
+    # Correlated features, like a network's: a random rotation with singular values from 1 down to 1/condition.
+    # Standardising rescales each feature but keeps the correlations, so L-BFGS needs more passes.
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    mix = (q * np.logspace(0, -np.log10(condition), d)[None]).astype(np.float32) @ q.T.astype(np.float32)
     stream = ("train", "val", "test").index(split)
     labels = np.random.default_rng([seed, stream]).integers(0, k, n)
 
@@ -48,7 +58,7 @@ def write_split(root: Path, split: str, n: int, d: int, k: int, n_layers: int, s
         out = np.empty((n_layers, b - a, d), np.float32)
         for l, mu in enumerate(mus):
             noise = np.random.default_rng([seed, stream, l, a]).standard_normal((b - a, d), dtype=np.float32)
-            out[l] = mu[labels[a:b]] + noise
+            out[l] = (mu[labels[a:b]] + noise) @ mix
         return out, np.zeros((b - a, 1), np.uint8)
 
     write_features(root / split, n, list(range(n_layers)), d, rows, labels, seq_len=1, channels=1,
@@ -60,14 +70,16 @@ def run_probe(features: Path, out: Path, solver: str, threads: int, c_grid: list
                OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))  # fmt: skip
     cmd = [sys.executable, "launcher/linear_probe.py", "--features", str(features), "--out", str(out),
            "--solver", solver, "--concat_k", "0", "--pixels", "false", "--c_grid", json.dumps(c_grid),
-           "--max_iter", str(max_iter)]  # fmt: skip
+           "--max_iter", str(max_iter),
+           "--c_patience", "0" if solver == "sklearn" else str(PATIENCE)]  # fmt: skip
     tic = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - tic
     if done.returncode:
         raise SystemExit(f"{solver} probe failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     report = json.loads((out / "probe.json").read_text())
-    return {"solver": solver, "threads": threads, "wall_s": wall, "rows": report["rows"]}
+    patience = 0 if solver == "sklearn" else PATIENCE
+    return {"solver": solver, "threads": threads, "c_patience": patience, "wall_s": wall, "rows": report["rows"]}
 
 
 def main() -> None:
@@ -79,44 +91,63 @@ def main() -> None:
     p.add_argument("--c-grid", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
     p.add_argument("--max-iter", type=int, default=1000)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU threads per run")
+    p.add_argument("--solvers", nargs="+", default=["torch", "sklearn"], choices=["torch", "sklearn"])
+    p.add_argument("--reference", type=Path, help="add the runs of this earlier report on the same features")
+    p.add_argument("--condition", type=float, default=100.0, help="spread of the features' singular values")
+    p.add_argument("--features", type=Path, help="probe these extracted features instead of synthetic ones")
+    p.add_argument("--name", default="probe_speed", help="result files' stem")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "features"
-        sizes = {"train": args.n, "val": args.n // 9, "test": args.n * 5 // 27}
-        for split, n in sizes.items():
-            write_split(root, split, n, args.d, args.classes, args.layers, args.seed)
+        root = args.features or Path(tmp) / "features"
+        if args.features:
+            from igpt_ds.feature_store import FeatureSplit
+
+            splits = {k: FeatureSplit(root / k) for k in ("train", "val", "test")}
+            sizes = {k: s.n for k, s in splits.items()}
+            args.d, args.layers = splits["train"].width(splits["train"].layers[0]), len(splits["train"].layers)
+            args.classes = len(np.unique(splits["train"].labels))
+        else:
+            sizes = {"train": args.n, "val": args.n // 9, "test": args.n * 5 // 27}
+            for split, n in sizes.items():
+                write_split(root, split, n, args.d, args.classes, args.layers, args.seed, args.condition)
         runs = []
         for threads in args.threads:
-            for solver in ("torch", "sklearn"):
+            for solver in args.solvers:
                 runs.append(run_probe(root, Path(tmp) / f"{solver}{threads}", solver, threads, args.c_grid,
                                       args.max_iter))  # fmt: skip
                 r = runs[-1]
                 print(f"{solver:8s} {threads} thread(s): {r['wall_s']:.1f} s; test "
                       + " ".join(f"{row['test_acc']:.2f}" for row in r["rows"]), flush=True)  # fmt: skip
-    report = {"shape": {**sizes, "d": args.d, "classes": args.classes, "layers": args.layers},
+    if args.reference:
+        runs += json.loads(args.reference.read_text())["runs"]
+    source = str(args.features) if args.features else f"synthetic, condition {args.condition:g}"
+    report = {"features": source, "shape": {**sizes, "d": args.d, "classes": args.classes, "layers": args.layers},
               "c_grid": args.c_grid, "max_iter": args.max_iter, "machine": {"cpus": os.cpu_count(),
               "processor": platform.processor() or platform.machine()}, "runs": runs}  # fmt: skip
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "probe_speed.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out_dir / "probe_speed.md").write_text(table(report))
+    (args.out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out_dir / f"{args.name}.md").write_text(table(report))
     print(table(report))
 
 
 def table(report: dict) -> str:
     s = report["shape"]
-    lines = [f"Probe sweep: {s['layers']} layers x {s['train']:,} train x d {s['d']}, {s['classes']} classes, "
+    lines = [f"Probe sweep ({report['features']}): {s['layers']} layers x {s['train']:,} train x d {s['d']}, "
+             f"{s['classes']} classes, "
              f"{len(report['c_grid'])} C values, launcher/linear_probe.py, one process "
              f"(`python bench/probe_speed.py`).", "",
-             "| solver | threads | wall s (whole sweep) | fit s per layer | mean test % | max abs diff vs sklearn |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| solver | C sweep | threads | wall s (whole sweep) | fit s per layer | mean test % "
+             "| max abs diff vs sklearn |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["runs"]:
         ref = next(x for x in report["runs"] if x["solver"] == "sklearn" and x["threads"] == r["threads"])
         diff = max(abs(a["test_acc"] - b["test_acc"]) for a, b in zip(r["rows"], ref["rows"], strict=True))
         per_layer = np.mean([row["seconds"] for row in r["rows"]])
         mean = np.mean([row["test_acc"] for row in r["rows"]])
-        cells = [r["solver"], r["threads"], f"{r['wall_s']:.1f}", f"{per_layer:.1f}", f"{mean:.2f}", f"{diff:.2f}"]
+        sweep = f"stop after {r['c_patience']} worse" if r.get("c_patience") else "every C"
+        cells = [r["solver"], sweep, r["threads"], f"{r['wall_s']:.1f}", f"{per_layer:.1f}", f"{mean:.2f}"]
+        cells.append(f"{diff:.2f}")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 

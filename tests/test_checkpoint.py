@@ -51,7 +51,7 @@ def test_weights_that_do_not_fit_name_the_checkpoint_and_keys(tmp_path):
 def test_load_weights_keeps_the_head_and_checks_keys():
     torch.manual_seed(0)
     state = IGPT(CFG).state_dict()
-    model = IGPTClassifier(CFG, n_classes=3)
+    model = IGPTClassifier(CFG, n_classes=3, bias=True)  # the bias shows in the missing keys too
     torch.nn.init.normal_(model.clf_head.weight)
     head = model.clf_head.weight.clone()
     load_weights(model, state, "pretrained", keep_init=("clf_head.",))

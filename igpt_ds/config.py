@@ -164,9 +164,12 @@ class TrainConfig:
     eval_batches: int = 4
     """Global batches of the validation split per evaluation (the same ones each time)."""
     probe_every: int = 1000
-    """Live linear probe every this many steps and at step 0 (0 = never; off by itself when the shards have no
+    """Live linear probe every this many steps (0 = never; off by itself when the shards have no
     labels): pooled features of `probe_layers` on a fixed labelled subset, a probe per layer fitted by all ranks,
     validation accuracy per layer in TensorBoard (igpt_ds.live_probe)."""
+    probe_at_start: bool = False
+    """Also probe at step 0 (the curve from initialisation; one more probe per run, which in a short run of short
+    steps is most of the probe's cost)."""
     probe_images: int = 2048
     """Train-split images the live probe fits on (evenly spaced over the split; the same every time)."""
     probe_val_images: int = 1024

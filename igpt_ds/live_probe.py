@@ -1,6 +1,7 @@
 """The live linear probe: representation quality during pretraining, the paper's Figure 3 in every run.
 
-Every `train.probe_every` steps (and at step 0), on a fixed labelled subset of the shards — `train.probe_images`
+Every `train.probe_every` steps (and at step 0 with `train.probe_at_start`), on a fixed labelled subset of the
+shards — `train.probe_images`
 train images to fit, `train.probe_val_images` validation images to score, evenly spaced over each split — every
 rank extracts the pooled features f^l = mean_t LN(h^l) of `train.probe_layers` (igpt_ds.model.IGPT.features; a
 BERT model's input masked as in training, `model.eval_bert_mask`) for its rows, and one multinomial logistic

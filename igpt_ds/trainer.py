@@ -282,7 +282,7 @@ def train(cfg: PretrainConfig) -> dict[str, float]:
     probe = LiveProbe(run, subset, run.start_step) if subset is not None else None
     if probe is None and t.probe_every:
         m.print(f"live probe off: {why_off}")
-    if probe is not None and run.start_step == 0:
+    if probe is not None and run.start_step == 0 and t.probe_at_start:
         val_loss = run.evaluate()
         m.val(0, val_loss)
         probe.run_probe(0, val_loss)

@@ -48,7 +48,8 @@ LAYOUT_ATOL = 1e-5
 
 
 # The live probe at steps 0, 5 and 10 on 400 train and 200 validation digits, layers 0-2 (2 = final norm).
-LIVE_PROBE = ("--train.probe_every", "5", "--train.probe_images", "400", "--train.probe_val_images", "200")
+LIVE_PROBE = ("--train.probe_every", "5", "--train.probe_at_start", "true", "--train.probe_images", "400",
+              "--train.probe_val_images", "200")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -1,32 +1,30 @@
 """The live linear probe: representation quality during pretraining, the paper's Figure 3 in every run.
 
 Every `train.probe_every` steps (and at step 0 with `train.probe_at_start`), on a fixed labelled subset of the
-shards — `train.probe_images`
-train images to fit, `train.probe_val_images` validation images to score, evenly spaced over each split — every
-rank extracts the pooled features f^l = mean_t LN(h^l) of `train.probe_layers` (igpt_ds.model.IGPT.features; a
-BERT model's input masked as in training, `model.eval_bert_mask`) for its rows, and one multinomial logistic
-regression per layer is fitted by the ranks together with the linear probe's own solver (`igpt_ds.logreg`:
-standardised with the subset's train statistics, L-BFGS warm-started over `C_GRID`, C chosen on the subset's
-validation images, on the GPU where there is one). Rows are shared out with `logreg.rank_rows`, so the fit is
-the same bit for bit at any data-parallel size.
+shards — `train.probe_images` train images to fit, `train.probe_val_images` validation images to score, evenly
+spaced over each split — every rank extracts the pooled features f^l = mean_t LN(h^l) of `train.probe_layers`
+(igpt_ds.model.IGPT.features; a BERT model's input masked as in training, `model.eval_bert_mask`) for its rows, and
+one multinomial logistic regression per layer is fitted by the ranks together with the linear probe's own solver
+(`igpt_ds.logreg`: standardised with the subset's train statistics, L-BFGS warm-started over `C_GRID`, C chosen on
+the subset's validation images, on the GPU where there is one). Rows are shared out with `logreg.rank_rows`, so the
+fit is the same bit for bit at any data-parallel size.
 
-Layouts. ZeRO (any stage): each rank runs the whole model on its rows; every rank makes the same number of
-forward passes, as ZeRO-3 gathers parameters collectively; the root module's own parameter (the SOS vector)
-is gathered explicitly, since ZeRO-3 gathers a module's own parameters only inside its forward. Pipeline: each
-data-parallel replica runs its rows through its stages one after another (activations sent stage to stage),
-every stage keeps the features of the layers it holds, and each stage's data-parallel group fits those
-layers' probes. The accuracies reach rank 0 in one gather.
+Layouts. ZeRO (any stage): each rank runs the whole model on its rows; every rank makes the same number of forward
+passes, as ZeRO-3 gathers parameters collectively; the root module's own parameter (the SOS vector) is gathered
+explicitly, since ZeRO-3 gathers a module's own parameters only inside its forward. Pipeline: each data-parallel
+replica runs its rows through its stages one after another (activations sent stage to stage), every stage keeps the
+features of the layers it holds, and each stage's data-parallel group fits those layers' probes. The accuracies
+reach rank 0 in one gather.
 
-Output (rank 0): TensorBoard `probe/val_acc/layer_XX`, `probe/best_val_acc`, `probe/best_layer`,
-`probe/seconds`, an image `probe/acc_vs_layer`; `<run>/live_probe.json` (every probe so far, rewritten
-atomically); at the end `<run>/live_probe.png` and the image `probe/acc_vs_val_loss`: best accuracy against
-validation loss over the run.
+Output (rank 0): TensorBoard `probe/val_acc/layer_XX`, `probe/best_val_acc`, `probe/best_layer`, `probe/seconds`, an
+image `probe/acc_vs_layer`; `<run>/live_probe.json` (every probe so far, rewritten atomically); at the end
+`<run>/live_probe.png` and the image `probe/acc_vs_val_loss`: best accuracy against validation loss over the run.
 
-Cost per probe: (probe_images + probe_val_images) / dp forward passes of one micro-batch-sized batch per
-rank, and len(layers) fits of (probe_images x n_embd) on each rank's share. Memory per rank: its rows'
-features, (probe_images + probe_val_images) / dp x len(layers) x n_embd x 4 B (e.g. 3,072 images, 25 layers of
-iGPT-S: 157 MB on 1 rank, 2.5 MB per rank at 64 ranks; at 1,024 ranks the subset's 12 blocks of 256 rows sit on
-12 ranks, the others hold none), plus the solver's state.
+Cost per probe: (probe_images + probe_val_images) / dp images forward per rank, in batches of a step's per-rank
+share (at most 8 micro-batches), and len(layers) fits of (probe_images x n_embd) on each rank's share. Memory per
+rank: its rows' features, (probe_images + probe_val_images) / dp x len(layers) x n_embd x 4 B (e.g. 3,072 images, 25
+layers of iGPT-S: 157 MB on 1 rank, 2.5 MB per rank at 64 ranks; at 1,024 ranks the subset's 12 blocks of 256 rows
+sit on 12 ranks, the others hold none), plus the solver's state.
 """
 
 from __future__ import annotations
@@ -88,7 +86,7 @@ def choose_subset(cfg: PretrainConfig, train: ShardSplit, val: ShardSplit) -> tu
 
 
 class LiveProbe:
-    """Built on every rank by the trainer; `run(step, val_loss)` is collective."""
+    """Built on every rank by the trainer; `run_probe(step, val_loss)` is collective."""
 
     def __init__(self, run: Any, subset: Subset, start_step: int):
         """`run`: the trainer's Run (engine, splits, layout, data-parallel coordinates, config)."""

@@ -59,10 +59,12 @@ def _no_shm_op() -> None:
 
 
 def init_distributed(timeout_s: int) -> tuple[int, int]:
-    """Start the process group (idempotent); returns (rank, world_size)."""
+    """Start the process group (idempotent); returns (rank, world_size). The rank's device is chosen first
+    (`bind_device`): DeepSpeed's start-up already initialises NCCL on it."""
     without_cpu_shm_allreduce()
     if not dist.is_initialized():
         os.environ.update(rank_env())
+        bind_device()
         deepspeed.init_distributed(
             dist_backend=get_accelerator().communication_backend_name(),
             auto_mpi_discovery=False,  # rank_env did it
@@ -70,15 +72,38 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
             timeout=timedelta(seconds=timeout_s),
             verbose=False,
         )
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        # A scheduler that gives each task its own device (Slurm --gpus-per-task=1, a CUDA_VISIBLE_DEVICES
-        # per rank) leaves fewer visible devices than tasks on the node; DeepSpeed's engine picks its device
-        # by LOCAL_RANK, so it becomes the index among the visible ones.
-        local_rank = int(os.environ.get("LOCAL_RANK", "0")) % accelerator.device_count()
-        os.environ["LOCAL_RANK"] = str(local_rank)
-        accelerator.set_device(local_rank)
+    else:
+        bind_device()
     return dist.get_rank(), dist.get_world_size()
+
+
+def device_index(local_rank: int, visible: int) -> int:
+    """The device a rank uses among the `visible` ones: its node-local rank when every task of the node sees
+    every device (`deepspeed --num_gpus 8`, torchrun, srun without GPU binding); the one device it sees when the
+    scheduler binds one per task (Slurm --gpus-per-task=1, a CUDA_VISIBLE_DEVICES per rank); and generally
+    local_rank mod visible, which gives each task of a group sharing k devices its own (--gpu-bind=closest)."""
+    if visible < 1:
+        raise ConfigError("no accelerator device is visible to this rank: check CUDA_VISIBLE_DEVICES and the "
+                          "scheduler's GPU binding (or set DS_ACCELERATOR=cpu for a CPU run)")  # fmt: skip
+    return local_rank % visible
+
+
+def bind_device() -> None:
+    """Set this rank's device before anything uses one, and make LOCAL_RANK its index among the visible devices.
+
+    DeepSpeed takes the device index from LOCAL_RANK everywhere: `init_process_group(device_id=
+    cuda:$LOCAL_RANK)` (eager NCCL start-up, comm/torch.py), the engine, zero.Init and the pipeline module. Under
+    one device per task LOCAL_RANK 5 would name cuda:5 of the one visible device, so the variable is rewritten to
+    the index (`device_index`); Open MPI's local rank with it, which DeepSpeed's engine asserts equal. A no-op on
+    the CPU accelerator."""
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return
+    index = device_index(int(os.environ.get("LOCAL_RANK", "0")), accelerator.device_count())
+    os.environ["LOCAL_RANK"] = str(index)
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+        os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(index)
+    accelerator.set_device(index)
 
 
 def shutdown() -> None:

@@ -3,6 +3,7 @@ each started with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT like torchrun wo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -74,6 +75,53 @@ def slow_consolidation(root: str, delay: float, timeout: int) -> None:
     checkpoint.export_consolidated = export_consolidated
     model, cfg, _ = checkpoint.load_model_for_ranks(ckpt, export)
     print(f"loaded {cfg.n_layer} layers from {json.loads((export / 'config.json').read_text())['source']}", flush=True)
+
+
+def device_binding(visible: int) -> None:
+    """`igpt_ds.distributed.init_distributed` through DeepSpeed's real start-up under a fake CUDA accelerator that
+    shows `visible` devices; prints the device DeepSpeed handed to init_process_group (its eager NCCL start-up), the
+    device bound and LOCAL_RANK after. gloo carries the collectives."""
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    from igpt_ds.distributed import init_distributed as start
+
+    class FakeCuda(CPU_Accelerator):
+        def __init__(self):
+            super().__init__()
+            self._name, self.bound = "cuda", []
+
+        def device_name(self, index=None):
+            return "cuda" if index is None else f"cuda:{index}"
+
+        def device_count(self):
+            return visible
+
+        def set_device(self, index):
+            self.bound.append(int(index))
+
+        def device(self, index=None):
+            return torch.device("cuda", int(index or 0))
+
+        def communication_backend_name(self):
+            return "gloo"
+
+    fake = FakeCuda()
+    set_accelerator(fake)
+    handed = []
+    real = torch.distributed.init_process_group
+
+    @functools.wraps(real)  # DeepSpeed passes device_id only to a function whose signature has it
+    def init_process_group(backend, **kwargs):
+        handed.append(str(kwargs.pop("device_id", None)))
+        return real(backend, **kwargs)  # gloo on the CPU: no device to bind
+
+    torch.distributed.init_process_group = init_process_group
+    rank, world = start(60)
+    assert deepspeed.comm.is_initialized()
+    print(f"rank {rank} of {world}: device_id {handed[0]}, bound {fake.bound}, LOCAL_RANK {os.environ['LOCAL_RANK']}")
 
 
 def pretrain_ranks(config: str, overrides: str, rank1_overrides: str, rank1_blind: int) -> None:

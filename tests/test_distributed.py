@@ -48,32 +48,30 @@ def test_two_ranks_under_mpirun(tmp_path):
     assert "step 2/2" in out.stdout and (tmp_path / "runs" / "run" / "checkpoints" / "step_00000002").is_dir()
 
 
-class OneDeviceAccelerator:
-    """What a task sees when the scheduler binds it one GPU: a CUDA accelerator with one device."""
-
-    def __init__(self):
-        self.bound: list[int] = []
-
-    def device_name(self, index=None):
-        return "cuda"
-
-    def device_count(self):
-        return 1
-
-    def set_device(self, index):
-        self.bound.append(index)
-
-
-def test_a_task_bound_to_one_device_uses_it_whatever_its_local_rank(one_rank_group, monkeypatch):
-    accelerator = OneDeviceAccelerator()
-    monkeypatch.setattr(distributed, "get_accelerator", lambda: accelerator)
-    monkeypatch.setenv("LOCAL_RANK", "3")  # the 4th task of its node (SLURM_LOCALID=3)
-    assert distributed.init_distributed(60) == (0, 1)
-    assert accelerator.bound == [0] and os.environ["LOCAL_RANK"] == "0"  # DeepSpeed's engine reads LOCAL_RANK
+@pytest.mark.multiproc
+@pytest.mark.parametrize(
+    "visible,local_ranks,devices",
+    [(1, (5, 6), (0, 0)), (8, (0, 1), (0, 1)), (4, (4, 5), (0, 1))],
+    ids=["one-device-per-task", "all-devices-visible", "a-socket-of-4-per-4-tasks"],
+)
+def test_each_rank_starts_on_its_own_visible_device(visible, local_ranks, devices):
+    """DeepSpeed's start-up hands init_process_group `device_id=cuda:$LOCAL_RANK` (eager NCCL), so the device is
+    chosen before it: tasks 5 and 6 of a node that see one device each (Slurm --gpus-per-task=1) both start on
+    their cuda:0, where DeepSpeed 0.19 would have asked for cuda:5 and cuda:6; with every device visible, task r
+    takes cuda:r."""
+    results = run_program("device_binding", str(visible), local_ranks=local_ranks)
+    for rank, (result, device) in enumerate(zip(results, devices, strict=True)):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.strip().splitlines()[-1] == (
+            f"rank {rank} of 2: device_id cuda:{device}, bound [{device}], LOCAL_RANK {device}"
+        )
 
 
-def run_program(name: str, *args: str, nprocs: int = 2, timeout: float = 120) -> list[subprocess.CompletedProcess]:
-    """tests/rank_programs.py NAME ARGS as `nprocs` ranks (env://); every rank's completed process."""
+def run_program(
+    name: str, *args: str, nprocs: int = 2, timeout: float = 120, local_ranks: tuple[int, ...] | None = None
+) -> list[subprocess.CompletedProcess]:
+    """tests/rank_programs.py NAME ARGS as `nprocs` ranks (env://); every rank's completed process. `local_ranks`:
+    each rank's LOCAL_RANK (default: its rank)."""
     port, sync = str(free_port()), str(free_port())
     procs = [
         subprocess.Popen(
@@ -81,7 +79,7 @@ def run_program(name: str, *args: str, nprocs: int = 2, timeout: float = 120) ->
             cwd=REPO,
             env=env(
                 RANK=str(r),
-                LOCAL_RANK=str(r),
+                LOCAL_RANK=str(local_ranks[r] if local_ranks else r),
                 WORLD_SIZE=str(nprocs),
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=port,

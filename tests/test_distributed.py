@@ -1,6 +1,5 @@
 """Process-group start-up: Slurm variables, nodelists, mpirun."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ import pytest
 from pretrain_support import REPO, digits_shards, env, free_port, write_config
 
 from igpt_ds import distributed
+from igpt_ds.config import ConfigError
 from igpt_ds.launchers import first_host, slurm_env
 from igpt_ds.shards import ShardSplit
 
@@ -126,3 +126,11 @@ def test_a_config_error_on_rank0_reaches_every_rank():
         assert (
             result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "ConfigError: rank 0 found a bad input"
         )
+
+
+def test_device_index_of_each_binding():
+    assert [distributed.device_index(r, 8) for r in range(8)] == list(range(8))  # every device visible
+    assert {distributed.device_index(r, 1) for r in range(8)} == {0}  # one device per task
+    assert [distributed.device_index(r, 4) for r in range(8)] == [0, 1, 2, 3] * 2  # a socket's 4 per 4 tasks
+    with pytest.raises(ConfigError, match="no accelerator device is visible"):
+        distributed.device_index(0, 0)

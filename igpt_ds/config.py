@@ -283,12 +283,24 @@ def declared_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
 
     Not an instance's values: `__post_init__` resolves `model.n_layer=0` from `model.size`, and a help
     text or parser that took the resolved 2 as the default would pin igpt-tiny's depth on `--model.size=igpt-s`.
+    A section whose factory is not its bare class (fine-tuning's `optim` and `train`) declares its own defaults:
+    its fields that the factory set to other values than the class declares count too, or a run without a preset
+    would silently take pretraining's learning rate and schedule.
     """
     out: dict[str, Any] = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.update(declared_defaults(hints[f.name], f"{prefix}{f.name}."))
+        section = hints[f.name]
+        if dataclasses.is_dataclass(section):
+            inner = declared_defaults(section, f"{prefix}{f.name}.")
+            factory = f.default_factory
+            if factory is not dataclasses.MISSING and factory is not section:
+                built = factory()
+                for g in dataclasses.fields(section):
+                    key = f"{prefix}{f.name}.{g.name}"
+                    if key in inner and getattr(built, g.name) != inner[key]:
+                        inner[key] = getattr(built, g.name)
+            out.update(inner)
         elif f.default is not dataclasses.MISSING:
             out[prefix + f.name] = f.default
     return out

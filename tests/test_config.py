@@ -36,6 +36,17 @@ def test_size_resolves_from_the_declared_defaults_not_a_resolved_instance():
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (24, 8, 512)
 
 
+def test_a_section_built_by_its_own_factory_keeps_its_defaults_on_the_command_line():
+    """Fine-tuning's optim and train sections differ from pretraining's (constant LR 3e-4 after 20 warmup steps;
+    validation every 20 steps): a run named by flags alone gets those, not pretraining's cosine at 3e-3."""
+    from igpt_ds.finetune import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, None, ["--train.init_from=x"])
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule) == (3e-4, 20, "constant")
+    assert (cfg.train.name, cfg.train.eval_every, cfg.train.max_steps) == ("finetune", 20, 100)
+    assert cfg.optim == FinetuneConfig(train=TrainConfig(init_from="x")).optim
+
+
 def test_a_shipped_preset_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     by_name = load_config(PretrainConfig, "igpt_s_imagenet32")

@@ -53,6 +53,7 @@ from deepspeed.checkpoint.constants import (
 from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError, ModelConfig, build
 from igpt_ds.distributed import barrier, on_rank0
+from igpt_ds.engine import apply_schedule
 from igpt_ds.model import IGPT
 from igpt_ds.shards import ShardSplit
 from igpt_ds.weights import (
@@ -162,11 +163,13 @@ def to_universal(ckpt: Path) -> Path:
 
 def load(engine: Any, ckpt: Path, universal: bool) -> None:
     """Restore engine state from `ckpt` (all ranks; the universal form of it when `universal`) and this rank's
-    RNG (when the topology is unchanged)."""
+    RNG (when the topology is unchanged). The optimizer's hyperparameters and LR schedule stay the running
+    config's, from the restored step (`engine.apply_schedule`)."""
     source = ckpt.parent / "universal" / ckpt.name if universal else ckpt
     path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {source}")
+    apply_schedule(engine)  # the run config's LR, betas, eps, weight decay: not those of the run that saved
     rng_file = ckpt / f"rng_rank{dist.get_rank():05d}.pt"
     if not universal and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

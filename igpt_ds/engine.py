@@ -301,20 +301,48 @@ def initialize(
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
 
-    def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, optim, total_steps) / optim.lr)
-
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=params, config=ds_config, lr_scheduler=scheduler, dist_init_required=False
+        model=model,
+        model_parameters=params,
+        config=ds_config,
+        lr_scheduler=lambda optimizer: Schedule(optimizer, optim, total_steps),
+        dist_init_required=False,
     )
     if compile_model:
         engine.compile()
     return engine
 
 
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """The run's learning-rate schedule: param group g steps at base_g x lr_at(step) / optim.lr, where base_g is
+    the rate the run config gave the group (optim.lr; fine-tuning's head optim.lr x finetune.head_lr_mult).
+
+    Everything but the step comes from the run config. LambdaLR's own state is its whole __dict__ (base_lrs: the
+    saving run's rates), and a checkpoint's optimizer state holds that run's lr, betas, eps and weight decay; either
+    would make a run resumed with another optim.lr go on at the old one. So the state saved here is the step alone,
+    and `apply_schedule` puts the config's hyperparameters back after the optimizer is loaded."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):
+        self.optim = optim
+        self.config_lrs = [group["lr"] for group in optimizer.param_groups]
+        super().__init__(optimizer, lambda step: lr_at(step, optim, total_steps) / optim.lr)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The step of a saved schedule (ours, or a LambdaLR's whole state from an older checkpoint)."""
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+
+
 def apply_schedule(engine: deepspeed.DeepSpeedEngine) -> None:
-    """Set the optimizer's rates from the schedule at its restored step. A resumed optimizer carries
-    the rate of the run that saved it, which differs when that run's schedule did (a longer max_steps)."""
-    sched = engine.lr_scheduler
+    """After a checkpoint is loaded: the optimizer's hyperparameters from the run config (`Schedule`) and its rates
+    from the schedule at the restored step. Called by `igpt_ds.checkpoint.load`."""
+    sched: Schedule = engine.lr_scheduler
+    sched.base_lrs = list(sched.config_lrs)
+    optim = sched.optim
     for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
-        group["lr"] = base * factor(sched.last_epoch)
+        group.update(lr=base * factor(sched.last_epoch), initial_lr=base, betas=tuple(optim.betas), eps=optim.eps,
+                     weight_decay=optim.weight_decay)  # fmt: skip
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]

@@ -128,9 +128,20 @@ class IGPTClassifier(IGPT):
         self.register_buffer("feat_std", torch.ones(cfg.n_embd), persistent=False)
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(pixel logits (B, T, V), class logits (B, n_classes), pooled features (B, C))."""
+        """(pixel logits (B, T, V), class logits (B, n_classes), pooled features (B, C)), in the compute dtype."""
         logits, pooled = self.forward_pooled(tokens, mask)
-        return logits, self.clf_head((pooled - self.feat_mean) / self.feat_std), pooled
+        # Standardised in fp32 whatever the engine's precision: pooled features vary by ~0.08 around ~0.5, and in
+        # bf16 (8 significant bits) (x - mean) / std would keep ~3. The head then reads them in the compute dtype
+        # (pooled's), which is its weights' dtype: the engine casts parameters to bf16, never these buffers.
+        z = (pooled.float() - self.feat_mean.float()) / self.feat_std.float()
+        return logits, self.clf_head(z.to(pooled.dtype)), pooled
+
+    def set_feature_stats(self, mean: Tensor, std: Tensor) -> None:
+        """Standardise the head's input with `mean` and `std` (C,), kept in fp32 on the head's device. Assigned,
+        not copied into the buffers: under ZeRO-3, zero.Init built those in bf16."""
+        device = self.clf_head.weight.device
+        self.feat_mean = mean.to(device, torch.float32)
+        self.feat_std = std.to(device, torch.float32)
 
 
 def augment(tokens: Tensor, n_px: int, flip: bool, shift: int, gen: torch.Generator) -> Tensor:
@@ -205,9 +216,10 @@ class Finetuner:
             self.state.update(plan.meta["finetune"], step=plan.meta["step"])
         elif cfg.finetune.standardize_features:
             self.state["feat_stats"] = self.feature_stats()
-        module = self.engine.module
-        for name, values in zip(("feat_mean", "feat_std"), self.state.get("feat_stats", ()), strict=False):
-            getattr(module, name).copy_(torch.tensor(values))
+        if "feat_stats" in self.state:
+            self.engine.module.set_feature_stats(
+                *(torch.tensor(v, dtype=torch.float64) for v in self.state["feat_stats"])
+            )
         self.files = run_lifecycle.run_files({**to_dict(cfg), "model": asdict(self.model_cfg)}, ds_config)
         run_lifecycle.write_run_files(t.run_dir, self.files, self.rank)
         self.writer = run_lifecycle.open_tensorboard(t.run_dir, self.rank, self.state["step"], self.files,
@@ -349,6 +361,7 @@ class Finetuner:
             self.validate(0)  # the starting point, so improvement is visible
         window, stopped_by = torch.zeros(4, device=self.engine.device), 0
         while not s["done"] and s["step"] < last_step:
+            lrs = self.engine.get_lr()  # the backbone's and the head's rates this step uses (host values)
             window += self.train_step(s["step"])
             s["step"] += 1
             step = s["step"]
@@ -356,7 +369,7 @@ class Finetuner:
                 dist.all_reduce(window)
                 clf, lgen, correct, count = window.tolist()
                 scalars = {"train/clf_loss": clf / count, "train/gen_loss": lgen / count,
-                           "train/acc": 100.0 * correct / count, "train/lr": self.engine.get_lr()[0]}  # fmt: skip
+                           "train/acc": 100.0 * correct / count, "train/lr": lrs[0], "train/lr_head": lrs[-1]}  # fmt: skip
                 self.log(f"step {step}/{t.max_steps} clf loss {scalars['train/clf_loss']:.4f} gen loss "
                          f"{scalars['train/gen_loss']:.4f} acc {scalars['train/acc']:.2f}%", step, scalars)  # fmt: skip
                 window.zero_()

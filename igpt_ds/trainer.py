@@ -32,7 +32,6 @@ from igpt_ds import run as run_lifecycle
 from igpt_ds.config import ConfigError, PretrainConfig, to_dict
 from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed, on_rank0
 from igpt_ds.engine import (
-    apply_schedule,
     build_ds_config,
     describe,
     dp_size,
@@ -250,7 +249,6 @@ def setup(cfg: PretrainConfig) -> Run:
         if not t.reset_data_position:
             sampler.load_state_dict(plan.meta["sampler"])
         start_step = plan.meta["step"]
-        apply_schedule(engine)
     files = run_lifecycle.run_files(to_dict(cfg), ds_config)
     run_lifecycle.write_run_files(t.run_dir, files, rank)
     writer = run_lifecycle.open_tensorboard(t.run_dir, rank, start_step, files,

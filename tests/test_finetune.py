@@ -169,3 +169,19 @@ def test_sigterm_saves_exits_and_resumes(tmp_path):
 
     model, cfg, palette = checkpoint.load_model_for_eval(run)  # a fine-tuned run: its trunk, clf_head dropped
     assert cfg.n_vocab == 8 and palette is not None and "clf_head.weight" not in model.state_dict()
+
+
+def test_a_changed_head_learning_rate_applies_on_resume(tmp_path):
+    """finetune.head_lr_mult (and optim.lr) changed on resume set the head's and the backbone's rates from the
+    restored step on; the checkpoint's do not (one process, ZeRO-1)."""
+    shards = separable_shards(tmp_path / "shards")
+    ckpt = tiny_checkpoint(tmp_path / "pretrained", n_vocab=8)
+    args = [f"--train.init_from={ckpt}", f"--data.shards={shards}", f"--train.run_root={tmp_path}",
+            "--train.name=ft", "--train.ds_config=ds_configs/cpu.json", "--train.global_batch=16",
+            "--train.micro_batch=8", "--train.max_steps=8", "--train.eval_every=0", "--train.log_every=1",
+            "--optim.warmup_steps=0", "--finetune.patience=0"]  # fmt: skip
+    check(run_entry("finetune", *args, "--optim.lr=1e-3", "--finetune.head_lr_mult=10", "--train.stop_at=4"))
+    check(run_entry("finetune", *args, "--optim.lr=5e-4", "--finetune.head_lr_mult=2", "--train.stop_at=6"))
+    logged = scalars(tmp_path / "ft" / "tensorboard")
+    assert [logged["train/lr"][s] for s in (4, 5)] == pytest.approx([1e-3, 5e-4])
+    assert [logged["train/lr_head"][s] for s in (4, 5)] == pytest.approx([1e-2, 1e-3])

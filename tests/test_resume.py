@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pretrain_support import REPO, digits_shards, env, run_ranks, write_config
+import torch
+from eval_support import check, run_entry
+from pretrain_support import REPO, digits_shards, env, run_ranks, scalars, write_config
 from sklearn.datasets import load_digits
 from test_distributed import run_program
 
@@ -150,3 +152,20 @@ def digits_with_more_train(work: Path, palette: Path, name: str = "more") -> Pat
     assert build_shards([str(work / f"{name}.npz"), "--out", str(out), "--n-px", "8", "--palette", str(palette),
                          "--workers", "1"]) == 0  # fmt: skip
     return out
+
+
+def test_a_changed_learning_rate_and_betas_apply_from_the_restored_step(work, shards):
+    """Lowering the LR after a loss spike is the usual intervention at scale: the resumed run steps at the new
+    optim.lr and optim.betas, not at those the checkpoint's scheduler and optimizer state hold (one process,
+    ZeRO-1, constant schedule)."""
+    config = write_config(work / "lr.yaml", shards, work / "lr_runs", ShardSplit(shards, "train").n_vocab,
+                          ds_config="ds_configs/cpu.json", max_steps=20, save_every=10, eval_every=0)  # fmt: skip
+    args = ["--config", str(config), "--optim.schedule=constant", "--optim.warmup_steps=0"]
+    check(run_entry("pretrain", *args, "--optim.lr=1e-3", "--train.stop_at=10"))
+    check(run_entry("pretrain", *args, "--optim.lr=5e-4", "--optim.betas=[0.8,0.9]", "--train.stop_at=12"))
+    lr = scalars(work / "lr_runs" / "run" / "tensorboard")["train/lr"]
+    assert [lr[s] for s in (10, 11, 12)] == pytest.approx([1e-3, 5e-4, 5e-4])
+    ckpt = work / "lr_runs" / "run" / "checkpoints" / "step_00000012"
+    state = torch.load(ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    (group,) = state["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    assert (group["lr"], tuple(group["betas"])) == (5e-4, (0.8, 0.9))

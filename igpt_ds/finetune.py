@@ -369,7 +369,8 @@ class Finetuner:
                 dist.all_reduce(window)
                 clf, lgen, correct, count = window.tolist()
                 scalars = {"train/clf_loss": clf / count, "train/gen_loss": lgen / count,
-                           "train/acc": 100.0 * correct / count, "train/lr": lrs[0], "train/lr_head": lrs[-1]}  # fmt: skip
+                           "train/acc": 100.0 * correct / count, "train/lr": lrs[0],
+                           "train/lr_head": lrs[-1]}  # fmt: skip
                 self.log(f"step {step}/{t.max_steps} clf loss {scalars['train/clf_loss']:.4f} gen loss "
                          f"{scalars['train/gen_loss']:.4f} acc {scalars['train/acc']:.2f}%", step, scalars)  # fmt: skip
                 window.zero_()

@@ -3,9 +3,10 @@
 The modules by stage (arrows point down this list: a stage imports the ones above it, never one below;
 tests/test_architecture.py checks it):
 
-    foundation   config (one dataclass per run, presets), atomic (atomic writes), launchers, distributed
-                 (process group, rank-0 decisions, stop agreement), supervisor
-    data         palette (k-means colours), shards (memory-mapped pixel shards, samplers, open_shards)
+    foundation   config (one dataclass per run, presets), atomic (atomic writes), host_sync (no host-device sync in
+                 hot loops), launchers, distributed (process group, rank-0 decisions, stop agreement), supervisor
+    data         palette (k-means colours), shards (memory-mapped pixel shards, samplers, open_shards), prefetch
+                 (host batches read ahead, pinned, copied without blocking)
     model        model (IGPT, KV cache, inference precision), pipe (pipeline layout), weights (consolidated
                  safetensors), flops, hf_interop (HF ImageGPT / OpenAI weights)
     run          engine (DeepSpeed JSON, optimizer, schedule), checkpoint, resume (what a checkpoint may resume),

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from igpt_ds import host_sync
 from igpt_ds.config import ConfigError
 from igpt_ds.launchers import rank_env
 
@@ -251,10 +252,11 @@ class StopSignal:
         there, every rank calls it after the same steps. Elsewhere 0 without communicating."""
         if step % self.every:
             return 0
-        flag = torch.tensor([float(max(self.received, default=0))], device=collective_device())
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        with host_sync.deliberate():  # the one sync of a stop check: every rank must read the same answer
+            flag = torch.tensor([float(max(self.received, default=0))], device=collective_device())
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return int(flag.item())
 
 
 def stop_exit_code(signum: int) -> int:

@@ -25,6 +25,7 @@ tensor; a DeepSpeed checkpoint read by several ranks is first consolidated once,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
+from igpt_ds import host_sync
 from igpt_ds.checkpoint import check_palette, is_consolidated, load_model_for_ranks, read_meta, resolve
 from igpt_ds.config import ConfigError, DataConfig
 from igpt_ds.distributed import init_distributed, on_rank0
@@ -44,8 +46,9 @@ from igpt_ds.feature_store import (
     prepare_split,
     split_plan,
 )
-from igpt_ds.model import IGPT, autocast, compute_dtype, eval_features
+from igpt_ds.model import IGPT, autocast, compute_dtype, eval_bert_masks, eval_features
 from igpt_ds.palette import decode
+from igpt_ds.prefetch import HostBatch, HostCopy, read_ahead, to_device
 from igpt_ds.shards import ShardSplit, open_shards
 
 
@@ -119,20 +122,43 @@ def extract_parts(
     layers, batch_size, channels = plan["layers"], plan["batch_size"], plan["channels"]
     bar = tqdm(total=sum(min(part_rows, n - p * part_rows) for p in mine), unit="img", disable=not progress,
                desc=f"features {out_dir.name} (rank {rank})")  # fmt: skip
-    for p in mine:
-        start, stop = p * part_rows, min(n, (p + 1) * part_rows)
-        with part_writer(out_dir, p, plan) as (feats, pixels):
-            for a in range(start, stop, batch_size):
-                b = min(a + batch_size, stop)
-                tokens, _ = split.batch(np.arange(a, b))
-                with torch.no_grad(), autocast(device, precision):
-                    out = eval_features(model, torch.from_numpy(tokens).to(device), layers, np.arange(a, b), bert_masks)
-                for i, l in enumerate(layers):
-                    feats[i, a - start : b - start] = out[l].float().cpu().numpy()
-                pixels[a - start : b - start] = decode(tokens, split.palette)[..., :channels].reshape(b - a, -1)
-                bar.update(b - a)
+
+    def host(start: int, stop: int) -> Iterator[HostBatch]:
+        """(first row, tokens numpy, tokens, *BERT masks) of each batch of rows start..stop, on the host."""
+        for a in range(start, stop, batch_size):
+            rows = np.arange(a, min(a + batch_size, stop))
+            tokens = split.batch(rows)[0]
+            yield (a, tokens, torch.from_numpy(tokens), *eval_bert_masks(model.cfg, rows, bert_masks))
+
+    # One autocast region, no sync per layer or batch: a batch's features (layers, B, C) leave the device in one
+    # asynchronous copy, written out once the next batch is queued (`HostCopy`).
+    with torch.no_grad(), autocast(device, precision), host_sync.hot():
+        for p in mine:
+            start, stop = p * part_rows, min(n, (p + 1) * part_rows)
+            with part_writer(out_dir, p, plan) as (feats, pixels):
+                pending = None  # (row in the part, its tokens, its features on their way to the host)
+                for a, numpy_tokens, tokens, *masks in read_ahead(host(start, stop), pin_memory=device.type != "cpu"):
+                    tokens, *masks = to_device((tokens, *masks), device)
+                    out = eval_features(model, tokens, layers, masks)
+                    copy = HostCopy(torch.stack([out[l].float() for l in layers]))  # (layers, B, C)
+                    if pending is not None:
+                        bar.update(write_rows(feats, pixels, *pending, split.palette, channels))
+                    pending = (a - start, numpy_tokens, copy)
+                if pending is not None:
+                    bar.update(write_rows(feats, pixels, *pending, split.palette, channels))
     bar.close()
     return len(mine)
+
+
+def write_rows(
+    feats: np.ndarray, pixels: np.ndarray, row: int, tokens: np.ndarray, copy: HostCopy, palette: np.ndarray,
+    channels: int,
+) -> int:  # fmt: skip
+    """Write one batch's features (once their copy has landed) and decoded pixels at `row` of a part; its size."""
+    n = len(tokens)
+    feats[:, row : row + n] = copy.numpy()
+    pixels[row : row + n] = decode(tokens, palette)[..., :channels].reshape(n, -1)
+    return n
 
 
 def extract(cfg: ExtractConfig) -> dict[str, Path]:

@@ -41,13 +41,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from igpt_ds import checkpoint, resume
+from igpt_ds import checkpoint, host_sync, resume
 from igpt_ds import run as run_lifecycle
 from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
 from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed
 from igpt_ds.engine import build_ds_config, describe, engine_facts, initialize, model_init_context, zero_stage
 from igpt_ds.model import IGPT, Linear, bert_mask, eval_bert_mask, objective_loss
+from igpt_ds.prefetch import HostBatch, StepReader, pin, read_ahead, to_device
 from igpt_ds.shards import GlobalBatchSampler, ShardError, ShardSplit, open_shards, rank_slice
 from igpt_ds.weights import open_consolidated
 
@@ -208,6 +209,7 @@ class Finetuner:
         groups = [{"params": body}, {"params": head, "lr": cfg.optim.lr * cfg.finetune.head_lr_mult}]
         self.engine = initialize(model, ds_config, cfg.optim, t.max_steps, groups, compile_model=t.compile)
         self.sampler = GlobalBatchSampler(len(self.train), t.global_batch, self.rank, self.world, t.seed)
+        self.reader = StepReader(self.read_step, self.sampler)
         self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "start_val_acc": None, "done": False}
         if plan is not None:
             checkpoint.load(self.engine, plan.ckpt, universal)
@@ -242,24 +244,24 @@ class Finetuner:
         return clf, objective_loss(logits, tokens, mask), (class_logits.argmax(dim=1) == labels).sum()
 
     def frozen_batches(self, split: ShardSplit, n: int) -> Iterator[tuple[int, np.ndarray, Tensor, Tensor]]:
-        """(rows, image indices, tokens, labels) of this rank's slice of split[0:n], in eval mode without gradients.
-        Every rank yields the same number of batches (ZeRO-3 gathers parameters collectively): a rank out of rows
-        gets one repeated row with rows = 0, for the caller to leave uncounted."""
+        """(rows, image indices, tokens, labels) of this rank's slice of split[0:n], in eval mode without gradients,
+        read ahead on the host and copied without blocking. Every rank yields the same number of batches (ZeRO-3
+        gathers parameters collectively): a rank out of rows gets one repeated row with rows = 0, for the caller to
+        leave uncounted."""
         mb = self.cfg.train.micro_batch
         mine = rank_slice(n, self.rank, self.world)
         n_batches = max(math.ceil(len(rank_slice(n, r, self.world)) / mb) for r in range(self.world))
-        self.engine.eval()
-        with torch.no_grad():
+
+        def host() -> Iterator[HostBatch]:
             for b in range(n_batches):
                 part = mine[b * mb : (b + 1) * mb]
                 idx = np.asarray(part) if len(part) else np.zeros(1, np.int64)
-                tokens, labels = split.batch(idx)
-                yield (
-                    len(part),
-                    idx,
-                    torch.from_numpy(tokens).to(self.engine.device),
-                    torch.from_numpy(labels).to(self.engine.device),
-                )
+                yield (len(part), idx, *map(torch.from_numpy, split.batch(idx)))
+
+        self.engine.eval()
+        with torch.no_grad():
+            for k, idx, tokens, labels in read_ahead(host(), pin_memory=self.pinned):
+                yield (k, idx, *to_device((tokens, labels), self.engine.device))
         self.engine.train()
 
     def eval_mask(self, idx: np.ndarray, j: int) -> Tensor | None:
@@ -268,7 +270,13 @@ class Finetuner:
         m = self.model_cfg
         if m.objective != "bert" or self.cfg.finetune.eval_masks == 0:
             return None
-        return eval_bert_mask(m, idx, j).to(self.engine.device)
+        mask = (eval_bert_mask(m, idx, j),)
+        return to_device(pin(mask) if self.pinned else mask, self.engine.device)[0]
+
+    @property
+    def pinned(self) -> bool:
+        """Whether host batches are pinned: on a GPU, so that copies to it do not block."""
+        return self.engine.device.type != "cpu"
 
     def feature_stats(self) -> tuple[list[float], list[float]]:
         """Mean and std of the pretrained model's pooled features over the first train images."""
@@ -280,29 +288,34 @@ class Finetuner:
         dist.all_reduce(sums)
         mean = sums[0] / sums[2]
         std = (sums[1] / sums[2] - mean * mean).clamp_min(0).sqrt()
-        std[std < 1e-6] = 1.0  # a constant feature stays at zero rather than blowing up
-        return mean.tolist(), std.tolist()
+        std = torch.where(std < 1e-6, 1.0, std)  # a constant feature stays at zero rather than blowing up
+        with host_sync.deliberate():
+            return mean.tolist(), std.tolist()
 
-    def train_step(self, step: int) -> Tensor:
-        """One optimizer step; sums (L_CLF, L_GEN, correct, images) of this rank's micro-batches."""
-        ft, n_px = self.cfg.finetune, self.model_cfg.n_px
+    def read_step(self, indices: np.ndarray, step: int) -> list[HostBatch]:
+        """Step `step`'s micro-batches on the host (`StepReader` calls it a step ahead, in its thread): (tokens,
+        labels, BERT mask or None), augmented and masked from a generator keyed by (seed, step, rank), pinned on a
+        GPU."""
+        ft, n_px, m = self.cfg.finetune, self.model_cfg.n_px, self.model_cfg
         gen = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + step) * 4096 + self.rank)
-        indices = self.sampler.next_indices()
-        sums = torch.zeros(4, device=self.engine.device)
+        out = []
         for chunk in np.split(np.asarray(indices), len(indices) // self.cfg.train.micro_batch):
             tokens, labels = map(torch.from_numpy, self.train.batch(chunk))
             tokens = augment(tokens, n_px, ft.flip, ft.shift, gen) if ft.flip or ft.shift else tokens
-            mask = (
-                bert_mask(tokens.shape, self.model_cfg.mask_prob, gen, kind=self.model_cfg.bert_mask)
-                if self.model_cfg.objective == "bert"
-                else None
-            )
-            tokens, labels = tokens.to(self.engine.device), labels.to(self.engine.device)
-            clf, lgen, correct = self.losses(tokens, labels, None if mask is None else mask.to(tokens.device))
-            self.engine.backward(clf + ft.gen_weight * lgen)
+            mask = bert_mask(tokens.shape, m.mask_prob, gen, kind=m.bert_mask) if m.objective == "bert" else None
+            out.append(pin((tokens, labels, mask)) if self.pinned else (tokens, labels, mask))
+        return out
+
+    def train_step(self, step: int) -> Tensor:
+        """One optimizer step; sums (L_CLF, L_GEN, correct, images) of this rank's micro-batches, on the device."""
+        sums = torch.zeros(4, device=self.engine.device)
+        for host in self.reader.take(step):
+            tokens, labels, mask = to_device(host, self.engine.device)
+            clf, lgen, correct = self.losses(tokens, labels, mask)
+            self.engine.backward(clf + self.cfg.finetune.gen_weight * lgen)
             self.engine.step()
-            k = clf.new_tensor(len(chunk))
-            sums += torch.stack([clf.detach() * k, lgen.detach() * k, correct.float(), k])
+            n = len(tokens)
+            sums += torch.stack([clf.detach() * n, lgen.detach() * n, correct.float(), clf.new_full((), n)])
         return sums
 
     def evaluate(self, split: ShardSplit) -> dict[str, float]:
@@ -320,18 +333,19 @@ class Finetuner:
                 lgen = lgen + objective_loss(logits, tokens, mask) / n_masks
             clf = F.nll_loss(probs.clamp_min(1e-30).log(), labels)
             correct = (probs.argmax(dim=1) == labels).sum()
-            k = clf.new_tensor(k)
-            sums += torch.stack([clf * k, lgen * k, correct.float() * (k > 0), k])
+            sums += torch.stack([clf * k, lgen * k, correct.float() * (k > 0), clf.new_full((), k)])
         dist.all_reduce(sums)
-        clf, lgen, correct, count = sums.tolist()
+        with host_sync.deliberate():
+            clf, lgen, correct, count = sums.tolist()
         return {"clf_loss": clf / count, "gen_loss": lgen / count, "acc": 100.0 * correct / count}
 
     def save(self, root: str, keep: int) -> None:
         meta = {"sampler": self.sampler.state_dict(), "world_size": self.world, "dp_size": self.world,
                 "layout": "zero", "zero_stage": zero_stage(self.engine.config), "finetune": self.state,
                 "data": self.data}  # fmt: skip
-        checkpoint.save(self.engine, self.cfg.train.run_dir / root, self.state["step"], meta, self.files,
-                        self.palette, keep)  # fmt: skip
+        with host_sync.deliberate():  # the states leave the device
+            checkpoint.save(self.engine, self.cfg.train.run_dir / root, self.state["step"], meta, self.files,
+                            self.palette, keep)  # fmt: skip
 
     def validate(self, step: int) -> bool:
         """Evaluate on val; on a new best save it to best/ and score it on test. True = stop early."""
@@ -360,29 +374,33 @@ class Finetuner:
         if s["start_val_acc"] is None:
             self.validate(0)  # the starting point, so improvement is visible
         window, stopped_by = torch.zeros(4, device=self.engine.device), 0
-        while not s["done"] and s["step"] < last_step:
-            lrs = self.engine.get_lr()  # the backbone's and the head's rates this step uses (host values)
-            window += self.train_step(s["step"])
-            s["step"] += 1
-            step = s["step"]
-            if step % t.log_every == 0:
-                dist.all_reduce(window)
-                clf, lgen, correct, count = window.tolist()
-                scalars = {"train/clf_loss": clf / count, "train/gen_loss": lgen / count,
-                           "train/acc": 100.0 * correct / count, "train/lr": lrs[0],
-                           "train/lr_head": lrs[-1]}  # fmt: skip
-                self.log(f"step {step}/{t.max_steps} clf loss {scalars['train/clf_loss']:.4f} gen loss "
-                         f"{scalars['train/gen_loss']:.4f} acc {scalars['train/acc']:.2f}%", step, scalars)  # fmt: skip
-                window.zero_()
-            if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
-                s["done"] = self.validate(step) or step == t.max_steps
-            stopped_by = self.stop.check(step)
-            if step % t.save_every == 0 or s["done"] or step == last_step or stopped_by:
-                self.save("checkpoints", t.keep_checkpoints)
-            if stopped_by:
-                name = signal.Signals(stopped_by).name
-                self.log(f"stopped at step {step} on {name}; rerun the same command to resume")
-                break
+        with host_sync.hot():
+            while not s["done"] and s["step"] < last_step:
+                lrs = self.engine.get_lr()  # the backbone's and the head's rates this step uses (host values)
+                window += self.train_step(s["step"])
+                s["step"] += 1
+                step = s["step"]
+                if step % t.log_every == 0:
+                    dist.all_reduce(window)
+                    with host_sync.deliberate():
+                        clf, lgen, correct, count = window.tolist()
+                    scalars = {"train/clf_loss": clf / count, "train/gen_loss": lgen / count,
+                               "train/acc": 100.0 * correct / count, "train/lr": lrs[0],
+                               "train/lr_head": lrs[-1]}  # fmt: skip
+                    line = (f"step {step}/{t.max_steps} clf loss {scalars['train/clf_loss']:.4f} gen loss "
+                            f"{scalars['train/gen_loss']:.4f} acc {scalars['train/acc']:.2f}%")  # fmt: skip
+                    self.log(line, step, scalars)
+                    window.zero_()
+                if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
+                    s["done"] = self.validate(step) or step == t.max_steps
+                stopped_by = self.stop.check(step)
+                if step % t.save_every == 0 or s["done"] or step == last_step or stopped_by:
+                    self.save("checkpoints", t.keep_checkpoints)
+                if stopped_by:
+                    name = signal.Signals(stopped_by).name
+                    self.log(f"stopped at step {step} on {name}; rerun the same command to resume")
+                    break
+        self.reader.close()
         results = {"steps": s["step"], "finished": s["done"], "start_val_acc": s["start_val_acc"], "best": s["best"],
                    "best_checkpoint": str(t.run_dir / "best"), "n_classes": self.n_classes,
                    "stopped_by": stopped_by}  # fmt: skip

@@ -45,7 +45,7 @@ from igpt_ds import logreg
 from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError, PretrainConfig
 from igpt_ds.distributed import gather_objects, on_rank0
-from igpt_ds.model import eval_bert_mask, eval_features
+from igpt_ds.model import eval_bert_mask, eval_bert_masks, eval_features
 from igpt_ds.shards import ShardSplit
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0)
@@ -225,7 +225,8 @@ class LiveProbe:
         # ZeRO-3 gathers a module's own parameters in that module's forward; features() is not IGPT's forward,
         # so the SOS vector is gathered here (a no-op for parameters ZeRO does not partition).
         with deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False))):
-            return eval_features(module, tokens, self.layers, idx, 1)
+            masks = [m.to(tokens.device) for m in eval_bert_masks(module.cfg, idx, 1)]
+            return eval_features(module, tokens, self.layers, masks)
 
     def local_layers(self) -> list[int]:
         """Probe layers whose features this rank computes."""

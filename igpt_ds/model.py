@@ -257,13 +257,20 @@ def per_image_loss(logits: Tensor, targets: Tensor, scored: Tensor) -> Tensor:
     """Mean over images of each image's mean cross-entropy over its `scored` positions (B, T bool); images with
     none scored are left out (0 when no image has any). OpenAI's BERT loss (src/model.py:
     reduce_sum(losses·(1-M), 1) / reduce_sum(1-M, 1), then reduce_mean), which divides by zero for such an image.
-    Only the scored positions' logits are converted to fp32: (n_scored, V), not (B, T, V)."""
-    rows = scored.nonzero()[:, 0]
-    ce = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
-    per_image = torch.zeros(scored.shape[0], device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
-    counts = scored.sum(dim=1)
-    has = counts > 0
-    return (per_image[has] / counts[has]).sum() / has.sum().clamp_min(1)
+
+    Fixed shapes throughout, no host-device sync: unscored positions are ignored by the cross-entropy rather than
+    selected out (boolean indexing and nonzero() wait for the device to count them). The logits go to fp32 whole,
+    (B, T, V), as the AR loss's do."""
+    n_vocab = logits.shape[-1]
+    ignored = targets.masked_fill(~scored, IGNORE_INDEX).reshape(-1)
+    ce = F.cross_entropy(logits.reshape(-1, n_vocab).float(), ignored, reduction="none", ignore_index=IGNORE_INDEX)
+    counts = scored.sum(dim=1)  # (B,)
+    per_image = ce.view(scored.shape).sum(dim=1) / counts.clamp_min(1)  # 0 for an image with nothing scored
+    return per_image.sum() / (counts > 0).sum().clamp_min(1)
+
+
+IGNORE_INDEX = -100
+"""Label of a position no loss is taken at (torch's cross_entropy default; the pipeline's BERT labels)."""
 
 
 BERT_MASKS = ("bernoulli", "exact")
@@ -323,15 +330,21 @@ def eval_bert_mask(cfg: ModelConfig, idx: np.ndarray, j: int = 0) -> Tensor:
     return keyed_bert_masks(EVAL_MASK_SEED, 0, j, idx, cfg.seq_len, cfg.mask_prob, cfg.bert_mask)
 
 
-def eval_features(model: IGPT, tokens: Tensor, layers: list[int], idx: np.ndarray, n_masks: int) -> dict[int, Tensor]:
-    """`IGPT.features` of images `idx` (tokens (B, T)); for a BERT model with n_masks >= 1, their mean over that many
-    evaluation masks (`eval_bert_mask`; the paper ensembles BERT masks), unmasked with 0. AR: one plain pass."""
-    if model.cfg.objective != "bert" or n_masks == 0:
+def eval_bert_masks(cfg: ModelConfig, idx: np.ndarray, n_masks: int) -> list[Tensor]:
+    """Evaluation masks 0..n_masks-1 (each (B, T) bool, on the host) of images `idx`, for `eval_features`; none for
+    an AR model or with n_masks = 0 (unmasked inputs)."""
+    return [eval_bert_mask(cfg, idx, j) for j in range(n_masks)] if cfg.objective == "bert" else []
+
+
+def eval_features(model: IGPT, tokens: Tensor, layers: list[int], masks: list[Tensor] = ()) -> dict[int, Tensor]:
+    """`IGPT.features` of `tokens` (B, T); given BERT evaluation masks (`eval_bert_masks`, on tokens' device), their
+    mean over the masks (the paper ensembles BERT masks). No masks: one plain pass (AR, or unmasked)."""
+    if not masks:
         return model.features(tokens, layers)
     total: dict[int, Tensor] = {}
-    for j in range(n_masks):
-        out = model.features(tokens, layers, eval_bert_mask(model.cfg, idx, j).to(tokens.device))
-        total = {l: total.get(l, 0) + f.float() / n_masks for l, f in out.items()}
+    for mask in masks:
+        out = model.features(tokens, layers, mask)
+        total = {l: total.get(l, 0) + f.float() / len(masks) for l, f in out.items()}
     return total
 
 

@@ -29,9 +29,16 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import Tensor, nn
 
 from igpt_ds.config import ModelConfig
-from igpt_ds.model import IGPT, Block, Linear, RMSNorm, add_input_embeddings, per_image_loss, seed_layer
-
-IGNORE = -100
+from igpt_ds.model import (
+    IGNORE_INDEX,
+    IGPT,
+    Block,
+    Linear,
+    RMSNorm,
+    add_input_embeddings,
+    per_image_loss,
+    seed_layer,
+)
 
 
 class EmbedPipe(nn.Module):
@@ -65,7 +72,7 @@ class HeadPipe(nn.Module):
 def pipe_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """`model.objective_loss` from the labels alone (nats/pixel, fp32): the mean over images of each image's mean
     cross-entropy over its labelled positions (AR: all of them; BERT: the masked ones)."""
-    return per_image_loss(logits, labels.clamp_min(0), labels != IGNORE)
+    return per_image_loss(logits, labels.clamp_min(0), labels != IGNORE_INDEX)
 
 
 class SeededLayerSpec(LayerSpec):
@@ -143,4 +150,4 @@ def state_dict_from_universal(universal_dir: str | os.PathLike, n_layer: int) ->
 
 def bert_pipe_batch(tokens: Tensor, mask: Tensor, n_vocab: int) -> tuple[Tensor, Tensor]:
     """(inputs with masked pixels set to n_vocab, labels with unmasked pixels ignored)."""
-    return tokens.masked_fill(mask, n_vocab), tokens.masked_fill(~mask, IGNORE)
+    return tokens.masked_fill(mask, n_vocab), tokens.masked_fill(~mask, IGNORE_INDEX)

@@ -25,6 +25,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from torch import Tensor
 
+from igpt_ds import host_sync
 from igpt_ds.atomic import atomic_file
 from igpt_ds.checkpoint import check_palette, load_model_for_ranks
 from igpt_ds.config import ConfigError, DataConfig
@@ -49,7 +50,8 @@ def image_uniforms(seed: int, indices: range | list[int], seq_len: int) -> Tenso
 
 
 def pick(logits: Tensor, u: Tensor, temperature: float, top_k: int) -> Tensor:
-    """Next tokens (B,) from logits (B, V) given uniforms u (B,); temperature 0 is greedy."""
+    """Next tokens (B,) from logits (B, V) given uniforms u (B,) float64 on logits' device; temperature 0 is
+    greedy."""
     logits = logits.double()
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -58,7 +60,7 @@ def pick(logits: Tensor, u: Tensor, temperature: float, top_k: int) -> Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
     # right=True: the first index whose cdf exceeds u·total, which always has probability > 0.
-    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    target = (u * cdf[:, -1]).unsqueeze(-1)
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
@@ -83,10 +85,11 @@ def generate(
     if cfg.objective != "ar":
         raise ValueError("sampling needs a model trained with the AR objective")
     out = torch.zeros(B, cfg.seq_len, dtype=torch.long, device=device)
-    out[:, :t0] = prefix.to(device)
+    out[:, :t0] = prefix.to(device, non_blocking=True)
     if t0 == cfg.seq_len:
         return out
-    with autocast(device, precision):
+    uniforms = uniforms.to(device, non_blocking=True)  # once: a copy per generated pixel would wait for the device
+    with autocast(device, precision), host_sync.hot():
         if use_cache:
             cache = KVCache(cfg, B, device, compute_dtype(device, precision))
             logits = model.step(out[:, :t0], cache)
@@ -120,7 +123,9 @@ def sample_images(
     for start in range(0, len(indices), batch_size):
         part = indices[start : start + batch_size]
         u = image_uniforms(seed, part, seq_len)
-        chunks.append(generate(model, prefixes[start : start + len(part)], u, **kwargs).cpu())
+        tokens = generate(model, prefixes[start : start + len(part)], u, **kwargs)
+        with host_sync.deliberate():  # a finished batch of images leaves the device
+            chunks.append(tokens.cpu())
     return torch.cat(chunks) if chunks else torch.empty(0, seq_len, dtype=torch.long)
 
 

@@ -5,9 +5,11 @@ checkpoint to resume) before the first step; the loop in `train` is then the sam
 on every rank. Two layouts: ZeRO data parallel (`train.layout=zero`, stage from the DeepSpeed
 JSON) and pipeline x data parallel (`train.layout=pipeline`, igpt_ds.pipe).
 
-No host-device sync in the hot loop but at log steps (the loss accumulates on the device) and stop checks;
-the next step's batches are read in a background thread (`StepReader`); the stop request (SIGTERM, SIGINT,
-SIGUSR1, the launcher gone: `distributed.StopSignal`) is agreed every `train.stop_check_every` steps.
+No host-device sync in the step (`host_sync.hot`; checked by tests/test_host_sync.py and, on a GPU, tests/gpu):
+the loss accumulates on the device and is read at log steps, the stop request (SIGTERM, SIGINT, SIGUSR1, the
+launcher gone: `distributed.StopSignal`) is agreed every `train.stop_check_every` steps, and evaluation, the live
+probe and checkpoints sync where they must (`host_sync.deliberate`). The next step's batches are read and pinned
+in a background thread (`StepReader`) and copied to the device without blocking.
 
 Launch: `deepspeed --num_gpus 8 launcher/pretrain.py --config launcher/configs/igpt_s_imagenet32.yaml`.
 """
@@ -17,8 +19,7 @@ from __future__ import annotations
 import signal
 import time
 import warnings
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from igpt_ds import checkpoint, resume
+from igpt_ds import checkpoint, host_sync, resume
 from igpt_ds import run as run_lifecycle
 from igpt_ds.config import ConfigError, PretrainConfig, to_dict
 from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed, on_rank0
@@ -44,6 +45,7 @@ from igpt_ds.live_probe import LiveProbe, choose_subset
 from igpt_ds.metrics import Metrics
 from igpt_ds.model import IGPT, keyed_bert_masks, objective_loss
 from igpt_ds.pipe import IGPTPipe, bert_pipe_batch
+from igpt_ds.prefetch import HostBatch, StepReader
 from igpt_ds.shards import GlobalBatchSampler, ShardSplit, open_shards
 from igpt_ds.weights import open_consolidated
 
@@ -74,9 +76,6 @@ def load_init(cfg: PretrainConfig) -> Mapping[str, Tensor]:
     return state
 
 
-HostBatch = tuple[Tensor, Tensor | None]  # tokens (B, T) and the BERT mask (B, T) or None, on the host
-
-
 def read_micro_batches(
     split: ShardSplit,
     indices: np.ndarray,
@@ -95,33 +94,6 @@ def read_micro_batches(
         mask = None if mask_key is None else keyed_bert_masks(*mask_key, chunk, split.seq_len, mask_prob, mask_kind)
         out.append((tokens.pin_memory(), None if mask is None else mask.pin_memory()) if pin else (tokens, mask))
     return out
-
-
-class StepReader:
-    """The training split's host batches step by step, the next step's read in a background thread while this
-    one trains: shard rows, BERT masks and pinning cost milliseconds a step at 1024+ tokens, which the GPU would
-    otherwise wait for. The sampler advances only when a step takes its batches, so a checkpoint's sampler
-    state counts exactly the steps trained."""
-
-    def __init__(self, read: Callable[[np.ndarray, int], list[HostBatch]], sampler: GlobalBatchSampler):
-        self.read, self.sampler = read, sampler
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="igpt-reader")
-        self.ahead: tuple[int, Future] | None = None  # (sampler position, its batches being read)
-
-    def take(self, step: int) -> list[HostBatch]:
-        """Step `step`'s batches (at the sampler's position), and start reading the step after."""
-        at, after = self.sampler.consumed, self.sampler.consumed + self.sampler.global_batch
-        pending = self.ahead[1] if self.ahead is not None and self.ahead[0] == at else self.submit(at, step)
-        self.ahead = (after, self.submit(after, step + 1))
-        batches = pending.result()
-        self.sampler.consumed = after
-        return batches
-
-    def submit(self, consumed: int, step: int) -> Future:
-        return self.pool.submit(lambda: self.read(self.sampler.indices_at(consumed), step))
-
-    def close(self) -> None:
-        self.pool.shutdown(cancel_futures=True)
 
 
 @dataclass
@@ -186,12 +158,13 @@ class Run:
         return total / len(batches)
 
     def mean_over_ranks(self, value: Tensor) -> float:
-        """The pipeline engine already averages over data-parallel ranks; ZeRO ranks each hold a share."""
+        """The pipeline engine already averages over data-parallel ranks; ZeRO ranks each hold a share. A sync."""
         if not self.pipeline:
             value = value.clone()
             dist.all_reduce(value)
             value /= dist.get_world_size()
-        return value.item()
+        with host_sync.deliberate():
+            return value.item()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -218,8 +191,9 @@ class Run:
             "zero_stage": zero_stage(self.engine.config),
             "data": self.data,
         }
-        root = self.cfg.train.run_dir / "checkpoints"
-        checkpoint.save(self.engine, root, step, meta, self.files, self.train.palette, self.cfg.train.keep_checkpoints)
+        root, keep = self.cfg.train.run_dir / "checkpoints", self.cfg.train.keep_checkpoints
+        with host_sync.deliberate():  # the states leave the device
+            checkpoint.save(self.engine, root, step, meta, self.files, self.train.palette, keep)
         self.metrics.print(f"step {step}: checkpoint {root / checkpoint.tag_for(step)}")
 
 
@@ -288,32 +262,36 @@ def train(cfg: PretrainConfig) -> dict[str, float]:
     step, saved, window, stopped_by = run.start_step, run.start_step, 0, 0
     loss_sum = torch.zeros((), device=run.engine.device)
     tic = time.perf_counter()
-    while step < last_step:
-        lr = run.engine.get_lr()[0]  # the rate this step uses (a host value: no sync)
-        loss_sum += run.train_step(step)
-        step, window = step + 1, window + 1
-        m.step()
-        if step % t.log_every == 0 or step == last_step:
-            grad_norm = run.engine.get_global_grad_norm()
-            loss = run.mean_over_ranks(loss_sum) / window
-            grad_norm = None if grad_norm is None else float(grad_norm)
-            m.train(step, loss, lr, grad_norm, window, time.perf_counter() - tic, run.data_wait_s)
-            run.data_wait_s = 0.0
-            loss_sum.zero_()
-            window, tic = 0, time.perf_counter()
-        probe_due = probe is not None and step % t.probe_every == 0
-        if (t.eval_every and step % t.eval_every == 0) or probe_due:
-            val_loss = run.evaluate()
-            m.val(step, val_loss)
-            if probe_due:
-                probe.run_probe(step, val_loss)
-        stopped_by = stop.check(step)
-        if step % t.save_every == 0 or stopped_by:
-            run.save(step)
-            saved = step
-        if stopped_by:
-            m.print(f"stopped at step {step} on {signal.Signals(stopped_by).name}; rerun the same command to resume")
-            break
+    with host_sync.hot():
+        while step < last_step:
+            lr = run.engine.get_lr()[0]  # the rate this step uses (a host value: no sync)
+            loss_sum += run.train_step(step)
+            step, window = step + 1, window + 1
+            m.step()
+            if step % t.log_every == 0 or step == last_step:
+                with host_sync.deliberate():
+                    grad_norm = run.engine.get_global_grad_norm()
+                    grad_norm = None if grad_norm is None else float(grad_norm)
+                loss = run.mean_over_ranks(loss_sum) / window
+                m.train(step, loss, lr, grad_norm, window, time.perf_counter() - tic, run.data_wait_s)
+                run.data_wait_s = 0.0
+                loss_sum.zero_()
+                window, tic = 0, time.perf_counter()
+            probe_due = probe is not None and step % t.probe_every == 0
+            if (t.eval_every and step % t.eval_every == 0) or probe_due:
+                val_loss = run.evaluate()
+                m.val(step, val_loss)
+                if probe_due:
+                    with host_sync.deliberate():
+                        probe.run_probe(step, val_loss)
+            stopped_by = stop.check(step)
+            if step % t.save_every == 0 or stopped_by:
+                run.save(step)
+                saved = step
+            if stopped_by:
+                name = signal.Signals(stopped_by).name
+                m.print(f"stopped at step {step} on {name}; rerun the same command to resume")
+                break
     if saved != step:
         run.save(step)
     run.reader.close()

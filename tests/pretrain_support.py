@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -167,3 +168,32 @@ def processes_of(marker: str) -> list:
         except psutil.Error:
             continue
     return found
+
+
+@contextlib.contextmanager
+def in_process_rank(backend: str = "gloo"):
+    """A world of one in this process for entry points run in-process (`train(cfg)`, `finetune(cfg)`): LOCAL_RANK
+    set as a launcher sets it, a `backend` group on a free port; after, the group destroyed, DeepSpeed's cached
+    handles to it dropped (deepspeed.utils.groups keeps them in module globals, and an engine built on a later
+    group would broadcast over the dead one) and the signal handlers the entry points installed restored."""
+    import signal
+
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    saved = {k: os.environ.get(k) for k in ("LOCAL_RANK",)}
+    os.environ["LOCAL_RANK"] = "0"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for name, value in vars(groups).items():
+            if name.startswith("_") and name.isupper() and name.endswith(("GROUP", "GROUP_RANKS")):
+                setattr(groups, name, {} if isinstance(value, dict) else None)
+        groups.mpu = None
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)

@@ -19,8 +19,8 @@ def test_evaluation_does_not_import_the_trainer(module):
 
 # The stages of igpt_ds/__init__.py's map, in order: a module may import its own stage and the ones above.
 STAGES = [
-    ["config", "atomic", "launchers", "distributed", "supervisor"],
-    ["palette", "shards"],
+    ["config", "atomic", "host_sync", "launchers", "distributed", "supervisor"],
+    ["palette", "shards", "prefetch"],
     ["model", "pipe", "weights", "flops", "hf_interop"],
     ["engine", "checkpoint", "resume", "run", "metrics", "logreg", "plots"],
     ["trainer", "live_probe", "finetune", "planner"],

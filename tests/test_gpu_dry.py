@@ -12,6 +12,14 @@ GPU_TESTS = [
     "test_compile_under_zero1_trains",
     "test_cached_decoding_equals_recompute[dtype0-0.0001]",
     "test_cached_decoding_equals_recompute[dtype1-0.1]",
+    "test_pretraining_syncs_only_where_it_means_to[zero1-ar]",
+    "test_pretraining_syncs_only_where_it_means_to[zero1-bert]",
+    "test_pretraining_syncs_only_where_it_means_to[zero3-ar]",
+    "test_pretraining_syncs_only_where_it_means_to[pipeline-ar]",
+    "test_pretraining_syncs_only_where_it_means_to[pipeline-bert]",
+    "test_fine_tuning_syncs_only_where_it_means_to",
+    "test_sampling_syncs_once_per_batch",
+    "test_feature_extraction_syncs_once_per_batch",
 ]
 
 

@@ -156,7 +156,7 @@ def test_features_shapes_and_values():
 def test_bert_features_are_taken_from_masked_inputs_averaged_over_keyed_masks():
     """Feature extraction sees a BERT model's input as training did (masked; OpenAI's code masks every forward),
     averaged over n keyed masks (the paper ensembles BERT masks); 0 = unmasked; AR models are never masked."""
-    from igpt_ds.model import eval_bert_mask, eval_features
+    from igpt_ds.model import eval_bert_mask, eval_bert_masks, eval_features
 
     model, x = tiny("bert"), tokens()
     idx = np.arange(40, 40 + len(x))
@@ -164,8 +164,10 @@ def test_bert_features_are_taken_from_masked_inputs_averaged_over_keyed_masks():
     assert not torch.equal(masks[0], masks[1])
     assert torch.equal(masks[0], eval_bert_mask(model.cfg, idx[::-1], 0).flip(0))  # keyed by image, not by batch
     by_hand = sum(model.features(x, [1, 2], m)[1] for m in masks) / 3
-    torch.testing.assert_close(eval_features(model, x, [1, 2], idx, 3)[1], by_hand)
-    torch.testing.assert_close(eval_features(model, x, [1], idx, 0)[1], model.features(x, [1])[1])
-    assert (eval_features(model, x, [1], idx, 1)[1] - model.features(x, [1])[1]).abs().max() > 1e-4
+    assert all(torch.equal(a, b) for a, b in zip(eval_bert_masks(model.cfg, idx, 3), masks, strict=True))
+    torch.testing.assert_close(eval_features(model, x, [1, 2], masks)[1], by_hand)
+    torch.testing.assert_close(eval_features(model, x, [1], eval_bert_masks(model.cfg, idx, 0))[1],
+                               model.features(x, [1])[1])  # fmt: skip
+    assert (eval_features(model, x, [1], masks[:1])[1] - model.features(x, [1])[1]).abs().max() > 1e-4
     ar = tiny("ar")
-    torch.testing.assert_close(eval_features(ar, x, [1], idx, 3)[1], ar.features(x, [1])[1])
+    assert eval_bert_masks(ar.cfg, idx, 3) == []

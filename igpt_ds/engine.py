@@ -32,6 +32,8 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from torch import nn
 
 from igpt_ds.config import DS_CONFIGS_DIR, ConfigError, OptimConfig, TrainConfig, find_shipped, origin_of
@@ -308,6 +310,12 @@ def initialize(
         lr_scheduler=lambda optimizer: Schedule(optimizer, optim, total_steps),
         dist_init_required=False,
     )
+    if isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+        # DeepSpeed's 16-bit optimizer without ZeRO (ZeRO-0 with bf16 or fp16) takes one Adam step on zero gradients
+        # when it is built (initialize_optimizer_states), so Adam would count that step: its bias correction runs
+        # one step ahead and the first updates shrink (x0.73 at the first). Dropping the states lets Adam start at
+        # step 1, as under ZeRO 1-3; measured: bf16 losses trailed fp32 by 0.08 nats after 6 steps, now by < 0.002.
+        engine.optimizer.optimizer.state.clear()
     if compile_model:
         engine.compile()
     return engine

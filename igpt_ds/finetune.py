@@ -218,10 +218,8 @@ class Finetuner:
             self.state.update(plan.meta["finetune"], step=plan.meta["step"])
         elif cfg.finetune.standardize_features:
             self.state["feat_stats"] = self.feature_stats()
-        if "feat_stats" in self.state:
-            self.engine.module.set_feature_stats(
-                *(torch.tensor(v, dtype=torch.float64) for v in self.state["feat_stats"])
-            )
+        mean, std = self.state.get("feat_stats", ([0.0] * self.model_cfg.n_embd, [1.0] * self.model_cfg.n_embd))
+        self.engine.module.set_feature_stats(torch.tensor(mean), torch.tensor(std))  # identity unless standardising
         self.files = run_lifecycle.run_files({**to_dict(cfg), "model": asdict(self.model_cfg)}, ds_config)
         run_lifecycle.write_run_files(t.run_dir, self.files, self.rank)
         self.writer = run_lifecycle.open_tensorboard(t.run_dir, self.rank, self.state["step"], self.files,

@@ -49,10 +49,12 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_KEY,
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
+from deepspeed.pipe import PipelineModule
+from deepspeed.utils import safe_set_full_fp32_param
 
 from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError, ModelConfig, build
-from igpt_ds.distributed import barrier, on_rank0
+from igpt_ds.distributed import barrier, on_rank0, tensor_from_rank0
 from igpt_ds.engine import apply_schedule
 from igpt_ds.model import IGPT
 from igpt_ds.shards import ShardSplit
@@ -61,6 +63,7 @@ from igpt_ds.weights import (
     PALETTE_FILE,
     is_consolidated,
     open_consolidated,
+    open_consolidated_shared,
     save_consolidated,
     tensor_shapes,
 )
@@ -263,21 +266,72 @@ def check_weights(expected: dict[str, torch.Size], found: dict[str, torch.Size],
 
 
 def load_weights(
-    model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, keep_init: tuple[str, ...] = ()
+    target: Any, state: Mapping[str, torch.Tensor], source: str, keep_init: tuple[str, ...] = (FINETUNE_HEAD,)
 ) -> None:
-    """Copy `state` (CPU tensors; a TensorFile is read tensor by tensor) into `model`'s parameters, except
-    those whose names start with a prefix in `keep_init` (a new head), which keep their initialisation
-    (such weights in `state` are ignored). A ZeRO-3 parameter (built in zero.Init) is gathered one at a time
-    and written by rank 0, the only rank that reads it, so the whole model never materialises on one device;
-    a whole parameter is written by every rank. Weights that do not fit are a ConfigError naming `source`."""
-    params = {n: p for n, p in model.named_parameters() if not n.startswith(keep_init)}
+    """Copy consolidated fp32 weights `state` (a TensorFile: read tensor by tensor) into a model: a DeepSpeed
+    engine's after `deepspeed.initialize`, or a plain module. Collective on every rank of the engine's world.
+
+    Exact in every precision: an engine's fp32 master weights (ZeRO 1-3, DeepSpeed's bf16 optimizers) take the
+    values themselves, and its training-precision parameters their rounding, so "export, then init_from" into a bf16
+    run loses nothing (copied into bf16 parameters before `deepspeed.initialize`, the masters would be made from
+    the rounded copy). Read once: rank 0 reads each tensor and every rank receives it (`tensor_from_rank0`), so a
+    job reads the file from shared storage once, not once per rank; memory: one tensor at a time. Any layout: IGPT,
+    the classifier (parameters named with a prefix in `keep_init`, a new head, keep their initialisation and such
+    weights in `state` are ignored), or this rank's pipeline stages (IGPT names through `pipe.igpt_name`).
+    Weights that do not fit the model are a ConfigError naming `source`, on every rank."""
+    engine = target if hasattr(target, "module") else None
+    module = engine.module if engine is not None else target
+    local = igpt_parameters(module)
+    expected = {n: getattr(p, "ds_shape", p.shape) for n, p in local.items()}
+    if isinstance(module, PipelineModule):  # this rank's stages: check against the whole model
+        with torch.device("meta"):
+            expected = {n: p.shape for n, p in IGPT(module.cfg).named_parameters()}
+    expected = {n: shape for n, shape in expected.items() if not n.startswith(keep_init)}
     found = {n: shape for n, shape in tensor_shapes(state).items() if not n.startswith(keep_init)}
-    check_weights({n: getattr(p, "ds_shape", p.shape) for n, p in params.items()}, found, source)
-    for name, p in params.items():
-        # A no-op for a parameter that is not partitioned (ZeRO 0-2, no DeepSpeed).
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
-            if not hasattr(p, "ds_id") or dist.get_rank() == 0:
-                p.copy_(state[name])
+    check_weights(expected, found, source)
+    masters = fp32_masters(engine)
+    for name in sorted(expected):  # the same order on every rank: each tensor is one broadcast
+        value = tensor_from_rank0(expected[name], lambda name=name: state[name])
+        param = local.get(name)
+        if param is None:  # held by another pipeline stage
+            continue
+        with torch.no_grad():
+            if hasattr(param, "ds_id"):  # ZeRO-3: gathered, written by rank 0, partitioned again
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if dist.get_rank() == 0:
+                        param.data.copy_(value)
+            else:
+                param.data.copy_(value)
+            safe_set_full_fp32_param(param, value)  # ZeRO 1-3 and the bf16 optimizer's masters (else a no-op)
+            if id(param) in masters:
+                masters[id(param)].data.copy_(value)
+
+
+def igpt_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """This rank's parameters of `module` under their IGPT names: IGPT's and the classifier's as they are, a
+    pipeline stage's layer `i` parameters through `pipe.igpt_name`."""
+    if not isinstance(module, PipelineModule):
+        return dict(module.named_parameters())
+    from igpt_ds.pipe import igpt_name
+
+    out = {}
+    for name, param in module.named_parameters():
+        layer, key = name.split(".", 1)
+        out[igpt_name(int(layer), key, module.cfg.n_layer)] = param
+    return out
+
+
+def fp32_masters(engine: Any) -> dict[int, torch.Tensor]:
+    """id(parameter) -> its fp32 master copy, for DeepSpeed's 16-bit optimizer without ZeRO (ZeRO-0 with bf16:
+    FP16_UnfusedOptimizer keeps `fp32_groups` beside the parameters; `safe_set_full_fp32_param` does not reach them).
+    Empty for every other engine: ZeRO's masters are set through the parameters, fp32 parameters are their own."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    optimizer = getattr(engine, "optimizer", None)
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return {}
+    pairs = zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True)
+    return {id(lp): hp for lps, hps in pairs for lp, hp in zip(lps, hps, strict=True)}
 
 
 def consolidated_for_ranks(path: str | Path, export_dir: Path) -> Path:
@@ -311,11 +365,18 @@ def load_model_for_ranks(
 ) -> tuple[IGPT, ModelConfig, np.ndarray | None]:
     """`load_model_for_eval` on every rank of a distributed job (features, samples: each rank holds the
     model). With several ranks, a DeepSpeed checkpoint is first consolidated once, by rank 0, into
-    `export_dir` (`consolidated_for_ranks`), which every rank then reads tensor by tensor; otherwise every
-    rank would gather all its shards (for igpt-xl ~80 GB of ZeRO states a rank). Collective."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        path = consolidated_for_ranks(path, export_dir)
-    return load_model_for_eval(path, device)
+    `export_dir` (`consolidated_for_ranks`; otherwise every rank would gather all its shards, for igpt-xl ~80 GB of
+    ZeRO states a rank), and the consolidated weights are read once, by rank 0, and broadcast tensor by tensor
+    (`load_weights`): shared storage serves the model's bytes once per job, not once per rank. Collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return load_model_for_eval(path, device)
+    path = consolidated_for_ranks(path, export_dir)
+    cfg, state, colours = open_consolidated_shared(path)
+    with torch.device("meta"):  # no memory until to_empty, no initialisation to overwrite
+        model = IGPT(cfg)
+    model.to_empty(device=device)
+    load_weights(model, state, str(path))  # rank 0 reads each tensor once, every rank receives it
+    return model.eval(), cfg, colours
 
 
 def load_model_for_eval(

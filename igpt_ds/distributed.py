@@ -169,6 +169,19 @@ def collective_device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+def tensor_from_rank0(shape: torch.Size, read: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The fp32 tensor `read()` returns on rank 0, on every rank: one broadcast on the collective device (the
+    accelerator under NCCL), so that a file every rank needs is read from shared storage once, not once per rank.
+    Collective; each rank waits at most for one tensor's read. Without a process group, `read()` itself."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return read().float()
+    out = torch.empty(shape, dtype=torch.float32, device=collective_device())
+    if dist.get_rank() == 0:
+        out.copy_(read())
+    dist.broadcast(out, src=0)
+    return out
+
+
 def on_rank0(fn: Callable[[], T], poll_s: float = 1.0) -> T:
     """`fn()` run on rank 0 alone; its result (picklable) returned on every rank. Collective.
 

@@ -50,7 +50,7 @@ from igpt_ds.engine import build_ds_config, describe, engine_facts, initialize, 
 from igpt_ds.model import IGPT, Linear, bert_mask, eval_bert_mask, objective_loss
 from igpt_ds.prefetch import HostBatch, StepReader, pin, read_ahead, to_device
 from igpt_ds.shards import GlobalBatchSampler, ShardError, ShardSplit, open_shards, rank_slice
-from igpt_ds.weights import open_consolidated
+from igpt_ds.weights import open_consolidated_shared
 
 
 @dataclass
@@ -186,7 +186,7 @@ class Finetuner:
         ckpt = plan.ckpt if plan is not None else None
         if ckpt is None:
             init = checkpoint.consolidated_for_ranks(t.init_from, t.run_dir / "init_weights")
-            self.model_cfg, state, palette = open_consolidated(init)
+            self.model_cfg, state, palette = open_consolidated_shared(init)  # read by rank 0, shared
         else:  # resuming: the weights come from the run's own checkpoint
             self.model_cfg, state, palette = checkpoint.model_config(ckpt), None, checkpoint.palette(ckpt)
         splits = (cfg.data.train_split, cfg.data.val_split, cfg.finetune.test_split)
@@ -200,14 +200,12 @@ class Finetuner:
         with model_init_context(ds_config):
             model = IGPTClassifier(self.model_cfg, self.n_classes, bias=cfg.finetune.head_bias)
         model.activation_checkpointing = t.activation_checkpointing
-        if state is not None:  # the pretrained backbone; the head keeps its (zero) initialisation
-            checkpoint.load_weights(
-                model, state, f"train.init_from={t.init_from}", keep_init=(checkpoint.FINETUNE_HEAD,)
-            )
         head = [p for n, p in model.named_parameters() if n.startswith(checkpoint.FINETUNE_HEAD)]
         body = [p for n, p in model.named_parameters() if not n.startswith(checkpoint.FINETUNE_HEAD)]
         groups = [{"params": body}, {"params": head, "lr": cfg.optim.lr * cfg.finetune.head_lr_mult}]
         self.engine = initialize(model, ds_config, cfg.optim, t.max_steps, groups, compile_model=t.compile)
+        if state is not None:  # the pretrained backbone; the head keeps its (zero) initialisation
+            checkpoint.load_weights(self.engine, state, f"train.init_from={t.init_from}")
         self.sampler = GlobalBatchSampler(len(self.train), t.global_batch, self.rank, self.world, t.seed)
         self.reader = StepReader(self.read_step, self.sampler)
         self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "start_val_acc": None, "done": False}

@@ -22,7 +22,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-from collections.abc import Mapping
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
@@ -110,13 +109,6 @@ class IGPTPipe(PipelineModule):
     def local_layers(self) -> list[tuple[int, nn.Module]]:
         """(global layer index, layer) for the layers this stage holds."""
         return [(self._local_start + i, layer) for i, layer in enumerate(self.forward_funcs)]
-
-    def load_igpt_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
-        """Load this stage's layers from an IGPT-named (consolidated) state dict."""
-        with torch.no_grad():
-            for idx, layer in self.local_layers():
-                own = {k: state_dict[igpt_name(idx, k, self.cfg.n_layer)] for k in layer.state_dict()}
-                layer.load_state_dict(own)
 
 
 def igpt_name(layer_idx: int, key: str, n_layer: int) -> str:

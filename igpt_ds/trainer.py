@@ -47,29 +47,25 @@ from igpt_ds.model import IGPT, keyed_bert_masks, objective_loss
 from igpt_ds.pipe import IGPTPipe, bert_pipe_batch
 from igpt_ds.prefetch import HostBatch, StepReader
 from igpt_ds.shards import GlobalBatchSampler, ShardSplit, open_shards
-from igpt_ds.weights import open_consolidated
+from igpt_ds.weights import open_consolidated_shared
 
 
-def build_model(cfg: PretrainConfig, ds_config: dict[str, Any], init: Mapping[str, Tensor] | None) -> torch.nn.Module:
-    """IGPT (ZeRO layout, built inside zero.Init under ZeRO-3) or IGPTPipe, optionally loaded with `init`."""
+def build_model(cfg: PretrainConfig, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """IGPT (ZeRO layout, built inside zero.Init under ZeRO-3) or IGPTPipe, initialised from train.seed.
+    train.init_from's weights are loaded into the engine afterwards (`checkpoint.load_weights`: exact masters)."""
     # Initial weights from (train.seed, layer index): identical on every rank, in both layouts and at any
     # stage count.
     if cfg.train.layout == "pipeline":
-        model = IGPTPipe(cfg.model, cfg.train.pipeline_stages, cfg.train.activation_checkpointing, cfg.train.seed)
-        if init is not None:
-            model.load_igpt_state_dict(init)
-        return model
+        return IGPTPipe(cfg.model, cfg.train.pipeline_stages, cfg.train.activation_checkpointing, cfg.train.seed)
     with model_init_context(ds_config):
         model = IGPT(cfg.model, cfg.train.seed)
     model.activation_checkpointing = cfg.train.activation_checkpointing
-    if init is not None:
-        checkpoint.load_weights(model, init, f"train.init_from={cfg.train.init_from}")
     return model
 
 
 def load_init(cfg: PretrainConfig) -> Mapping[str, Tensor]:
     """train.init_from's weights, read tensor by tensor as the model takes them."""
-    init_cfg, state, _ = open_consolidated(cfg.train.init_from)
+    init_cfg, state, _ = open_consolidated_shared(cfg.train.init_from)  # read by rank 0, shared
     shape = ("n_layer", "n_head", "n_embd", "n_px", "n_vocab", "bias")
     if any(getattr(init_cfg, k) != getattr(cfg.model, k) for k in shape):
         raise ConfigError(f"train.init_from={cfg.train.init_from} holds a model of another shape: {init_cfg}")
@@ -213,8 +209,10 @@ def setup(cfg: PretrainConfig) -> Run:
     if plan is not None and plan.universal:
         ds_config = build_ds_config(cfg.train, cfg.optim, world, load_universal=True, hidden_size=cfg.model.n_embd)
     init = load_init(cfg) if cfg.train.init_from and plan is None else None
-    model = build_model(cfg, ds_config, init)
+    model = build_model(cfg, ds_config)
     engine = initialize(model, ds_config, cfg.optim, cfg.train.max_steps, compile_model=cfg.train.compile)
+    if init is not None:
+        checkpoint.load_weights(engine, init, f"train.init_from={cfg.train.init_from}")
     dp_rank = model.topology().get_coord(rank).data if cfg.train.layout == "pipeline" else rank
     sampler = GlobalBatchSampler(len(train_split), cfg.train.global_batch, dp_rank, dp, cfg.train.seed)
     start_step = 0

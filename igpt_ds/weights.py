@@ -20,11 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from igpt_ds.atomic import atomic_dir
 from igpt_ds.config import ConfigError, ModelConfig, build
+from igpt_ds.distributed import on_rank0
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -78,9 +80,29 @@ class TensorFile(Mapping[str, torch.Tensor]):
         return len(self.shapes)
 
 
+class RemoteTensors(Mapping[str, torch.Tensor]):
+    """What a rank other than 0 holds of a consolidated file that rank 0 reads for everyone (`open_consolidated_
+    shared`): the tensors' names and shapes, no tensor. `igpt_ds.checkpoint.load_weights` receives each tensor by
+    broadcast instead."""
+
+    def __init__(self, shapes: dict[str, torch.Size]):
+        self.shapes = shapes
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        raise RuntimeError(f"tensor {key} is read by rank 0 and broadcast, not read here")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
 def tensor_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
     """Name -> shape of a state dict, without reading a TensorFile's tensors."""
-    return dict(state.shapes) if isinstance(state, TensorFile) else {k: v.shape for k, v in state.items()}
+    if isinstance(state, (TensorFile, RemoteTensors)):
+        return dict(state.shapes)
+    return {k: v.shape for k, v in state.items()}
 
 
 def open_consolidated(path: str | Path) -> tuple[ModelConfig, TensorFile, np.ndarray | None]:
@@ -88,6 +110,25 @@ def open_consolidated(path: str | Path) -> tuple[ModelConfig, TensorFile, np.nda
     path = Path(path)
     model_cfg, palette = read_consolidated_meta(path)
     return model_cfg, TensorFile(path / WEIGHTS_FILE), palette
+
+
+def open_consolidated_shared(path: str | Path) -> tuple[ModelConfig, Mapping[str, torch.Tensor], np.ndarray | None]:
+    """`open_consolidated` for a distributed job: rank 0 opens the folder and every rank receives the model config,
+    the palette and the tensors' shapes; rank 0's state is the TensorFile, the others' a `RemoteTensors`. Pass it
+    to `checkpoint.load_weights`, which reads each tensor once and broadcasts it: the folder is read from shared
+    storage once per job (its config and header included), not once per rank. Collective; a ConfigError (not a
+    consolidated folder) is raised on every rank. Without a process group, `open_consolidated`."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return open_consolidated(path)
+    opened: list[tuple[ModelConfig, TensorFile, np.ndarray | None]] = []
+
+    def header() -> tuple[ModelConfig, dict[str, torch.Size], np.ndarray | None]:
+        opened.append(open_consolidated(path))
+        cfg, state, palette = opened[0]
+        return cfg, tensor_shapes(state), palette
+
+    cfg, shapes, palette = on_rank0(header)
+    return cfg, (opened[0][1] if opened else RemoteTensors(shapes)), palette
 
 
 def load_consolidated(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], np.ndarray | None]:

@@ -124,6 +124,42 @@ def device_binding(visible: int) -> None:
     print(f"rank {rank} of {world}: device_id {handed[0]}, bound {fake.bound}, LOCAL_RANK {os.environ['LOCAL_RANK']}")
 
 
+def weight_reads(work: str, ds_config: str) -> None:
+    """Pretraining's init_from, then evaluation's model loading, on every rank; prints how many tensors and headers
+    of the consolidated file this rank read, and a checksum of what it loaded."""
+    from igpt_ds import weights
+    from igpt_ds.config import PretrainConfig, load_config
+    from igpt_ds.trainer import setup
+
+    counts = {"tensors": 0, "headers": 0}
+    read, opened = weights.TensorFile.__getitem__, weights.TensorFile.__init__
+
+    def counting_read(self, key):
+        counts["tensors"] += 1
+        return read(self, key)
+
+    def counting_open(self, path):
+        counts["headers"] += 1
+        opened(self, path)
+
+    weights.TensorFile.__getitem__, weights.TensorFile.__init__ = counting_read, counting_open
+    root = Path(work)
+    cfg = load_config(PretrainConfig, None, [
+        "--model.size=igpt-tiny", "--model.n_px=8", "--model.n_vocab=8", f"--data.shards={root / 'shards'}",
+        f"--train.run_root={root / 'runs'}", f"--train.ds_config={ds_config}", "--train.global_batch=16",
+        "--train.micro_batch=4", f"--train.init_from={root / 'weights'}", "--train.probe_every=0"])  # fmt: skip
+    run = setup(cfg)
+    run.reader.close()
+    trained = counts["tensors"]
+    model, _, _ = checkpoint.load_model_for_ranks(root / "weights", root / "export")
+    total = sum(float(p.double().sum()) for p in model.parameters())
+    print(
+        f"init_from {trained} tensors, eval {counts['tensors'] - trained} tensors, {counts['headers']} headers, "
+        f"sum {total:.6f}",
+        flush=True,
+    )
+
+
 def pretrain_ranks(config: str, overrides: str, rank1_overrides: str, rank1_blind: int) -> None:
     """launcher/pretrain.py's job on this rank, with `rank1_overrides` added on rank 1 and, when `rank1_blind`,
     rank 1 seeing no checkpoint at all (a stale listing of the checkpoint folder on a network filesystem)."""

@@ -54,11 +54,11 @@ def test_load_weights_keeps_the_head_and_checks_keys():
     model = IGPTClassifier(CFG, n_classes=3, bias=True)  # the bias shows in the missing keys too
     torch.nn.init.normal_(model.clf_head.weight)
     head = model.clf_head.weight.clone()
-    load_weights(model, state, "pretrained", keep_init=("clf_head.",))
+    load_weights(model, state, "pretrained")  # the head keeps its initialisation by default
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert torch.equal(model.clf_head.weight, head)
     with pytest.raises(ConfigError, match=r"^pretrained: .*missing: clf_head\.bias, clf_head\.weight"):
-        load_weights(model, state, "pretrained")  # the head is not in a pretrained state dict
+        load_weights(model, state, "pretrained", keep_init=())  # the head is not in a pretrained state dict
 
 
 def test_weights_read_tensor_by_tensor_load_like_the_whole_file(tmp_path):

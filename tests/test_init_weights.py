@@ -76,7 +76,8 @@ def test_init_from_gives_bf16_runs_the_exact_fp32_masters(layout, work, rank):
     stage, pipeline = (1, True) if layout == "pipeline" else (int(layout[-1]), False)
     config = write_config(work / f"{layout}.yaml", work / "shards", work / "runs", 8)
     overrides = [f"--train.name={layout}", f"--train.ds_config={policy(work, stage, pipeline)}",
-                 f"--train.init_from={work / 'weights'}", *(["--train.layout=pipeline"] if pipeline else [])]  # fmt: skip
+                 f"--train.init_from={work / 'weights'}"]  # fmt: skip
+    overrides += ["--train.layout=pipeline"] if pipeline else []
     run = setup(load_config(PretrainConfig, config, overrides))
     run.reader.close()
     want, got = expected(work), masters(run.engine)

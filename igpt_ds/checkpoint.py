@@ -35,7 +35,9 @@ import os
 import random
 import shutil
 import sys
+import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -90,17 +92,16 @@ def save(
 ) -> Path:
     """Write checkpoint `step` on every rank (collective); mark it complete and latest; keep `keep`.
 
-    `meta` (run.json: step, sampler state, topology) and `files` (name -> text) are written by rank 0.
+    `meta` (run.json: step, sampler state, topology) and `files` (name -> text) are written by rank 0. Whether the
+    step is already saved (a rerun of a finished run) is rank 0's decision for every rank: a rank that decided from
+    its own, stale, listing of a network filesystem would skip the collective save alone and hang the others.
+    Old checkpoints are moved aside at once and deleted in a background thread (`prune`), so no rank waits at the
+    next collective while rank 0 deletes tens of GB.
     """
     rank = dist.get_rank()
     path = root / tag_for(step)
-    if (path / COMPLETE).is_file():  # already saved (a rerun of a finished run): nothing new to write
+    if on_rank0(lambda: prepare(root, path)) == "saved":
         return path
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if path.exists():  # the leftovers of a save killed midway
-            shutil.rmtree(path)
-    barrier()
     # ds_to_universal refuses ZeRO-1/2 and pipeline checkpoints without this marker of the format.
     universal_info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     engine.save_checkpoint(str(root), tag=path.name, client_state=universal_info, save_latest=False)
@@ -119,14 +120,50 @@ def save(
     return path
 
 
+def prepare(root: Path, path: Path) -> str:
+    """Rank 0, before a save: "saved" when `path` is already a complete checkpoint; otherwise "write", with `root`
+    made and the leftovers of a save killed midway at `path` moved aside for deletion."""
+    if (path / COMPLETE).is_file():
+        return "saved"
+    root.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        discard(path, root)
+    return "write"
+
+
+TRASH = ".trash"
+"""Folder of a checkpoints folder into which `prune` moves what it deletes, before deleting it in the background."""
+_deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="igpt-delete")
+
+
+def discard(folder: Path, root: Path) -> None:
+    """Move `folder` into `root`/.trash at once (a rename: `latest` and resumes no longer see it) and delete it in
+    the background thread. The interpreter waits for pending deletions at exit; a killed process leaves them in
+    .trash, which the next `prune` empties."""
+    trash = root / TRASH
+    trash.mkdir(exist_ok=True)
+    target = trash / f"{folder.parent.name}-{folder.name}-{uuid.uuid4().hex[:8]}"
+    folder.rename(target)
+    _deleter.submit(shutil.rmtree, target, ignore_errors=True)
+
+
+def wait_for_deletions() -> None:
+    """Block until the background deletions submitted so far are done."""
+    _deleter.submit(lambda: None).result()
+
+
 def prune(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (and their universal forms), and every incomplete one."""
+    """Delete all but the newest `keep` complete checkpoints (and their universal forms), every incomplete one, and
+    what a killed process left in .trash: moved aside now, deleted in the background (`discard`)."""
     tags = sorted(p for p in root.glob("step_*") if p.is_dir())
     complete = [p for p in tags if (p / COMPLETE).is_file()]
     kept = {p.name for p in complete[-keep:]}
+    leftovers = list((root / TRASH).iterdir()) if (root / TRASH).is_dir() else []
     for p in [*tags, *root.glob("universal/step_*")]:
         if p.name not in kept:
-            shutil.rmtree(p, ignore_errors=True)
+            discard(p, root)
+    for p in leftovers:
+        _deleter.submit(shutil.rmtree, p, ignore_errors=True)
 
 
 def latest(root: Path) -> Path | None:

@@ -160,6 +160,33 @@ def weight_reads(work: str, ds_config: str) -> None:
     )
 
 
+def save_twice(root: str, rank1_blind: int) -> None:
+    """A 2-rank ZeRO-1 engine saves step 1, then saves step 1 again (a rerun of a finished run) with rank 1, when
+    `rank1_blind`, seeing no `complete` marker (a stale listing of a network filesystem)."""
+    import deepspeed
+    import torch
+
+    from igpt_ds.config import ModelConfig, OptimConfig, TrainConfig
+    from igpt_ds.engine import build_ds_config, initialize
+
+    init_distributed(20)
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    deepspeed.init_distributed(dist_backend="gloo")
+    train = TrainConfig(ds_config="ds_configs/cpu.json", global_batch=2, micro_batch=1)
+    engine = initialize(IGPT(ModelConfig(size="igpt-tiny", n_px=4, n_vocab=8), seed=0),
+                        build_ds_config(train, OptimConfig(), 2), OptimConfig(), 10)  # fmt: skip
+    ckpts = Path(root) / "checkpoints"
+    checkpoint.save(engine, ckpts, 1, {"step": 1}, {}, None, keep=2)
+    if int(os.environ["RANK"]) == 1 and rank1_blind:
+        real = Path.is_file
+        Path.is_file = lambda self: False if self.name == checkpoint.COMPLETE else real(self)
+    before = torch.load(ckpts / "step_00000001" / "rng_rank00000.pt", weights_only=False)["torch"]
+    checkpoint.save(engine, ckpts, 1, {"step": 1}, {}, None, keep=2)
+    barrier()
+    after = torch.load(ckpts / "step_00000001" / "rng_rank00000.pt", weights_only=False)["torch"]
+    print(f"saved twice; rewritten: {not torch.equal(before, after)}", flush=True)
+
+
 def pretrain_ranks(config: str, overrides: str, rank1_overrides: str, rank1_blind: int) -> None:
     """launcher/pretrain.py's job on this rank, with `rank1_overrides` added on rank 1 and, when `rank1_blind`,
     rank 1 seeing no checkpoint at all (a stale listing of the checkpoint folder on a network filesystem)."""

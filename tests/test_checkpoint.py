@@ -92,3 +92,41 @@ def test_shards_with_another_palette_are_refused(tmp_path):
         check_palette(load_consolidated(other)[2], split, other)
     assert f"--palette {other / 'palette.npy'}" in str(e.value) and str(shards) in str(e.value)
     assert np.array_equal(load_consolidated(other)[2][::-1], split.palette)  # same colours, other token order
+
+
+@pytest.mark.multiproc
+def test_a_rank_with_a_stale_listing_does_not_save_alone(tmp_path):
+    """Rank 1 cannot see that step 1 is already saved; rank 0 decides for both, so neither enters the collective
+    save alone (which hung the other ranks, or failed when rank 0 exited), and nothing is rewritten."""
+    from test_distributed import run_program
+
+    for result in run_program("save_twice", str(tmp_path), "1", timeout=180):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.strip().splitlines()[-1] == "saved twice; rewritten: False"
+
+
+def test_old_checkpoints_are_deleted_in_the_background(tmp_path, monkeypatch, one_rank_group):
+    """Rank 0 moves what it prunes aside at once and deletes it on another thread: the other ranks, waiting at the
+    next collective, do not wait for tens of GB to be deleted. A killed process's leftovers go the same way."""
+    import threading
+
+    from igpt_ds import checkpoint as ckpt
+    from igpt_ds.config import OptimConfig, TrainConfig
+    from igpt_ds.engine import build_ds_config, initialize
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    train = TrainConfig(ds_config="ds_configs/cpu.json", global_batch=1, micro_batch=1)
+    engine = initialize(IGPT(CFG, seed=0), build_ds_config(train, OptimConfig(), 1), OptimConfig(), 10)
+    deleted_on = []
+    real = ckpt.shutil.rmtree
+    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda p, **kw: deleted_on.append(threading.current_thread()) or
+                        real(p, **kw))  # fmt: skip
+    root = tmp_path / "checkpoints"
+    (root / "step_00000000").mkdir(parents=True)  # the leftovers of a save killed midway
+    (root / "step_00000000" / "mp_rank_00_model_states.pt").write_text("half")
+    for step in (1, 2, 3):
+        ckpt.save(engine, root, step, {"step": step}, {}, None, keep=1)
+    ckpt.wait_for_deletions()
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003"]
+    assert list((root / ckpt.TRASH).iterdir()) == []
+    assert deleted_on and all(t is not threading.main_thread() for t in deleted_on)

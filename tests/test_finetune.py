@@ -85,7 +85,10 @@ def test_a_bert_model_is_evaluated_on_masked_inputs_averaged_over_keyed_masks(on
 
     def evaluate(eval_masks: int) -> float:
         ft = SimpleNamespace(
-            model_cfg=cfg, engine=model, cfg=SimpleNamespace(finetune=FinetuneSection(eval_masks=eval_masks))
+            model_cfg=cfg,
+            engine=model,
+            cfg=SimpleNamespace(finetune=FinetuneSection(eval_masks=eval_masks)),
+            pinned=False,
         )
         ft.eval_mask = lambda i, j: Finetuner.eval_mask(ft, i, j)
         ft.frozen_batches = lambda split, n: iter([(5, idx, tokens, labels)])

@@ -39,13 +39,14 @@ def resume_plan(run_dir: Path, **check: Any) -> resume.Resume | None:
 
 
 def run_files(resolved: dict[str, Any], ds_config: dict[str, Any]) -> dict[str, str]:
-    """The files that say what ran: the resolved config, the DeepSpeed config actually used, the code's revision.
-    Written into the run folder and into every checkpoint."""
+    """The files that say what ran: the resolved config, the DeepSpeed config actually used, the code's revision
+    (asked of git by rank 0 alone, for every rank: two git processes per job, not per rank). Written into the run
+    folder and into every checkpoint. Collective."""
     plain = json.loads(json.dumps(resolved))  # tuples -> lists for YAML
     return {
         "config.yaml": yaml.safe_dump(plain, sort_keys=False),
         "ds_config.json": json.dumps(ds_config, indent=2),
-        "git_rev.txt": git_revision(),
+        "git_rev.txt": on_rank0(git_revision),
     }
 
 

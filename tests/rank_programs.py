@@ -124,38 +124,50 @@ def device_binding(visible: int) -> None:
     print(f"rank {rank} of {world}: device_id {handed[0]}, bound {fake.bound}, LOCAL_RANK {os.environ['LOCAL_RANK']}")
 
 
-def weight_reads(work: str, ds_config: str) -> None:
-    """Pretraining's init_from, then evaluation's model loading, on every rank; prints how many tensors and headers
-    of the consolidated file this rank read, and a checksum of what it loaded."""
-    from igpt_ds import weights
+def startup_reads(work: str, ds_config: str) -> None:
+    """Pretraining's start-up with train.init_from and data.verify_checksums, then evaluation's model loading, on
+    every rank; prints what this rank read of shared storage: tensors and headers of the consolidated weights, git
+    processes, shard files stat'ed, label files loaded, files hashed; and a checksum of the loaded model."""
+    from igpt_ds import run as run_lifecycle
+    from igpt_ds import shards, weights
     from igpt_ds.config import PretrainConfig, load_config
     from igpt_ds.trainer import setup
 
-    counts = {"tensors": 0, "headers": 0}
-    read, opened = weights.TensorFile.__getitem__, weights.TensorFile.__init__
+    counts = dict.fromkeys(("tensors", "headers", "git", "stats", "labels"), 0)
+    hashed: list[str] = []
 
-    def counting_read(self, key):
-        counts["tensors"] += 1
-        return read(self, key)
+    def counting(key, real):
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return real(*args, **kwargs)
 
-    def counting_open(self, path):
-        counts["headers"] += 1
-        opened(self, path)
+        return wrapper
 
-    weights.TensorFile.__getitem__, weights.TensorFile.__init__ = counting_read, counting_open
+    weights.TensorFile.__getitem__ = counting("tensors", weights.TensorFile.__getitem__)
+    weights.TensorFile.__init__ = counting("headers", weights.TensorFile.__init__)
+    shards.ShardSplit._check = counting("stats", shards.ShardSplit._check)
+    shards.ShardSplit._load_labels = counting("labels", shards.ShardSplit._load_labels)
+    real_hash, real_run = shards.sha256_file, run_lifecycle.subprocess.run
     root = Path(work)
+    shards.sha256_file = lambda path, *a: (
+        hashed.append(str(Path(path).relative_to(root / "shards"))) or real_hash(path, *a)
+    )
+    run_lifecycle.subprocess.run = lambda cmd, *a, **k: (counts.__setitem__("git", counts["git"] + (cmd[0] == "git"))
+                                                          or real_run(cmd, *a, **k))  # fmt: skip
     cfg = load_config(PretrainConfig, None, [
         "--model.size=igpt-tiny", "--model.n_px=8", "--model.n_vocab=8", f"--data.shards={root / 'shards'}",
-        f"--train.run_root={root / 'runs'}", f"--train.ds_config={ds_config}", "--train.global_batch=16",
-        "--train.micro_batch=4", f"--train.init_from={root / 'weights'}", "--train.probe_every=0"])  # fmt: skip
+        "--data.verify_checksums=true", f"--train.run_root={root / 'runs'}", f"--train.ds_config={ds_config}",
+        "--train.global_batch=16", "--train.micro_batch=4", f"--train.init_from={root / 'weights'}",
+        "--train.probe_every=0"])  # fmt: skip
     run = setup(cfg)
     run.reader.close()
     trained = counts["tensors"]
     model, _, _ = checkpoint.load_model_for_ranks(root / "weights", root / "export")
     total = sum(float(p.double().sum()) for p in model.parameters())
+    print(f"hashed {sorted(hashed)}", flush=True)
     print(
         f"init_from {trained} tensors, eval {counts['tensors'] - trained} tensors, {counts['headers']} headers, "
-        f"sum {total:.6f}",
+        f"{counts['git']} git, {counts['stats']} stats, {counts['labels']} label files, sum {total:.6f}",
         flush=True,
     )
 

@@ -107,18 +107,24 @@ def test_a_fine_tuning_backbone_arrives_exactly(stage, work, rank):
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("ds_config", ["ds_configs/cpu.json", "ds_configs/cpu_zero3.json"])
-def test_two_ranks_read_the_file_once(ds_config, work):
-    """Bytes read from shared storage for a model of M bytes at R ranks: M x R before (every rank read every
-    tensor), M after: rank 1 reads no tensor and no header, and loads the same values."""
+def test_two_ranks_read_start_up_files_once(ds_config, work):
+    """What every rank read at start-up from shared storage, now read by rank 0 alone (or shared out) and sent to
+    the others: the consolidated weights (M bytes: M x R before, M now), git's answer, every shard file's size and
+    every label file (train and val), and with data.verify_checksums each file hashed by one rank, not by all."""
     from test_distributed import run_program
 
-    results = run_program("weight_reads", str(work), ds_config)
+    from igpt_ds.shards import ShardSplit
+
+    results = run_program("startup_reads", str(work), ds_config)
     n = len(expected(work))
-    lines = []
+    out = []
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
-        lines.append(result.stdout.strip().splitlines()[-1])
-    assert lines[0].startswith(f"init_from {n} tensors, eval {n} tensors, ") and lines[1].startswith(
-        "init_from 0 tensors, eval 0 tensors, 0 headers"
-    ), lines
-    assert lines[0].split("sum ")[1] == lines[1].split("sum ")[1]
+        out.append(result.stdout.strip().splitlines()[-2:])
+    (hashed0, line0), (hashed1, line1) = out
+    assert line0.startswith(f"init_from {n} tensors, eval {n} tensors, ") and " 2 git, " in line0, line0
+    assert line1.startswith("init_from 0 tensors, eval 0 tensors, 0 headers, 0 git, 0 stats, 0 label files"), line1
+    assert line0.split("sum ")[1] == line1.split("sum ")[1]
+    files = [name for split in ("train", "val") for name, _ in ShardSplit(work / "shards", split).files()]
+    by_rank = [eval(h.removeprefix("hashed ")) for h in (hashed0, hashed1)]  # noqa: S307 - our own print
+    assert by_rank[0] and by_rank[1] and sorted(by_rank[0] + by_rank[1]) == sorted(files)  # each file once a split

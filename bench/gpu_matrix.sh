@@ -43,10 +43,11 @@ ZERO3=ds_configs/zero3_bf16.json
 { nvidia-smi 2>/dev/null; python3 -m pip list 2>/dev/null | grep -Ei '^(torch|deepspeed|transformers|triton) '; } \
     > "$OUT/env.txt"
 
-# 0. The GPU checks (tests/gpu: bf16 autocast, flash SDPA, compile under ZeRO-1, NCCL, cached decoding), ~1-2 min;
-#    they skip themselves without CUDA. Their summary lands in $OUT/gpu_tests.txt.
+# 0. The GPU checks (tests/gpu: bf16 autocast, flash SDPA, compile under ZeRO-1, NCCL, cached decoding, and the sync
+#    guard: every hot loop under CUDA's sync debug mode), ~2-3 min; they skip themselves without CUDA. Their summary
+#    lands in $OUT/gpu_tests.txt, DeepSpeed's own syncs per loop in $OUT/gpu_syncs.md.
 echo "== tests/gpu (${SECONDS}s spent)"
-python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.txt" \
+OUT=$OUT python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.txt" \
     | tail -n 15
 
 # group NAME SECONDS_ESTIMATE PEERS... -- BENCH_ARGS...: one bench/train_throughput.py run, if time allows.
@@ -77,6 +78,12 @@ if (( SECONDS + 90 <= BUDGET_S )); then
     python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); from data_throughput import \
 synthetic_shards; synthetic_shards(2000, $PX, Path('$SCRATCH'), k=512)" >/dev/null || echo "building shards failed"
     group s_trainer 90 compile trainer trainer:compile=1,fused=1 -- "${S[@]}" --shards "$SCRATCH/shards"
+fi
+# 1c. The default engine policy (a run naming no JSON: igpt_ds.engine.choose_policy, the lowest ZeRO stage whose
+#     memory estimate fits the GPU) against the stages it could have chosen, through the same entry point.
+if (( SECONDS + 120 <= BUDGET_S )) && [[ -d "$SCRATCH/shards" ]]; then
+    group s_policy 120 trainer:config=default "trainer:config=$ZERO1" "trainer:config=ds_configs/zero2_bf16.json" \
+        "trainer:config=$ZERO3" -- "${S[@]}" --shards "$SCRATCH/shards"
 fi
 # 2. iGPT-M, the >= 45% MFU target: its preset's zero3 policy, ZeRO-1 fused, ZeRO-3 holding every parameter.
 group m_headline 150 eager compile "ds:config=$ZERO3" ds:fused=1 \

@@ -17,8 +17,9 @@ like with like:
             metrics, which starts after at least --warmup steps
 
 A peer is `NAME[:key=value,...]`. Keys: `ckpt=1` activation checkpointing, `fused=1` fused AdamW,
-`sdpa=flash|efficient|cudnn|math` pin the attention kernel; for ds/pipe also `config=PATH` (policy
-JSON, default --ds-config), `stage=N`, `compile=1` (DeepSpeed's engine.compile()), and any other key
+`sdpa=flash|efficient|cudnn|math` pin the attention kernel; for ds/pipe/trainer also `config=PATH` (policy
+JSON, default --ds-config; `config=default` for the trainer: no JSON named, the engine policy a run gets by
+itself, igpt_ds.engine.choose_policy), `stage=N`, `compile=1` (DeepSpeed's engine.compile()), and any other key
 (ds, pipe, trainer) as a zero_optimization override (`stage3_param_persistence_threshold=1e5`, `overlap_comm=false`).
 Each peer runs in its own child process: its peak memory, DeepSpeed state and compile caches are its
 own, and one failure (out of memory, say) is recorded without losing the others.
@@ -165,7 +166,7 @@ def deepspeed_step(peer: Peer, cfg: ModelConfig, args: argparse.Namespace, devic
     _, world = init_distributed(timeout_s=600)
     pipeline = peer.impl == "pipe"
     run, ds_config = pretrain_config(peer, cfg, args, world, args.warmup + args.steps)
-    model = build_model(run, ds_config, None)
+    model = build_model(run, ds_config)
     engine = initialize(model, ds_config, run.optim, run.train.max_steps, compile_model=run.train.compile)
 
     def step(tokens: torch.Tensor) -> torch.Tensor:
@@ -188,14 +189,17 @@ def pretrain_config(
 
     opts = dict(peer.options)
     pipeline = peer.impl == "pipe"
+    config = str(opts.pop("config", args.ds_config))
     train = TrainConfig(
-        ds_config=str(opts.pop("config", args.ds_config)), layout="pipeline" if pipeline else "zero",
+        ds_config="" if config == "default" else config, layout="pipeline" if pipeline else "zero",
         pipeline_stages=world if pipeline else 1, activation_checkpointing=bool(opts.pop("ckpt", False)),
         compile=bool(opts.pop("compile", False)), global_batch=args.micro_batch * world,
         micro_batch=args.micro_batch, max_steps=max_steps,
     )  # fmt: skip
     run = PretrainConfig(model=cfg, optim=OptimConfig(fused=bool(opts.pop("fused", False))), train=train)
-    ds_config = build_ds_config(train, run.optim, world)
+    ds_config = build_ds_config(train, run.optim, world, model=cfg)
+    if config == "default":  # the engine policy a run naming no JSON gets (igpt_ds.engine.choose_policy), as is
+        return run, ds_config
     # Bench-time levers, applied to this run's copy only: the policy files in ds_configs/ stay as they are.
     ds_config["bf16"] = {"enabled": args.precision == "bf16"}
     opts.pop("sdpa", None)
@@ -219,12 +223,15 @@ def measure_trainer(peer: Peer, cfg: ModelConfig, args: argparse.Namespace) -> d
     windows = 1 + -(-args.warmup // args.steps)  # whole windows of --steps; the first ones hold the warmup
     run, ds_config = pretrain_config(peer, cfg, args, 1, windows * args.steps)
     with tempfile.TemporaryDirectory() as tmp:
-        policy = Path(tmp) / "policy.json"  # the bench's DeepSpeed config, less what the run config owns
-        policy.write_text(json.dumps({k: v for k, v in ds_config.items() if k not in OWNED_KEYS}))
+        if run.train.ds_config:  # the bench's DeepSpeed config, less what the run config owns
+            policy = Path(tmp) / "policy.json"
+            policy.write_text(json.dumps({k: v for k, v in ds_config.items() if k not in OWNED_KEYS}))
+            run.train.ds_config = str(policy)
         run.data = DataConfig(shards=args.shards, val_split="train")  # evaluation is off: any split will do
-        run.train.ds_config, run.train.run_root = str(policy), tmp
+        run.train.run_root = tmp
         run.train.log_every, run.train.eval_every, run.train.save_every = args.steps, 0, run.train.max_steps
         last = train(run)
+        ds_config = json.loads((run.train.run_dir / "ds_config.json").read_text())  # what the run used
     tokens_per_s = last["perf/tokens_per_s"]
     memory = last.get("memory/max_allocated_gib", last.get("memory/max_rss_gib"))
     return {

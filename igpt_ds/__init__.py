@@ -8,7 +8,7 @@ tests/test_architecture.py checks it):
     data         palette (k-means colours), shards (memory-mapped pixel shards, samplers, open_shards), prefetch
                  (host batches read ahead, pinned, copied without blocking)
     model        model (IGPT, KV cache, inference precision), pipe (pipeline layout), weights (consolidated
-                 safetensors), flops, hf_interop (HF ImageGPT / OpenAI weights)
+                 safetensors), flops, memory (bytes per GPU of a layout), hf_interop (HF ImageGPT / OpenAI weights)
     run          engine (DeepSpeed JSON, optimizer, schedule), checkpoint, resume (what a checkpoint may resume),
                  run (the run lifecycle both loops share), metrics (TensorBoard), logreg (the probe's data-parallel
                  solver), plots (PNG figures)

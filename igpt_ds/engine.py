@@ -1,10 +1,11 @@
 """DeepSpeed engine construction: the DeepSpeed JSON, optimizer, LR schedule, deepspeed.initialize.
 
 The run config owns batch sizes, gradient clipping, the optimizer and the LR schedule; the DeepSpeed JSON
-(`train.ds_config` / `--deepspeed_config`; by default the shipped one `default_policy` picks for the
-accelerator) sets engine policy (ZeRO stage, precision, offload, buckets). `build_ds_config` is the one
-function that writes the run config's values into the JSON. A JSON brought from DeepSpeedExamples or HF may
-set those keys too: values that agree and "auto" are accepted, a contradiction is refused naming both.
+(`train.ds_config` / `--deepspeed_config`; by default the shipped one `choose_policy` picks for the accelerator
+and, on a GPU, for the model's memory) sets engine policy (ZeRO stage, precision, offload, buckets).
+`build_ds_config` is the one function that writes the run config's values into the JSON. A JSON brought from
+DeepSpeedExamples or HF may set those keys too: values that agree and "auto" are accepted, a contradiction is
+refused naming both.
 Recipe (docs/reference.md#objectives-and-recipe): Adam β=(0.9, 0.95), no weight decay, linear warmup,
 then cosine decay to 0 (`lr_at`).
 
@@ -27,6 +28,7 @@ import contextlib
 import json
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,17 @@ from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from torch import nn
 
-from igpt_ds.config import DS_CONFIGS_DIR, ConfigError, OptimConfig, TrainConfig, find_shipped, origin_of
-from igpt_ds.distributed import without_cpu_shm_allreduce
+from igpt_ds.config import (
+    DS_CONFIGS_DIR,
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    find_shipped,
+    origin_of,
+)
+from igpt_ds.distributed import collective_device, without_cpu_shm_allreduce
+from igpt_ds.memory import GIB, USABLE_FRACTION, Knobs, Layout, Shape, memory
 
 # DeepSpeed keys whose values the run config owns, and where each is set. A JSON may set them too (as
 # DeepSpeedExamples and HF's JSONs do) if it agrees, or "auto" to take the run config's value.
@@ -54,31 +65,97 @@ ADAM_TYPES = ("adam", "adamw")
 (docs/reference.md#objectives-and-recipe)."""
 
 
-def default_policy(device_name: str, bf16_supported: bool, layout: str) -> str:
-    """The shipped JSON a run gets when it names none (`train.ds_config=""`), by accelerator and layout.
+@dataclass(frozen=True)
+class Policy:
+    """The DeepSpeed JSON a run uses and why: the run's header line and TensorBoard say both."""
 
-    A GPU: bf16 with the stage the layout implies, ZeRO-3 for `zero` (zero3_bf16) and ZeRO-1 for `pipeline`
-    (pipeline_zero1_bf16: DeepSpeed's pipeline engine takes no higher stage). A CPU: fp32 ZeRO-1 (cpu.json;
-    bf16 on CPU is slower than fp32 for these shapes). Raises ConfigError on an accelerator without bf16.
-    """
-    if device_name == "cpu":
-        return "cpu.json"
-    if not bf16_supported:
-        raise ConfigError(
-            f"this {device_name} accelerator has no bf16 and no JSON was named: set train.ds_config (or "
-            "--deepspeed_config) to a JSON with the precision you want (fp16 with loss scaling is untested here)"
-        )
-    return "pipeline_zero1_bf16.json" if layout == "pipeline" else "zero3_bf16.json"
+    path: Path
+    why: str
+    follows_checkpoint: bool = False
+    """The default of a GPU's ZeRO layout: a resumed run takes its checkpoint's stage (`choose_policy(stage=)`)."""
 
 
-def policy_path(train: TrainConfig) -> Path:
-    """The DeepSpeed JSON this run uses: train.ds_config (a path or a shipped name), else `default_policy`
-    for the accelerator DeepSpeed detected."""
+DEFAULT_STAGES = (1, 2, 3)
+"""ZeRO stages the default policy picks from, lowest first. Not ZeRO-0: ZeRO-1 communicates as much per step (a
+reduce-scatter and an all-gather are one all-reduce) and holds 1/dp of the optimizer states; on one GPU the two
+are the same. ZeRO-3 last: it gathers every layer's parameters in every forward and backward (66.9k tokens/s
+against ZeRO-1's 109k for iGPT-S on one H200, docs/reference.md#measured-anchor) and its hooks cut torch.compile's
+graphs at every module."""
+
+
+def default_policy(
+    model: ModelConfig, train: TrainConfig, dp: int, device_bytes: float, usable: float = USABLE_FRACTION
+) -> tuple[str, str]:
+    """(shipped JSON, why) of a GPU run in the ZeRO layout that names no JSON: the lowest stage of DEFAULT_STAGES
+    whose estimated peak memory per GPU (`igpt_ds.memory`, with that JSON's buckets, at train.micro_batch and
+    train.activation_checkpointing, over `dp` data-parallel ranks) fits `usable` (memory.USABLE_FRACTION) of
+    `device_bytes`; ZeRO-3 when none does, saying so. The same estimate `launcher/plan.py` prints."""
+    shape, accum = Shape.of(model), train.grad_accum(dp)
+    limit = usable * device_bytes
+    for stage in DEFAULT_STAGES:
+        name = f"zero{stage}_bf16.json"
+        layout = Layout(stage, 1, "none", train.activation_checkpointing, train.micro_batch)
+        peak = memory(shape, layout, dp, accum, Knobs.from_policy(load_policy(DS_CONFIGS_DIR / name)))["peak"]
+        estimate = f"{peak / GIB:.1f} GiB a GPU by the estimate"
+        room = f"{usable:.0%} of {device_bytes / GIB:.0f} GiB"
+        if peak <= limit:
+            return name, f"default policy: ZeRO-{stage}, the lowest stage that fits: {estimate} within {room}"
+    ways = ["train.activation_checkpointing=true"] if not train.activation_checkpointing else []
+    ways += ["a smaller train.micro_batch", "more GPUs", "ds_configs/zero3_offload.json"]
+    return name, f"default policy: ZeRO-3, though no stage fits: {estimate} against {room}; try {', '.join(ways)}"
+
+
+def choose_policy(
+    train: TrainConfig, model: ModelConfig | None = None, world_size: int = 1, stage: int | None = None
+) -> Policy:
+    """The DeepSpeed JSON of this run: train.ds_config when named (a path or a shipped name); else by accelerator.
+
+    A CPU: fp32 ZeRO-1 (cpu.json; bf16 on a CPU is slower than fp32 at these shapes). A GPU (bf16): the pipeline
+    layout's pipeline_zero1_bf16.json (DeepSpeed's pipeline engine takes no higher stage); the ZeRO layout's
+    `default_policy` for `model` on the smallest device of the job (`device_memory`: collective, so every rank
+    picks the same), or the checkpoint's `stage` when resuming (a ZeRO checkpoint resumes at its own stage only).
+    Without `model` (checks before the model is known), ZeRO-3's JSON stands in. ConfigError on a GPU without
+    bf16."""
     if train.ds_config:
-        return find_shipped(train.ds_config, DS_CONFIGS_DIR, "ds_configs", "train.ds_config")
+        return Policy(find_shipped(train.ds_config, DS_CONFIGS_DIR, "ds_configs", "train.ds_config"), "named")
     from deepspeed.accelerator import get_accelerator
 
-    return DS_CONFIGS_DIR / default_policy(get_accelerator().device_name(), accelerator_has_bf16(), train.layout)
+    device = get_accelerator().device_name()
+    if device == "cpu":
+        return Policy(DS_CONFIGS_DIR / "cpu.json", "default policy on a CPU: fp32 ZeRO-1")
+    if not accelerator_has_bf16():
+        raise ConfigError(
+            f"this {device} accelerator has no bf16 and no JSON was named: set train.ds_config (or "
+            "--deepspeed_config) to a JSON with the precision you want (fp16 with loss scaling is untested here)"
+        )
+    if train.layout == "pipeline":
+        return Policy(DS_CONFIGS_DIR / "pipeline_zero1_bf16.json", "default policy of the pipeline layout")
+    if stage in DEFAULT_STAGES:
+        why = f"default policy: ZeRO-{stage}, the checkpoint's"
+        return Policy(DS_CONFIGS_DIR / f"zero{stage}_bf16.json", why, True)
+    if model is None:
+        return Policy(DS_CONFIGS_DIR / "zero3_bf16.json", "provisional, before the model is known", True)
+    name, why = default_policy(model, train, dp_size(train, world_size), device_memory())
+    return Policy(DS_CONFIGS_DIR / name, why, True)
+
+
+def device_memory() -> int:
+    """Bytes of memory of this rank's accelerator, the smallest over the job's ranks (one all-reduce), so that every
+    rank takes the same decision from it."""
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    total = int(get_accelerator().total_memory())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        smallest = torch.tensor([float(total)], device=collective_device())
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        total = int(smallest.item())
+    return total
+
+
+def policy_path(train: TrainConfig, model: ModelConfig | None = None, world_size: int = 1) -> Path:
+    """The DeepSpeed JSON this run uses (`choose_policy`)."""
+    return choose_policy(train, model, world_size).path
 
 
 def accelerator_has_bf16() -> bool:
@@ -175,16 +252,18 @@ def dp_size(train: TrainConfig, world_size: int) -> int:
 
 def build_ds_config(
     train: TrainConfig, optim: OptimConfig, world_size: int, load_universal: bool = False,
-    hidden_size: int | None = None,
+    model: ModelConfig | None = None, policy: Policy | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The DeepSpeed config actually used: the JSON (`policy_path`) + batch sizes, clipping, optimizer.
+    """The DeepSpeed config actually used: the JSON (`policy`, default `choose_policy(train, model, world_size)`)
+    + batch sizes, clipping, optimizer.
 
     A JSON may carry the keys the run config owns (OWNED_KEYS) when they agree with it or say "auto"
-    (filled from the run config, as HF's integration does; `hidden_size` fills the ZeRO-3 bucket "auto"s).
+    (filled from the run config, as HF's integration does; `model`'s width fills the ZeRO-3 bucket "auto"s).
     A contradiction raises ConfigError naming both values and where each came from; so does a `scheduler`
     section (the schedule is optim.*) and an optimizer other than Adam/AdamW.
     """
-    path = policy_path(train)
+    path = (policy or choose_policy(train, model, world_size)).path
+    hidden_size = model.n_embd if model is not None else None
     source = str(path)
     raw = load_policy(path)
     dp = dp_size(train, world_size)
@@ -242,7 +321,7 @@ def build_ds_config(
     return cfg
 
 
-def engine_facts(ds_config: dict[str, Any], train: TrainConfig, world_size: int) -> dict[str, Any]:
+def engine_facts(ds_config: dict[str, Any], train: TrainConfig, world_size: int, policy: Policy) -> dict[str, Any]:
     """What the engine runs with, for the run's header line (`describe`) and TensorBoard's text/hparams."""
     return {
         "world_size": world_size,
@@ -253,7 +332,8 @@ def engine_facts(ds_config: dict[str, Any], train: TrainConfig, world_size: int)
         "micro_batch": ds_config["train_micro_batch_size_per_gpu"],
         "grad_accum": ds_config["gradient_accumulation_steps"],
         "global_batch": ds_config["train_batch_size"],
-        "ds_json": str(policy_path(train)),
+        "ds_json": str(policy.path),
+        "policy": policy.why,
     }
 
 
@@ -263,7 +343,7 @@ def describe(facts: dict[str, Any]) -> str:
         f"engine: world {facts['world_size']}, layout {facts['layout']}, data-parallel {facts['data_parallel']}, "
         f"ZeRO stage {facts['zero_stage']}, {facts['precision']}, micro-batch {facts['micro_batch']} x "
         f"accumulation {facts['grad_accum']} x data-parallel {facts['data_parallel']} = global batch "
-        f"{facts['global_batch']}, DeepSpeed JSON {facts['ds_json']}"
+        f"{facts['global_batch']}, DeepSpeed JSON {facts['ds_json']} ({facts['policy']})"
     )
 
 

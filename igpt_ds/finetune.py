@@ -45,8 +45,16 @@ from igpt_ds import checkpoint, host_sync, resume
 from igpt_ds import run as run_lifecycle
 from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
-from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed
-from igpt_ds.engine import build_ds_config, describe, engine_facts, initialize, model_init_context, zero_stage
+from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed, on_rank0
+from igpt_ds.engine import (
+    build_ds_config,
+    choose_policy,
+    describe,
+    engine_facts,
+    initialize,
+    model_init_context,
+    zero_stage,
+)
 from igpt_ds.model import IGPT, Linear, bert_mask, eval_bert_mask, objective_loss
 from igpt_ds.prefetch import HostBatch, StepReader, pin, read_ahead, to_device
 from igpt_ds.shards import GlobalBatchSampler, ShardError, ShardSplit, open_shards, rank_slice
@@ -174,15 +182,21 @@ class Finetuner:
         self.cfg, t = cfg, cfg.train
         self.rank, self.world = init_distributed(t.dist_timeout_s)
         agree_on_config(to_dict(cfg))
-        ds_config = build_ds_config(t, cfg.optim, self.world)  # checks before work (buckets: no model yet)
-        try:
-            self.data = resume.data_identity(ShardSplit(cfg.data.shards, cfg.data.train_split))
-        except ShardError as e:
-            raise ConfigError(str(e)) from None
+        policy = choose_policy(t, None, self.world)  # provisional: the model comes with its weights
+        ds_config = build_ds_config(t, cfg.optim, self.world, policy=policy)  # checks before work
+
+        def data_identity() -> dict[str, Any]:
+            try:
+                return resume.data_identity(ShardSplit(cfg.data.shards, cfg.data.train_split))
+            except ShardError as e:
+                raise ConfigError(str(e)) from None
+
+        self.data = on_rank0(data_identity)  # read once, for every rank
         # One decision for every rank, by rank 0, checked against this run before anything is built.
         plan = run_lifecycle.resume_plan(t.run_dir, model=None, layout="zero", world=self.world, dp=self.world,
                                          ds_config=ds_config, data=self.data, seed=t.seed,
-                                         reset_data_position=t.reset_data_position)  # fmt: skip
+                                         reset_data_position=t.reset_data_position,
+                                         stage_from_checkpoint=policy.follows_checkpoint)  # fmt: skip
         ckpt = plan.ckpt if plan is not None else None
         if ckpt is None:
             init = checkpoint.consolidated_for_ranks(t.init_from, t.run_dir / "init_weights")
@@ -194,8 +208,11 @@ class Finetuner:
         checkpoint.check_palette(palette, self.train, ckpt or t.init_from)
         self.palette = palette if palette is not None else self.train.palette
         self.n_classes = len(self.train.class_names) or int(self.train.labels.max()) + 1
-        universal = plan is not None and plan.universal
-        ds_config = build_ds_config(t, cfg.optim, self.world, universal, hidden_size=self.model_cfg.n_embd)
+        policy = choose_policy(t, self.model_cfg, self.world)
+        ds_config = build_ds_config(t, cfg.optim, self.world, model=self.model_cfg, policy=policy)
+        if plan is not None:
+            ds_config, policy = run_lifecycle.resumed_engine_config(plan, t, cfg.optim, self.world, self.model_cfg,
+                                                                    policy)  # fmt: skip
         torch.manual_seed(t.seed)
         with model_init_context(ds_config):
             model = IGPTClassifier(self.model_cfg, self.n_classes, bias=cfg.finetune.head_bias)
@@ -210,7 +227,7 @@ class Finetuner:
         self.reader = StepReader(self.read_step, self.sampler)
         self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "start_val_acc": None, "done": False}
         if plan is not None:
-            checkpoint.load(self.engine, plan.ckpt, universal)
+            checkpoint.load(self.engine, plan.ckpt, plan.universal)
             if not t.reset_data_position:
                 self.sampler.load_state_dict(plan.meta["sampler"])
             self.state.update(plan.meta["finetune"], step=plan.meta["step"])
@@ -220,8 +237,8 @@ class Finetuner:
         self.engine.module.set_feature_stats(torch.tensor(mean), torch.tensor(std))  # identity unless standardising
         self.files = run_lifecycle.run_files({**to_dict(cfg), "model": asdict(self.model_cfg)}, ds_config)
         run_lifecycle.write_run_files(t.run_dir, self.files, self.rank)
-        self.writer = run_lifecycle.open_tensorboard(t.run_dir, self.rank, self.state["step"], self.files,
-                                                     describe(engine_facts(ds_config, t, self.world)))  # fmt: skip
+        header = describe(engine_facts(ds_config, t, self.world, policy))
+        self.writer = run_lifecycle.open_tensorboard(t.run_dir, self.rank, self.state["step"], self.files, header)
         if ckpt is not None:
             self.log(f"resumed from {ckpt} at step {self.state['step']}")
 

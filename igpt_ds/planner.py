@@ -37,28 +37,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from igpt_ds.atomic import write_text
 from igpt_ds.config import (
     DS_CONFIGS_DIR,
     ConfigError,
-    ModelConfig,
     PretrainConfig,
     find_shipped,
     to_dict,
 )
-from igpt_ds.flops import train_flops_per_token
-from igpt_ds.model import IGPT
-
-GIB = 2**30
-BF16, FP32 = 2, 4
-ADAM_STATES = 12
-"""fp32 master weights + Adam m + Adam v, bytes per parameter."""
-OFFLOADS = ("none", "optimizer", "param")
-
-# DeepSpeed 0.19.8 defaults for what the policy JSON may leave out (runtime/zero/config.py).
-DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7, "contiguous_gradients": True}
+from igpt_ds.memory import (
+    ADAM_STATES,
+    BF16,
+    GIB,
+    OFFLOADS,
+    USABLE_FRACTION,
+    Knobs,
+    Layout,
+    Shape,
+    memory,
+)
 
 
 @dataclass
@@ -70,7 +67,7 @@ class ClusterConfig:
     gpus_per_node: int = 8
     gpu_mem_gib: float = 139.0
     """Memory per GPU as torch reports it (H200: 139 GiB)."""
-    usable_fraction: float = 0.9
+    usable_fraction: float = USABLE_FRACTION
     """Share of gpu_mem_gib a plan may fill: the CUDA context and allocator fragmentation take the rest."""
     intra_node_gbps: float = 450.0
     """GB/s per GPU inside a node, one direction (NVLink 4: 900 GB/s both ways)."""
@@ -114,158 +111,6 @@ class PlanConfig(PretrainConfig):
     """Fastest fitting layouts to list per GPU count."""
     json: str = ""
     """Also write every estimate to this JSON file."""
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """What the DeepSpeed policy JSON decides that changes memory."""
-
-    grad_accum_bytes: int = FP32
-    """Gradient accumulation dtype: fp32 (4) keeps bf16 accumulation error out of long accumulations."""
-    reduce_bucket: float = DS_DEFAULTS["reduce_bucket_size"]
-    """Elements of each gradient-reduction buffer, allocated whole whatever the model's size."""
-    prefetch_bucket: float = DS_DEFAULTS["stage3_prefetch_bucket_size"]
-    """ZeRO-3: elements of parameters gathered ahead of use."""
-    contiguous_gradients: bool = DS_DEFAULTS["contiguous_gradients"]
-    overlap_comm: bool | None = None
-    """None: DeepSpeed's default, on for ZeRO-3 only. ZeRO-1/2 then double-buffer the reduction."""
-    fused_optimizer: bool = False
-    """igpt_ds.engine steps with torch.optim.AdamW (foreach: two fp32 temporaries); True for a fused Adam."""
-
-    @classmethod
-    def from_policy(cls, policy: dict[str, Any]) -> Knobs:
-        zero = policy.get("zero_optimization", {})
-        # DeepSpeed accumulates in the model's dtype unless data_types.grad_accum_dtype says otherwise.
-        model_dtype = "bf16" if policy.get("bf16", {}).get("enabled") else "fp32"
-        accum = policy.get("data_types", {}).get("grad_accum_dtype", model_dtype)
-        return cls(
-            grad_accum_bytes=FP32 if accum in ("fp32", "float32") else BF16,
-            reduce_bucket=float(zero.get("reduce_bucket_size", DS_DEFAULTS["reduce_bucket_size"])),
-            prefetch_bucket=float(zero.get("stage3_prefetch_bucket_size", DS_DEFAULTS["stage3_prefetch_bucket_size"])),
-            contiguous_gradients=bool(zero.get("contiguous_gradients", DS_DEFAULTS["contiguous_gradients"])),
-            overlap_comm=zero.get("overlap_comm"),
-        )
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What the planner needs from a model, counted on the meta device."""
-
-    cfg: ModelConfig
-    params: int
-    block_params: int
-    """Parameters of one transformer block."""
-    edge_params: int
-    """The larger of the embedding (first pipeline stage) and the final norm + head (last stage)."""
-    largest_layer: int
-    """Largest parameter count directly in one module, as DeepSpeed's model_to_params counts it."""
-    flops_per_token: float
-
-    @classmethod
-    def of(cls, cfg: ModelConfig) -> Shape:
-        with torch.device("meta"):
-            model = IGPT(cfg)
-        count = lambda m: sum(p.numel() for p in m.parameters())
-        embed = count(model.wte) + count(model.wpe) + model.sos.numel()
-        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-        head = count(model.ln_f) + count(model.lm_head)
-        return cls(cfg, count(model), count(model.h[0]), max(embed, head), largest, train_flops_per_token(cfg))
-
-    def stage_params(self, pp: int) -> int:
-        """Parameters on the most loaded of `pp` pipeline stages (blocks split evenly, ends add their layers)."""
-        if pp == 1:
-            return self.params
-        return math.ceil(self.cfg.n_layer / pp) * self.block_params + self.edge_params
-
-
-@dataclass(frozen=True)
-class Layout:
-    zero_stage: int
-    pp: int = 1
-    offload: str = "none"
-    checkpointing: bool = False
-    micro_batch: int = 1
-
-    def __post_init__(self) -> None:
-        if (
-            self.offload not in OFFLOADS
-            or self.offload != "none"
-            and self.zero_stage < {"optimizer": 1, "param": 3}[self.offload]
-        ):
-            raise ConfigError(
-                f"offload={self.offload!r}: one of {OFFLOADS}; 'optimizer' needs ZeRO >= 1, 'param' ZeRO-3"
-            )
-        if self.pp > 1 and (self.zero_stage > 1 or self.offload != "none"):
-            raise ConfigError("DeepSpeed's pipeline engine takes ZeRO stage 0 or 1 and no offload")
-
-    @property
-    def name(self) -> str:
-        parts = [f"pp{self.pp}" if self.pp > 1 else "", f"zero{self.zero_stage}"]
-        parts += [f"offload-{self.offload}" if self.offload != "none" else "", "ckpt" if self.checkpointing else ""]
-        return "+".join(p for p in parts if p)
-
-
-def activation_bytes_per_token(cfg: ModelConfig, norm_bytes: int = BF16) -> dict[str, float]:
-    """Bytes one token's activations keep for backward, per block and for the head, bf16 compute.
-
-    Per block (h = n_embd, a = n_head): two norm inputs (`norm_bytes` each per element: bf16 with
-    CUDA's fused RMS norm; CPU's composite norm keeps an fp32 input and output, 8); the c_attn input
-    2h; q, k, v 6h; SDPA output 2h + fp32 log-sum-exp 4a; c_proj input (a contiguous copy) 2h; c_fc
-    input 2h; quick-GELU keeps c_fc's output 8h and the sigmoid 8h; the MLP c_proj input 8h. The
-    flash / memory-efficient SDPA kernels keep no T x T matrix. Head: final-norm input, lm_head input
-    2h, and the fp32 log-softmax the loss keeps, 4·n_vocab.
-    """
-    h = cfg.n_embd
-    block = 2 * norm_bytes * h + (2 + 6 + 2 + 2 + 2 + 8 + 8 + 8) * h + 4 * cfg.n_head
-    head = norm_bytes * h + 2 * h + 4 * cfg.n_vocab
-    return {"block": block, "head": head, "block_input": BF16 * h}
-
-
-def memory(shape: Shape, layout: Layout, dp: int, accum: int, knobs: Knobs, norm_bytes: int = BF16) -> dict[str, float]:
-    """Bytes per GPU by kind (see module docstring) for `accum` micro-batches per step; 'peak' must fit.
-
-    'model_states' (parameters, gradients, optimizer states, ZeRO-3 working layer) is what DeepSpeed's
-    estimate_zero3_model_states_mem_needs counts; 'step_transient' comes on top during the step.
-    """
-    n = shape.stage_params(layout.pp)
-    s, off = layout.zero_stage, layout.offload
-    part = lambda from_stage: dp if s >= from_stage else 1  # ZeRO partitions this state from that stage on
-    fp32_beside = knobs.grad_accum_bytes == FP32 and s <= 1
-    mem = {
-        "params": 0.0 if off == "param" else BF16 * n / part(3),
-        # With fp32 accumulation at stage 0/1, DeepSpeed's BF16_Optimizer keeps the bf16 .grad beside it.
-        "grads": 0.0 if off != "none" else knobs.grad_accum_bytes * n / part(2) + (BF16 * n if fp32_beside else 0),
-        "optimizer": 0.0 if off != "none" else ADAM_STATES * n / part(1),
-    }
-    # ZeRO-3 gathers one layer's bf16 parameters and produces its full bf16 gradient before reduce-scatter.
-    mem["zero3_working"] = 2 * BF16 * shape.largest_layer if s == 3 else 0.0
-    # With contiguous gradients DeepSpeed reduces through buffers of reduce_bucket elements: ZeRO-1/2
-    # stage them in the accumulation dtype (two with overlap_comm), ZeRO-3 in bf16; ZeRO-3 also keeps
-    # up to prefetch_bucket elements of parameters gathered ahead.
-    buckets = 0.0
-    reduce_buffer = knobs.reduce_bucket if knobs.contiguous_gradients else 0.0
-    if s in (1, 2):
-        buckets = (2 if knobs.overlap_comm else 1) * knobs.grad_accum_bytes * reduce_buffer
-    elif s == 3:
-        buckets = BF16 * (reduce_buffer + min(knobs.prefetch_bucket, n))
-    mem["buckets"] = buckets
-    act = activation_bytes_per_token(shape.cfg, norm_bytes)
-    tokens = layout.micro_batch * shape.cfg.seq_len
-    layers = math.ceil(shape.cfg.n_layer / layout.pp)
-    if layout.checkpointing:  # block inputs kept, one block's activations live while it is recomputed
-        per_micro = tokens * (layers * act["block_input"] + act["block"])
-    else:
-        per_micro = tokens * layers * act["block"]
-    in_flight = min(layout.pp, accum)  # 1F1B: stage 0 holds up to pp micro-batches' activations
-    # The last stage (or the only one) also keeps the head's activations of the micro-batch in hand.
-    mem["activations"] = per_micro * in_flight + tokens * act["head"]
-    # The optimizer step flattens the local gradient partition into a new fp32 tensor (DeepSpeed
-    # copies even when gradients accumulate in fp32); torch's foreach Adam adds two fp32 temporaries.
-    step = FP32 + (0 if knobs.fused_optimizer else 2 * FP32)
-    mem["step_transient"] = 0.0 if off != "none" else step * n / part(1)
-    mem["model_states"] = mem["params"] + mem["grads"] + mem["optimizer"] + mem["zero3_working"]
-    mem["peak"] = mem["model_states"] + buckets + max(mem["activations"], mem["step_transient"])
-    return mem
 
 
 @dataclass
@@ -349,11 +194,12 @@ def layouts(shape: Shape, n_gpus: int, global_batch: int) -> Iterator[Layout]:
                 yield Layout(stage, pp, offload, ckpt, micro)
 
 
-def plan(cfg: PlanConfig, knobs: Knobs) -> dict[int, list[Estimate]]:
-    """For each GPU count of cfg.cluster.gpus, every layout, fastest first (those that fit before the rest)."""
+def plan(cfg: PlanConfig, knobs: Knobs, gpus: list[int] | None = None) -> dict[int, list[Estimate]]:
+    """For each GPU count of `gpus` (default cfg.cluster.gpus), every layout, fastest first (those that fit before
+    the rest)."""
     shape = Shape.of(cfg.model)
     out = {}
-    for n_gpus in cfg.cluster.gpus:
+    for n_gpus in gpus or cfg.cluster.gpus:
         rows = [
             estimate(shape, lay, n_gpus, cfg.train.global_batch, cfg.cluster, knobs)
             for lay in layouts(shape, n_gpus, cfg.train.global_batch)
@@ -392,51 +238,52 @@ def configured_layout(cfg: PlanConfig, policy: dict) -> Layout:
     return Layout(zero_stage(policy), pp, offload, cfg.train.activation_checkpointing, cfg.train.micro_batch)
 
 
-def planned_policy(cfg: PlanConfig) -> tuple[Path, dict]:
-    """The JSON the planned run would use: train.ds_config, else the GPU default for its layout (the planner
-    plans GPU runs, whatever machine it runs on)."""
+def planned_policy(cfg: PlanConfig, n_gpus: int | None) -> tuple[Path, dict, str]:
+    """(JSON, its contents, why) of the planned run on `n_gpus`: train.ds_config when named, else what the run would
+    choose on a GPU of cluster.gpu_mem_gib (`engine.default_policy`, the same estimate; the planner plans GPU runs,
+    whatever machine it runs on). `n_gpus` None: the configured layout does not fit that count, and ZeRO-3's JSON
+    supplies the buckets of the layouts listed."""
     from igpt_ds.engine import default_policy, load_policy  # DeepSpeed: imported by the command line only
 
     if cfg.train.ds_config:
-        path = find_shipped(cfg.train.ds_config, DS_CONFIGS_DIR, "ds_configs", "train.ds_config")
+        path, why = find_shipped(cfg.train.ds_config, DS_CONFIGS_DIR, "ds_configs", "train.ds_config"), "named"
+    elif cfg.train.layout == "pipeline":
+        path, why = DS_CONFIGS_DIR / "pipeline_zero1_bf16.json", "default policy of the pipeline layout"
+    elif n_gpus is None:
+        path, why = DS_CONFIGS_DIR / "zero3_bf16.json", "no default policy: the configured layout does not fit"
     else:
-        path = DS_CONFIGS_DIR / default_policy("cuda", True, cfg.train.layout)
-    return path, load_policy(path)
+        usable = cfg.cluster.usable_fraction
+        name, why = default_policy(cfg.model, cfg.train, n_gpus, cfg.cluster.gpu_mem_gib * GIB, usable)
+        path = DS_CONFIGS_DIR / name
+    return path, load_policy(path), why
 
 
 def report(cfg: PlanConfig) -> None:
     """The planner's report (launcher/plan.py, igpt-plan): the plan per GPU count, printed, and `cfg.json` if
     set. Raises ConfigError for a DeepSpeed JSON that is missing or does not fit the layout."""
-    policy_file, policy = planned_policy(cfg)
-    mine = configured_layout(cfg, policy)
-    knobs = Knobs.from_policy(policy)
     shape = Shape.of(cfg.model)
-    print(
-        f"{cfg.model.size} at {cfg.model.n_px}x{cfg.model.n_px}: {shape.params / 1e6:.1f}M parameters, "
-        f"global batch {cfg.train.global_batch}, {policy_file} ({knobs})"
-    )
-    result = {"config": to_dict(cfg), "knobs": to_dict(knobs), "plans": {}}
-    for n_gpus, rows in plan(cfg, knobs).items():
-        own: Estimate | None = None
-        if n_gpus % mine.pp == 0 and cfg.train.global_batch % (mine.micro_batch * n_gpus // mine.pp) == 0:
-            own = estimate(shape, mine, n_gpus, cfg.train.global_batch, cfg.cluster, knobs)
+    print(f"{cfg.model.size} at {cfg.model.n_px}x{cfg.model.n_px}: {shape.params / 1e6:.1f}M parameters, "
+          f"global batch {cfg.train.global_batch}")  # fmt: skip
+    result: dict[str, Any] = {"config": to_dict(cfg), "plans": {}}
+    pp = cfg.train.pipeline_stages if cfg.train.layout == "pipeline" else 1
+    for n_gpus in cfg.cluster.gpus:
+        divides = n_gpus % pp == 0 and cfg.train.global_batch % (cfg.train.micro_batch * (n_gpus // pp)) == 0
+        policy_file, policy, why = planned_policy(cfg, n_gpus if divides else None)
+        mine, knobs = configured_layout(cfg, policy), Knobs.from_policy(policy)
+        rows = plan(cfg, knobs, [n_gpus])[n_gpus]
+        own = estimate(shape, mine, n_gpus, cfg.train.global_batch, cfg.cluster, knobs) if divides else None
         fitting = [e for e in rows if e.fits]
-        print(
-            f"\n## {n_gpus} GPU{'s' if n_gpus > 1 else ''}: "
-            + (
-                f"fastest that fits: {fitting[0].layout.name}, micro-batch {fitting[0].layout.micro_batch}, "
-                f"{fitting[0].tokens_per_s:,.0f} tokens/s"
-                if fitting
-                else "no layout fits"
-            )
-        )
+        fastest = (f"fastest that fits: {fitting[0].layout.name}, micro-batch {fitting[0].layout.micro_batch}, "
+                   f"{fitting[0].tokens_per_s:,.0f} tokens/s" if fitting else "no layout fits")  # fmt: skip
+        print(f"\n## {n_gpus} GPU{'s' if n_gpus > 1 else ''}: {fastest}")
+        print(f"configured: {policy_file.name} ({why})")
         print(format_table(([own] if own else []) + fitting[: cfg.top]))
         if own is None:
-            print(
-                f"(the configured layout {mine.name} with micro-batch {mine.micro_batch} does not divide "
-                f"global batch {cfg.train.global_batch} over {n_gpus} GPUs)"
-            )
-        result["plans"][n_gpus] = {"configured": own.row() if own else None, "all": [e.row() for e in rows]}
+            print(f"(the configured layout {mine.name} with micro-batch {mine.micro_batch} does not divide "
+                  f"global batch {cfg.train.global_batch} over {n_gpus} GPUs)")  # fmt: skip
+        result["plans"][n_gpus] = {"policy": str(policy_file), "why": why, "knobs": to_dict(knobs),
+                                   "configured": own.row() if own else None,
+                                   "all": [e.row() for e in rows]}  # fmt: skip
     if cfg.json:
         write_text(cfg.json, json.dumps(result, indent=1))
         print(f"\nwrote {cfg.json}")

@@ -11,13 +11,15 @@ What a checkpoint depends on, and what happens when it changed since it was writ
 | changed since the checkpoint              | on resume                                                        |
 |-------------------------------------------|------------------------------------------------------------------|
 | world size, data-parallel size, stages    | supported: converted to DeepSpeed's universal form and loaded     |
-| LR, warmup, schedule, max_steps, stop_at  | supported: the schedule of the new config from the restored step |
+| LR, warmup, schedule, max_steps, stop_at, | supported: the schedule of the new config from the restored step |
+| betas, eps, weight decay                  | (`engine.apply_schedule`)                                        |
 | log / eval / save cadence, keep, timeouts | supported                                                        |
 | training images (shards rebuilt), seed    | refused; `train.reset_data_position=true` continues from the     |
 |                                           | weights, optimizer and step with the data order started afresh   |
 | palette                                   | refused (tokens would mean other colours)                       |
 | model shape or objective, layout          | refused; export the weights and start a run with init_from       |
-| ZeRO stage, precision (bf16 / fp16 / fp32)| refused; keep them, or export the weights and init_from          |
+| ZeRO stage, precision (bf16 / fp16 / fp32)| refused; keep them, or export the weights and init_from; a GPU  |
+|                                           | run naming no JSON keeps its checkpoint's stage at any GPU count |
 
 Each refusal is a ConfigError naming the checkpoint, what changed (then and now) and the ways out, raised
 before the engine is built.
@@ -71,10 +73,13 @@ def plan(
     data: dict[str, Any],
     seed: int,
     reset_data_position: bool,
+    stage_from_checkpoint: bool = False,
 ) -> Resume | None:
     """Rank 0's answer for every rank: the checkpoint to resume from `root` (None: start fresh), after checking
     that it fits this run (see the module docstring); ConfigError otherwise. `model` None: the run takes its
-    model from the checkpoint (fine-tuning), nothing to compare."""
+    model from the checkpoint (fine-tuning), nothing to compare. `stage_from_checkpoint`: the run named no JSON and
+    its default policy follows the checkpoint's ZeRO stage (1-3; `engine.choose_policy`), so a stage chosen
+    otherwise at another GPU count is no reason to refuse."""
     ckpt = checkpoint.latest(root)
     if ckpt is None:
         return None
@@ -92,10 +97,9 @@ def plan(
         )
     saved_ds = json.loads((ckpt / "ds_config.json").read_text())
     stage_now = ds_config.get("zero_optimization", {}).get("stage", 0)
-    pairs = (
-        ("ZeRO stage", meta.get("zero_stage", 0), stage_now),
-        ("precision", precision(saved_ds), precision(ds_config)),
-    )
+    pairs = [("precision", precision(saved_ds), precision(ds_config))]
+    if not (stage_from_checkpoint and meta.get("zero_stage", 0) in (1, 2, 3)):
+        pairs.insert(0, ("ZeRO stage", meta.get("zero_stage", 0), stage_now))
     engine = [(what, a, b) for what, a, b in pairs if a != b]
     if engine:
         what = "; ".join(f"{w} {a} then, {b} now" for w, a, b in engine)

@@ -2,6 +2,7 @@
 (igpt_ds.finetune): the resume decision, universal conversion, run files and the TensorBoard writer.
 
     plan = run.resume_plan(run_dir, ...)        # rank 0 decides for every rank; converts to universal if needed
+    ds_config, policy = run.resumed_engine_config(plan, ...)   # when resuming: stage and loader of the checkpoint
     files = run.run_files(resolved_config, ds_config)
     run.write_run_files(run_dir, files, rank)   # config.yaml, ds_config.json, git_rev.txt (rank 0, atomically)
     writer = run.open_tensorboard(run_dir, rank, step, files, engine_line)
@@ -21,7 +22,9 @@ import yaml
 
 from igpt_ds import checkpoint, resume
 from igpt_ds.atomic import write_text
+from igpt_ds.config import ModelConfig, OptimConfig, TrainConfig
 from igpt_ds.distributed import on_rank0
+from igpt_ds.engine import DEFAULT_STAGES, Policy, build_ds_config, choose_policy
 
 
 def resume_plan(run_dir: Path, **check: Any) -> resume.Resume | None:
@@ -36,6 +39,18 @@ def resume_plan(run_dir: Path, **check: Any) -> resume.Resume | None:
     if plan is not None and plan.universal:
         on_rank0(lambda: checkpoint.to_universal(plan.ckpt))
     return plan
+
+
+def resumed_engine_config(
+    plan: resume.Resume, train: TrainConfig, optim: OptimConfig, world: int, model: ModelConfig | None, policy: Policy
+) -> tuple[dict[str, Any], Policy]:
+    """(DeepSpeed config, policy) of a run resuming `plan`: the checkpoint's ZeRO stage when the run named no JSON
+    and its default policy follows the checkpoint (`engine.choose_policy`; the memory estimate may pick another
+    stage at another GPU count, and a ZeRO checkpoint loads at its own stage only), and DeepSpeed's universal
+    loader when the topology changed."""
+    if policy.follows_checkpoint and plan.meta.get("zero_stage") in DEFAULT_STAGES:
+        policy = choose_policy(train, model, world, stage=plan.meta["zero_stage"])
+    return build_ds_config(train, optim, world, plan.universal, model, policy), policy
 
 
 def run_files(resolved: dict[str, Any], ds_config: dict[str, Any]) -> dict[str, str]:

@@ -33,7 +33,9 @@ from igpt_ds import run as run_lifecycle
 from igpt_ds.config import ConfigError, PretrainConfig, to_dict
 from igpt_ds.distributed import StopSignal, agree_on_config, barrier, init_distributed, on_rank0
 from igpt_ds.engine import (
+    Policy,
     build_ds_config,
+    choose_policy,
     describe,
     dp_size,
     engine_facts,
@@ -108,6 +110,8 @@ class Run:
     files: dict[str, str]
     data: dict[str, Any]
     """The training split's identity (resume.data_identity), saved with every checkpoint."""
+    policy: Policy
+    """The DeepSpeed JSON and why (`engine.choose_policy`)."""
     reader: StepReader = field(init=False)
     data_wait_s: float = field(init=False, default=0.0)
     """Time the loop waited for training batches since the last log line."""
@@ -198,16 +202,18 @@ def setup(cfg: PretrainConfig) -> Run:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     rank, world = init_distributed(cfg.train.dist_timeout_s)
     agree_on_config(to_dict(cfg))
-    ds_config = build_ds_config(cfg.train, cfg.optim, world, hidden_size=cfg.model.n_embd)  # checks before work
+    policy = choose_policy(cfg.train, cfg.model, world)
+    ds_config = build_ds_config(cfg.train, cfg.optim, world, model=cfg.model, policy=policy)  # checks before work
     train_split, val_split = (open_shards(cfg.model, cfg.data, s) for s in (cfg.data.train_split, cfg.data.val_split))
     dp, t = dp_size(cfg.train, world), cfg.train
     data = resume.data_identity(train_split)
     # One decision for every rank, by rank 0, checked against this run before anything is built.
     plan = run_lifecycle.resume_plan(t.run_dir, model=cfg.model, layout=t.layout, world=world, dp=dp,
                                      ds_config=ds_config, data=data, seed=t.seed,
-                                     reset_data_position=t.reset_data_position)  # fmt: skip
-    if plan is not None and plan.universal:
-        ds_config = build_ds_config(cfg.train, cfg.optim, world, load_universal=True, hidden_size=cfg.model.n_embd)
+                                     reset_data_position=t.reset_data_position,
+                                     stage_from_checkpoint=policy.follows_checkpoint)  # fmt: skip
+    if plan is not None:
+        ds_config, policy = run_lifecycle.resumed_engine_config(plan, t, cfg.optim, world, cfg.model, policy)
     init = load_init(cfg) if cfg.train.init_from and plan is None else None
     model = build_model(cfg, ds_config)
     engine = initialize(model, ds_config, cfg.optim, cfg.train.max_steps, compile_model=cfg.train.compile)
@@ -224,7 +230,7 @@ def setup(cfg: PretrainConfig) -> Run:
     files = run_lifecycle.run_files(to_dict(cfg), ds_config)
     run_lifecycle.write_run_files(t.run_dir, files, rank)
     writer = run_lifecycle.open_tensorboard(t.run_dir, rank, start_step, files,
-                                            describe(engine_facts(ds_config, cfg.train, world)))  # fmt: skip
+                                            describe(engine_facts(ds_config, cfg.train, world, policy)))  # fmt: skip
     metrics = Metrics(
         writer,
         model_cfg=cfg.model,
@@ -238,7 +244,7 @@ def setup(cfg: PretrainConfig) -> Run:
             ", data order started afresh" if t.reset_data_position else ""
         )
         metrics.print(f"resumed from {plan.ckpt} at step {start_step}{how}")
-    return Run(cfg, engine, metrics, train_split, val_split, sampler, dp_rank, dp, start_step, files, data)
+    return Run(cfg, engine, metrics, train_split, val_split, sampler, dp_rank, dp, start_step, files, data, policy)
 
 
 def train(cfg: PretrainConfig) -> dict[str, float]:
@@ -295,6 +301,7 @@ def train(cfg: PretrainConfig) -> dict[str, float]:
     run.reader.close()
     if probe is not None:
         probe.finish(step, time.perf_counter() - started)
-    m.close({**to_dict(cfg), "engine": engine_facts(run.engine.config, t, torch.distributed.get_world_size())})
+    world = torch.distributed.get_world_size()
+    m.close({**to_dict(cfg), "engine": engine_facts(run.engine.config, t, world, run.policy)})
     barrier()  # every rank's writes are done before any exits: a launcher may kill the rest when one exits non-zero
     return {**m.last, "stopped_by": stopped_by}

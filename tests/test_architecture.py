@@ -21,7 +21,7 @@ def test_evaluation_does_not_import_the_trainer(module):
 STAGES = [
     ["config", "atomic", "host_sync", "launchers", "distributed", "supervisor"],
     ["palette", "shards", "prefetch"],
-    ["model", "pipe", "weights", "flops", "hf_interop"],
+    ["model", "pipe", "weights", "flops", "memory", "hf_interop"],
     ["engine", "checkpoint", "resume", "run", "metrics", "logreg", "plots"],
     ["trainer", "live_probe", "finetune", "planner"],
     ["features", "feature_store", "probe", "sampling", "eval_planner"],

@@ -53,7 +53,7 @@ EXAMPLES_STYLE = {
 
 def test_a_standard_json_that_agrees_or_says_auto_is_filled_from_the_run_config(tmp_path):
     train = TrainConfig(ds_config=policy(tmp_path, **EXAMPLES_STYLE), global_batch=32, micro_batch=4)
-    cfg = build_ds_config(train, OptimConfig(lr=1e-3), world_size=2, hidden_size=64)
+    cfg = build_ds_config(train, OptimConfig(lr=1e-3), world_size=2, model=ModelConfig(size="igpt-mini"))
     assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (
         32, 4, 4)  # fmt: skip
     assert cfg["optimizer"]["params"]["lr"] == 1e-3 and cfg["optimizer"]["params"]["eps"] == 1e-8
@@ -92,8 +92,8 @@ def test_the_error_says_where_the_run_value_came_from(tmp_path):
 
 
 class FakeAccelerator:
-    def __init__(self, name: str, bf16: bool):
-        self.name, self.bf16 = name, bf16
+    def __init__(self, name: str, bf16: bool, memory_gib: float = 79.1):
+        self.name, self.bf16, self.memory = name, bf16, memory_gib * 2**30
 
     def device_name(self) -> str:
         return self.name
@@ -101,11 +101,17 @@ class FakeAccelerator:
     def is_bf16_supported(self) -> bool:
         return self.bf16
 
+    def total_memory(self) -> float:
+        return self.memory
+
+
+S = ModelConfig(size="igpt-s", n_px=32)
+
 
 @pytest.mark.parametrize(
     "name,bf16,layout,expected",
     [
-        ("cuda", True, "zero", "zero3_bf16.json"),
+        ("cuda", True, "zero", "zero1_bf16.json"),  # iGPT-S fits an 80 GB GPU at ZeRO-1
         ("cuda", True, "pipeline", "pipeline_zero1_bf16.json"),
         ("cpu", False, "zero", "cpu.json"),
         ("cpu", False, "pipeline", "cpu.json"),
@@ -115,10 +121,70 @@ def test_a_run_naming_no_json_gets_the_policy_of_its_accelerator(monkeypatch, na
     import deepspeed.accelerator
 
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeAccelerator(name, bf16))
-    path = policy_path(TrainConfig(layout=layout, pipeline_stages=1))
+    train = TrainConfig(layout=layout, pipeline_stages=1, global_batch=128, micro_batch=16)
+    path = policy_path(train, S, world_size=8)
     assert path == DS_CONFIGS_DIR / expected and path.is_file()
     ds = load_policy(path)
     assert ds.get("bf16", {}).get("enabled", False) is (name == "cuda")
+
+
+def peaks(model: ModelConfig, train: TrainConfig, dp: int) -> dict[int, float]:
+    """The estimate's peak bytes a GPU at ZeRO-1, 2 and 3 with the shipped JSONs."""
+    from igpt_ds.memory import Knobs, Layout, Shape, memory
+
+    return {s: memory(Shape.of(model), Layout(s, micro_batch=train.micro_batch), dp, train.grad_accum(dp),
+                      Knobs.from_policy(load_policy(DS_CONFIGS_DIR / f"zero{s}_bf16.json")))["peak"]
+            for s in (1, 2, 3)}  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_default_policy_is_the_lowest_zero_stage_that_fits(monkeypatch, stage):
+    """On a GPU whose memory lies between two stages' estimates, the lower of the stages that fit; the run's
+    header line names the stage and why. ZeRO-3 only where ZeRO-1 and 2 do not fit."""
+    import deepspeed.accelerator
+
+    from igpt_ds.engine import choose_policy, describe, engine_facts
+    from igpt_ds.memory import USABLE_FRACTION
+
+    model, train, dp = ModelConfig(size="igpt-l", n_px=32), TrainConfig(global_batch=64, micro_batch=8), 8
+    peak = peaks(model, train, dp)
+    assert peak[1] > peak[2] > peak[3]
+    room = (peak[stage] + (peak[stage - 1] if stage > 1 else 2 * peak[1])) / 2 / USABLE_FRACTION  # fits `stage` only
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeAccelerator("cuda", True, room / 2**30))
+    policy = choose_policy(train, model, world_size=dp)
+    assert policy.path == DS_CONFIGS_DIR / f"zero{stage}_bf16.json" and policy.follows_checkpoint
+    ds_config = build_ds_config(train, OptimConfig(), dp, model=model, policy=policy)
+    header = describe(engine_facts(ds_config, train, dp, policy))
+    assert (
+        f"ZeRO stage {stage}, bf16" in header
+        and f"(default policy: ZeRO-{stage}, the lowest stage that fits: "
+        f"{peak[stage] / 2**30:.1f} GiB a GPU by the estimate within 90% of {room / 2**30:.0f} GiB)"
+        in header
+    )
+
+
+def test_a_model_no_stage_fits_gets_zero3_and_the_ways_out(monkeypatch):
+    import deepspeed.accelerator
+
+    from igpt_ds.engine import choose_policy
+
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeAccelerator("cuda", True, 1.0))
+    why = choose_policy(TrainConfig(global_batch=16, micro_batch=16), S).why
+    assert why.startswith("default policy: ZeRO-3, though no stage fits: ") and "train.activation_checkpointing" in why
+
+
+def test_a_resumed_run_naming_no_json_keeps_its_checkpoints_stage(monkeypatch):
+    """The estimate may pick another stage at another GPU count, and a ZeRO checkpoint loads at its own stage only:
+    a GPU run naming no JSON resumes at the checkpoint's stage; a named JSON is never overridden."""
+    import deepspeed.accelerator
+
+    from igpt_ds.engine import choose_policy
+
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeAccelerator("cuda", True))
+    assert choose_policy(TrainConfig(), S, stage=3).path == DS_CONFIGS_DIR / "zero3_bf16.json"
+    named = TrainConfig(ds_config="zero2_bf16")
+    assert choose_policy(named, S, stage=3).path == DS_CONFIGS_DIR / "zero2_bf16.json"
+    assert not choose_policy(named, S).follows_checkpoint
 
 
 def test_a_gpu_without_bf16_must_name_a_json(monkeypatch):
@@ -126,7 +192,7 @@ def test_a_gpu_without_bf16_must_name_a_json(monkeypatch):
 
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeAccelerator("cuda", False))
     with pytest.raises(ConfigError, match="has no bf16 and no JSON was named: set train.ds_config"):
-        policy_path(TrainConfig())
+        policy_path(TrainConfig(), S)
 
 
 def test_a_shipped_json_is_found_by_name(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ from pretrain_support import REPO, env
 GPU_TESTS = [
     "test_bf16_autocast_step_matches_fp32",
     "test_flash_sdpa_is_selected",
-    "test_nccl_initialises_on_one_gpu",
+    "test_nccl_initialises_on_one_gpu[local-rank-0]",
+    "test_nccl_initialises_on_one_gpu[one-gpu-per-task]",
     "test_compile_under_zero1_trains",
     "test_cached_decoding_equals_recompute[dtype0-0.0001]",
     "test_cached_decoding_equals_recompute[dtype1-0.1]",

@@ -20,20 +20,9 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 from pretrain_support import REPO
 
 from igpt_ds.config import ConfigError, ModelConfig, load_config
+from igpt_ds.memory import BF16, FP32, Knobs, Layout, Shape, activation_bytes_per_token, memory
 from igpt_ds.model import IGPT
-from igpt_ds.planner import (
-    BF16,
-    FP32,
-    ClusterConfig,
-    Knobs,
-    Layout,
-    PlanConfig,
-    Shape,
-    activation_bytes_per_token,
-    estimate,
-    memory,
-    plan,
-)
+from igpt_ds.planner import ClusterConfig, PlanConfig, estimate, plan
 
 PRESETS = [("igpt-s", 32), ("igpt-m", 32), ("igpt-l", 32), ("igpt-xl", 64)]
 CLUSTERS = [(1, 1), (8, 1), (8, 8), (8, 128)]  # (GPUs per node, nodes): 1 to 1024 GPUs

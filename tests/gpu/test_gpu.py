@@ -72,7 +72,11 @@ def test_flash_sdpa_is_selected():
         model.loss(x).backward()  # RuntimeError "No available kernel" if flash could not take this call
 
 
-def test_nccl_initialises_on_one_gpu():
+@pytest.mark.parametrize("local_rank", ["0", "3"], ids=["local-rank-0", "one-gpu-per-task"])
+def test_nccl_initialises_on_one_gpu(local_rank):
+    """LOCAL_RANK 3 with one visible GPU is Slurm's --gpus-per-task=1 for the node's fourth task: NCCL runs on the one
+    device it sees. (In a world of one DeepSpeed binds no device at start-up; the several-rank case, where it asks
+    for cuda:$LOCAL_RANK, is tests/test_distributed.py's, with a fake accelerator.)"""
     code = """
 import os, torch, torch.distributed as dist
 from igpt_ds.distributed import init_distributed, shutdown
@@ -82,7 +86,8 @@ dist.all_reduce(t)
 print(dist.get_backend(), rank, world, t.tolist())
 shutdown()
 """
-    env = dict(child_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29731")
+    env = dict(child_env(), RANK="0", LOCAL_RANK=local_rank, WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(29731 + int(local_rank)), CUDA_VISIBLE_DEVICES="0")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "nccl 0 1 [1.0, 1.0, 1.0]"

@@ -32,12 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import random
 import shutil
 import sys
+import threading
 import uuid
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -133,37 +134,65 @@ def prepare(root: Path, path: Path) -> str:
 
 TRASH = ".trash"
 """Folder of a checkpoints folder into which `prune` moves what it deletes, before deleting it in the background."""
-_deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="igpt-delete")
+
+
+class _Deleter:
+    """One daemon thread deleting folders in the order given. A daemon: a run stopped by a signal exits without
+    waiting for it (within a scheduler's grace period), leaving the rest in .trash for the next `prune`; a run
+    that ends normally waits (`wait_for_deletions`)."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[Path | None] = queue.Queue()
+        self.thread: threading.Thread | None = None
+
+    def submit(self, folder: Path) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self.work, name="igpt-delete", daemon=True)
+            self.thread.start()
+        self.queue.put(folder)
+
+    def work(self) -> None:
+        while True:
+            folder = self.queue.get()
+            shutil.rmtree(folder, ignore_errors=True)
+            self.queue.task_done()
+
+
+_deleter = _Deleter()
 
 
 def discard(folder: Path, root: Path) -> None:
     """Move `folder` into `root`/.trash at once (a rename: `latest` and resumes no longer see it) and delete it in
-    the background thread. The interpreter waits for pending deletions at exit; a killed process leaves them in
-    .trash, which the next `prune` empties."""
+    the background thread."""
     trash = root / TRASH
     trash.mkdir(exist_ok=True)
     target = trash / f"{folder.parent.name}-{folder.name}-{uuid.uuid4().hex[:8]}"
     folder.rename(target)
-    _deleter.submit(shutil.rmtree, target, ignore_errors=True)
+    _deleter.submit(target)
 
 
 def wait_for_deletions() -> None:
     """Block until the background deletions submitted so far are done."""
-    _deleter.submit(lambda: None).result()
+    _deleter.queue.join()
 
 
 def prune(root: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints (and their universal forms), every incomplete one, and
-    what a killed process left in .trash: moved aside now, deleted in the background (`discard`)."""
+    what an earlier process left in .trash: moved aside now, deleted in the background (`discard`). A folder that
+    cannot be moved (a busy or stale file on a network filesystem) is left where it is, with a warning: failing
+    here, on rank 0 alone after the checkpoint is complete, would leave the other ranks waiting."""
     tags = sorted(p for p in root.glob("step_*") if p.is_dir())
     complete = [p for p in tags if (p / COMPLETE).is_file()]
     kept = {p.name for p in complete[-keep:]}
     leftovers = list((root / TRASH).iterdir()) if (root / TRASH).is_dir() else []
     for p in [*tags, *root.glob("universal/step_*")]:
         if p.name not in kept:
-            discard(p, root)
+            try:
+                discard(p, root)
+            except OSError as e:
+                print(f"warning: could not remove old checkpoint {p} ({e}); remove it by hand", flush=True)
     for p in leftovers:
-        _deleter.submit(shutil.rmtree, p, ignore_errors=True)
+        _deleter.submit(p)
 
 
 def latest(root: Path) -> Path | None:
@@ -339,9 +368,28 @@ def load_weights(
                         param.data.copy_(value)
             else:
                 param.data.copy_(value)
-            safe_set_full_fp32_param(param, value)  # ZeRO 1-3 and the bf16 optimizer's masters (else a no-op)
+            if hasattr(param, "ds_id"):
+                set_zero3_master(param, value)
+            else:
+                safe_set_full_fp32_param(param, value)  # ZeRO 1-2 and the bf16 optimizer's masters (else a no-op)
             if id(param) in masters:
                 masters[id(param)].data.copy_(value)
+
+
+def set_zero3_master(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Write this rank's share of a ZeRO-3 parameter's fp32 master from the whole `value`. DeepSpeed 0.19.8's
+    `safe_set_full_fp32_param` slices the value at rank x padded partition size, past its end on the last ranks
+    whenever the parameter's size is not a multiple of the data-parallel size (a 512-wide norm on 24 GPUs); this
+    writes the part of the partition that holds real elements, through the same optimizer internals."""
+    optimizer = getattr(param, "_z3_optimizer", None)
+    if optimizer is None or not param.requires_grad:
+        return
+    part, group = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+    start = optimizer._get_param_partition_rank(param) * part.numel()
+    n = max(0, min(part.numel(), param.ds_numel - start))
+    part[:n].copy_(value.flatten()[start : start + n])
+    if optimizer._swappable_optimizer_subgroup(group):
+        optimizer._optimizer_states_and_gradient_swap_out(group)
 
 
 def igpt_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -73,9 +74,36 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
             timeout=timedelta(seconds=timeout_s),
             verbose=False,
         )
+        check_distinct_devices()
     else:
         bind_device()
     return dist.get_rank(), dist.get_world_size()
+
+
+def check_distinct_devices() -> None:
+    """Refuse, on every rank, a job in which two ranks of a node drive the same GPU. `device_index` assumes tasks
+    that share k visible GPUs are numbered in blocks of k; a scheduler that deals them out otherwise (Slurm's
+    default block:cyclic distribution with --gpu-bind=closest: tasks 0, 2, 4, 6 on one socket's 4 GPUs) would put
+    two ranks on one GPU and leave another idle. Collective: one all-gather of (host, GPU UUID) at start-up. CUDA
+    only."""
+    if get_accelerator().device_name() != "cuda" or not torch.cuda.is_available():
+        return
+    uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+    message = duplicate_devices(gather_objects((socket.gethostname(), uuid)))
+    if message:
+        raise ConfigError(message)
+
+
+def duplicate_devices(devices: list[tuple[str, str]]) -> str | None:
+    """The error for ranks sharing a (host, device) in `devices` (rank order), or None."""
+    first: dict[tuple[str, str], int] = {}
+    for rank, device in enumerate(devices):
+        if device in first:
+            return (f"ranks {first[device]} and {rank} on {device[0]} both use GPU {device[1]}: give each task its own "
+                    "GPU (Slurm --gpus-per-task=1 or --gpu-bind=single:1) or let every task see all of its node's "
+                    "GPUs (docs/cluster.md, GPU binding)")  # fmt: skip
+        first[device] = rank
+    return None
 
 
 def device_index(local_rank: int, visible: int) -> int:
@@ -89,6 +117,12 @@ def device_index(local_rank: int, visible: int) -> int:
     return local_rank % visible
 
 
+local_rank_rewritten = False
+"""Whether `bind_device` changed LOCAL_RANK (a task bound to fewer devices than its node has): DeepSpeed features
+that name files by LOCAL_RANK (node-local checkpoint storage) would then collide, `engine.build_ds_config` refuses
+them."""
+
+
 def bind_device() -> None:
     """Set this rank's device before anything uses one, and make LOCAL_RANK its index among the visible devices.
 
@@ -100,7 +134,10 @@ def bind_device() -> None:
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         return
-    index = device_index(int(os.environ.get("LOCAL_RANK", "0")), accelerator.device_count())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    index = device_index(local_rank, accelerator.device_count())
+    global local_rank_rewritten
+    local_rank_rewritten = local_rank_rewritten or index != local_rank
     os.environ["LOCAL_RANK"] = str(index)
     if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
         os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(index)
@@ -229,6 +266,41 @@ def on_rank0(fn: Callable[[], T], poll_s: float = 1.0) -> T:
             raise failure[0]
         raise RuntimeError(f"rank 0 failed: {value}")
     return value
+
+
+def on_every_rank(fn: Callable[[], T], poll_s: float = 1.0) -> list[T]:
+    """`fn()` on every rank at once, each rank's result gathered on every rank in rank order. Collective.
+
+    For work of uneven length (each rank hashing its share of a dataset): `fn` runs in a worker thread while the
+    ranks meet in a one-element all-reduce every `poll_s` seconds until all are done, so no rank waits inside a
+    timed collective for longer than that, as in `on_rank0`. A ConfigError on any rank is raised on every rank (the
+    lowest rank's); any other exception as a RuntimeError naming the rank. Without a process group: [fn()]."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [fn()]
+    outcome: list[tuple[str, Any]] = [("error", "did not finish")]
+
+    def work() -> None:
+        try:
+            outcome[0] = ("ok", fn())
+        except ConfigError as e:
+            outcome[0] = ("config", str(e))
+        except BaseException as e:  # noqa: BLE001 - reported to every rank below
+            outcome[0] = ("error", f"{type(e).__name__}: {e}")
+
+    worker = threading.Thread(target=work, name="igpt-every-rank-work", daemon=True)
+    worker.start()
+    busy = torch.ones(1, device=collective_device())
+    while busy.item():
+        worker.join(timeout=poll_s)
+        busy.fill_(float(worker.is_alive()))
+        dist.all_reduce(busy, op=dist.ReduceOp.MAX)
+    outcomes = gather_objects(outcome[0])
+    for rank, (kind, value) in enumerate(outcomes):
+        if kind == "config":
+            raise ConfigError(value)
+        if kind == "error":
+            raise RuntimeError(f"rank {rank} failed: {value}")
+    return [value for _, value in outcomes]
 
 
 class StopSignal:

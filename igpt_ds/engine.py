@@ -34,10 +34,10 @@ from typing import Any
 
 import deepspeed
 import torch
-from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from torch import nn
 
+from igpt_ds import distributed
 from igpt_ds.config import (
     DS_CONFIGS_DIR,
     ConfigError,
@@ -90,12 +90,9 @@ def default_policy(
     whose estimated peak memory per GPU (`igpt_ds.memory`, with that JSON's buckets, at train.micro_batch and
     train.activation_checkpointing, over `dp` data-parallel ranks) fits `usable` (memory.USABLE_FRACTION) of
     `device_bytes`; ZeRO-3 when none does, saying so. The same estimate `launcher/plan.py` prints."""
-    shape, accum = Shape.of(model), train.grad_accum(dp)
     limit = usable * device_bytes
     for stage in DEFAULT_STAGES:
-        name = f"zero{stage}_bf16.json"
-        layout = Layout(stage, 1, "none", train.activation_checkpointing, train.micro_batch)
-        peak = memory(shape, layout, dp, accum, Knobs.from_policy(load_policy(DS_CONFIGS_DIR / name)))["peak"]
+        name, peak = f"zero{stage}_bf16.json", estimated_peak(model, train, dp, stage)
         estimate = f"{peak / GIB:.1f} GiB a GPU by the estimate"
         room = f"{usable:.0%} of {device_bytes / GIB:.0f} GiB"
         if peak <= limit:
@@ -103,6 +100,13 @@ def default_policy(
     ways = ["train.activation_checkpointing=true"] if not train.activation_checkpointing else []
     ways += ["a smaller train.micro_batch", "more GPUs", "ds_configs/zero3_offload.json"]
     return name, f"default policy: ZeRO-3, though no stage fits: {estimate} against {room}; try {', '.join(ways)}"
+
+
+def estimated_peak(model: ModelConfig, train: TrainConfig, dp: int, stage: int) -> float:
+    """Peak bytes a GPU of the ZeRO layout at `stage` with the shipped zero{stage}_bf16.json (`igpt_ds.memory`)."""
+    layout = Layout(stage, 1, "none", train.activation_checkpointing, train.micro_batch)
+    knobs = Knobs.from_policy(load_policy(DS_CONFIGS_DIR / f"zero{stage}_bf16.json"))
+    return memory(Shape.of(model), layout, dp, train.grad_accum(dp), knobs)["peak"]
 
 
 def choose_policy(
@@ -117,7 +121,8 @@ def choose_policy(
     Without `model` (checks before the model is known), ZeRO-3's JSON stands in. ConfigError on a GPU without
     bf16."""
     if train.ds_config:
-        return Policy(find_shipped(train.ds_config, DS_CONFIGS_DIR, "ds_configs", "train.ds_config"), "named")
+        path = find_shipped(train.ds_config, DS_CONFIGS_DIR, "ds_configs", "train.ds_config")
+        return Policy(path, "named by train.ds_config")
     from deepspeed.accelerator import get_accelerator
 
     device = get_accelerator().device_name()
@@ -132,6 +137,12 @@ def choose_policy(
         return Policy(DS_CONFIGS_DIR / "pipeline_zero1_bf16.json", "default policy of the pipeline layout")
     if stage in DEFAULT_STAGES:
         why = f"default policy: ZeRO-{stage}, the checkpoint's"
+        if model is not None:
+            peak, room = estimated_peak(model, train, dp_size(train, world_size), stage), device_memory()
+            if peak > USABLE_FRACTION * room:
+                why += (f", though it does not fit: {peak / GIB:.1f} GiB a GPU by the estimate against "
+                        f"{USABLE_FRACTION:.0%} of {room / GIB:.0f} GiB; to change stage, export the weights and "
+                        "start a run with train.init_from")  # fmt: skip
         return Policy(DS_CONFIGS_DIR / f"zero{stage}_bf16.json", why, True)
     if model is None:
         return Policy(DS_CONFIGS_DIR / "zero3_bf16.json", "provisional, before the model is known", True)
@@ -298,6 +309,12 @@ def build_ds_config(
         )
     if train.layout == "zero" and train.pipeline_stages != 1:
         raise ConfigError(f"train.pipeline_stages={train.pipeline_stages} needs train.layout=pipeline")
+    if policy.get("checkpoint", {}).get("use_node_local_storage") and distributed.local_rank_rewritten:
+        raise ConfigError(
+            f"checkpoint.use_node_local_storage in {source} with one GPU per task: DeepSpeed names node-local files by "
+            "LOCAL_RANK, which is each task's device index here (0 on every task of a node), so the node's ranks would "
+            "write the same files; remove the key, or let every task see all of its node's GPUs"
+        )
     offload = policy.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if offload and optim.fused:
         raise ConfigError(
@@ -390,8 +407,9 @@ def initialize(
         lr_scheduler=lambda optimizer: Schedule(optimizer, optim, total_steps),
         dist_init_required=False,
     )
-    if isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
-        # DeepSpeed's 16-bit optimizer without ZeRO (ZeRO-0 with bf16 or fp16) takes one Adam step on zero gradients
+    if isinstance(engine.optimizer, FP16_UnfusedOptimizer):
+        # DeepSpeed's 16-bit optimizer without ZeRO (ZeRO-0 with bf16 or fp16, torch's AdamW: the only optimizer
+        # build_ds_config names) takes one Adam step on zero gradients
         # when it is built (initialize_optimizer_states), so Adam would count that step: its bias correction runs
         # one step ahead and the first updates shrink (x0.73 at the first). Dropping the states lets Adam start at
         # step 1, as under ZeRO 1-3; measured: bf16 losses trailed fp32 by 0.08 nats after 6 steps, now by < 0.002.

@@ -14,9 +14,10 @@ nothing.
 
 Memory per rank: the model (every rank holds it: data-parallel inference; igpt-xl's 6.8B fp32 weights
 take 27 GB, within one 80 GB GPU) plus one batch of activations and of features
-(batch × n_extracted_layers × n_embd × 4 B), whatever the dataset's size. Weights are read tensor by
-tensor; a DeepSpeed checkpoint read by several ranks is first consolidated once, by rank 0, into
-`<out>/weights/` (`checkpoint.consolidated_for_ranks`).
+(batch × n_extracted_layers × n_embd × 4 B), whatever the dataset's size. Weights are read once for every rank:
+a DeepSpeed checkpoint is first consolidated by rank 0 into `<out>/weights/` (`checkpoint.consolidated_for_ranks`),
+then rank 0 reads each tensor and broadcasts it (`checkpoint.load_model_for_ranks`). The loop takes no host-device
+sync but one per batch, when its features leave the device, overlapped with the next batch (`prefetch.HostCopy`).
 
     python launcher/extract_features.py --checkpoint runs/digits --shards demo_out/shards --out demo_out/features
     deepspeed --num_gpus 8 launcher/extract_features.py --checkpoint runs/igpt-l --shards data/cifar10_32 \\

@@ -414,6 +414,8 @@ class Finetuner:
                     self.log(f"stopped at step {step} on {name}; rerun the same command to resume")
                     break
         self.reader.close()
+        if not stopped_by:  # a stopped run leaves its pending deletions to the next run (its grace period is short)
+            checkpoint.wait_for_deletions()
         results = {"steps": s["step"], "finished": s["done"], "start_val_acc": s["start_val_acc"], "best": s["best"],
                    "best_checkpoint": str(t.run_dir / "best"), "n_classes": self.n_classes,
                    "stopped_by": stopped_by}  # fmt: skip

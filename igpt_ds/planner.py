@@ -246,7 +246,8 @@ def planned_policy(cfg: PlanConfig, n_gpus: int | None) -> tuple[Path, dict, str
     from igpt_ds.engine import default_policy, load_policy  # DeepSpeed: imported by the command line only
 
     if cfg.train.ds_config:
-        path, why = find_shipped(cfg.train.ds_config, DS_CONFIGS_DIR, "ds_configs", "train.ds_config"), "named"
+        path = find_shipped(cfg.train.ds_config, DS_CONFIGS_DIR, "ds_configs", "train.ds_config")
+        why = "named by train.ds_config"
     elif cfg.train.layout == "pipeline":
         path, why = DS_CONFIGS_DIR / "pipeline_zero1_bf16.json", "default policy of the pipeline layout"
     elif n_gpus is None:

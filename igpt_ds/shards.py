@@ -271,18 +271,28 @@ def open_shards(model: ModelConfig, data: DataConfig, split: str) -> ShardSplit:
 
 
 def verify_checksums(shards: ShardSplit) -> None:
-    """Hash every file of the split against the manifest, the files shared out among the ranks (rank r hashes files
-    r, r + R, ...): the dataset is read once, in parallel. The same ConfigError on every rank, naming the first
-    damaged file. Collective in a distributed job."""
+    """Hash every file of the split against the manifest, the files shared out among the ranks by size (the
+    largest first, each to the least loaded rank: sizes from the manifest, no stat), each file hashed once and the
+    dataset read once, in parallel; ranks wait for each other by polling, never inside a long collective
+    (`distributed.on_every_rank`). The same ConfigError on every rank, naming the first damaged file."""
     import torch.distributed as dist
 
-    from igpt_ds.distributed import gather_objects
+    from igpt_ds.distributed import on_every_rank
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    mine = shards.files()[rank::world]
-    bad = [name for name, digest in mine if sha256_file(shards.root / name) != digest]
-    damaged = sorted(name for part in gather_objects(bad) for name in part)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    sizes = {s["tokens"]: s["n"] * shards.seq_len * TOKEN_DTYPE.itemsize for s in shards._shards}
+    sizes.update({s["labels"]: 8 * s["n"] for s in shards._shards})
+    load, owner = [0] * world, {}
+    for name, _ in sorted(shards.files(), key=lambda f: (-sizes.get(f[0], 0), f[0])):
+        owner[name] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[name]] += sizes.get(name, 0)
+
+    def hash_mine() -> list[str]:
+        return [name for name, digest in shards.files() if owner[name] == rank
+                and sha256_file(shards.root / name) != digest]  # fmt: skip
+
+    damaged = sorted(name for part in on_every_rank(hash_mine) for name in part)
     if damaged:
         raise ConfigError(f"{shards.root / damaged[0]}: sha256 does not match {MANIFEST}: the file is damaged"
                           + (f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""))  # fmt: skip

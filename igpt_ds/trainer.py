@@ -298,6 +298,8 @@ def train(cfg: PretrainConfig) -> dict[str, float]:
                 break
     if saved != step:
         run.save(step)
+    if not stopped_by:  # a stopped run leaves its pending deletions to the next run: it has a grace period to keep
+        checkpoint.wait_for_deletions()
     run.reader.close()
     if probe is not None:
         probe.finish(step, time.perf_counter() - started)

@@ -26,5 +26,8 @@ def one_rank_group():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+    from pretrain_support import drop_deepspeed_groups
+
+    drop_deepspeed_groups()  # a test that built an engine on this group left DeepSpeed holding it
     for s, handler in handlers.items():
         signal.signal(s, handler)

@@ -170,30 +170,38 @@ def processes_of(marker: str) -> list:
     return found
 
 
+def drop_deepspeed_groups() -> None:
+    """Forget the process-group handles DeepSpeed caches in module globals (deepspeed.utils.groups): an engine built on
+    a later group in the same process would otherwise broadcast over a destroyed one ('Group ... is not
+    registered')."""
+    from deepspeed.utils import groups
+
+    for name, value in vars(groups).items():
+        if name.startswith("_") and name.isupper() and name.endswith(("GROUP", "GROUP_RANKS")):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+    groups.mpu = None
+
+
 @contextlib.contextmanager
 def in_process_rank(backend: str = "gloo"):
     """A world of one in this process for entry points run in-process (`train(cfg)`, `finetune(cfg)`): LOCAL_RANK
-    set as a launcher sets it, a `backend` group on a free port; after, the group destroyed, DeepSpeed's cached
-    handles to it dropped (deepspeed.utils.groups keeps them in module globals, and an engine built on a later
-    group would broadcast over the dead one) and the signal handlers the entry points installed restored."""
+    set as a launcher sets it, a `backend` group on a free port, DeepSpeed's cached group handles dropped before and
+    after (`drop_deepspeed_groups`); after, the group destroyed and the signal handlers the entry points installed
+    restored."""
     import signal
 
     import torch.distributed as dist
-    from deepspeed.utils import groups
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-    saved = {k: os.environ.get(k) for k in ("LOCAL_RANK",)}
+    saved = os.environ.get("LOCAL_RANK")
     os.environ["LOCAL_RANK"] = "0"
+    drop_deepspeed_groups()
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:
         dist.destroy_process_group()
-        for name, value in vars(groups).items():
-            if name.startswith("_") and name.isupper() and name.endswith(("GROUP", "GROUP_RANKS")):
-                setattr(groups, name, {} if isinstance(value, dict) else None)
-        groups.mpu = None
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        drop_deepspeed_groups()
+        os.environ.pop("LOCAL_RANK", None) if saved is None else os.environ.__setitem__("LOCAL_RANK", saved)
         for s, handler in handlers.items():
             signal.signal(s, handler)

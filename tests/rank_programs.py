@@ -172,6 +172,31 @@ def startup_reads(work: str, ds_config: str) -> None:
     )
 
 
+def zero3_masters(work: str) -> None:
+    """train.init_from into a bf16 ZeRO-3 engine on every rank (3 ranks: igpt-tiny's 32-wide parameters do not split
+    evenly); prints whether the gathered fp32 masters equal the file's values exactly."""
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+    from safetensors.torch import load_file
+
+    from igpt_ds.config import PretrainConfig, load_config
+    from igpt_ds.trainer import setup
+
+    root = Path(work)
+    policy = root / "z3bf16.json"  # written by the test
+    cfg = load_config(PretrainConfig, None, [
+        "--model.size=igpt-tiny", "--model.n_px=8", "--model.n_vocab=8", f"--data.shards={root / 'shards'}",
+        f"--train.run_root={root / 'runs3'}", f"--train.ds_config={policy}", "--train.global_batch=12",
+        "--train.micro_batch=4", f"--train.init_from={root / 'weights'}", "--train.probe_every=0"])  # fmt: skip
+    run = setup(cfg)
+    run.reader.close()
+    want = load_file(root / "weights" / "model.safetensors")
+    exact = all(
+        torch.equal(safe_get_full_fp32_param(p).cpu(), want[n]) for n, p in run.engine.module.named_parameters()
+    )
+    print(f"masters exact: {exact}", flush=True)
+
+
 def save_twice(root: str, rank1_blind: int) -> None:
     """A 2-rank ZeRO-1 engine saves step 1, then saves step 1 again (a rerun of a finished run) with rank 1, when
     `rank1_blind`, seeing no `complete` marker (a stale listing of a network filesystem)."""

@@ -185,6 +185,9 @@ def test_a_resumed_run_naming_no_json_keeps_its_checkpoints_stage(monkeypatch):
     named = TrainConfig(ds_config="zero2_bf16")
     assert choose_policy(named, S, stage=3).path == DS_CONFIGS_DIR / "zero2_bf16.json"
     assert not choose_policy(named, S).follows_checkpoint
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeAccelerator("cuda", True, 2.0))
+    why = choose_policy(TrainConfig(global_batch=16, micro_batch=16), S, stage=1).why  # fewer or smaller GPUs now
+    assert why.startswith("default policy: ZeRO-1, the checkpoint's, though it does not fit: ") and "init_from" in why
 
 
 def test_a_gpu_without_bf16_must_name_a_json(monkeypatch):

@@ -128,3 +128,16 @@ def test_two_ranks_read_start_up_files_once(ds_config, work):
     files = [name for split in ("train", "val") for name, _ in ShardSplit(work / "shards", split).files()]
     by_rank = [eval(h.removeprefix("hashed ")) for h in (hashed0, hashed1)]  # noqa: S307 - our own print
     assert by_rank[0] and by_rank[1] and sorted(by_rank[0] + by_rank[1]) == sorted(files)  # each file once a split
+
+
+@pytest.mark.multiproc
+def test_zero3_masters_of_parameters_that_do_not_split_evenly(work):
+    """3 ranks, 32-wide parameters: DeepSpeed's own setter sliced past the end on the last rank and crashed; every
+    master is the file's value."""
+    from test_distributed import run_program
+
+    policy(work, 3)  # bf16_3_False.json
+    (work / "z3bf16.json").write_text((work / "bf16_3_False.json").read_text())
+    for result in run_program("zero3_masters", str(work), nprocs=3, timeout=240):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.strip().splitlines()[-1] == "masters exact: True"

@@ -112,7 +112,7 @@ def test_deepspeed_module_launch_with_a_standard_json(installed, tmp_path):
     out = run(cmd, work, env)
     engine = next(line for line in out.stdout.splitlines() if "engine: world 2" in line)
     assert "ZeRO stage 3" in engine and "micro-batch 4 x accumulation 1 x data-parallel 2 = global batch 8" in engine
-    assert engine.endswith("DeepSpeed JSON ds.json")
+    assert engine.endswith("DeepSpeed JSON ds.json (named by train.ds_config)")
     ds = json.loads((work / "runs" / "ds" / "ds_config.json").read_text())
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["optimizer"]["params"]["lr"] == 3e-3
     assert ds["zero_optimization"]["reduce_bucket_size"] == 32 * 32  # "auto" from igpt-tiny's width

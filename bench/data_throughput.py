@@ -39,8 +39,9 @@ import numpy as np
 import torch
 
 from data_tools.build_shards import main as build_shards
-from igpt_ds.shards import GlobalBatchSampler, ShardSplit
-from igpt_ds.trainer import read_micro_batches
+from igpt_ds.data.sampler import GlobalBatchSampler
+from igpt_ds.data.shards import ShardSplit
+from igpt_ds.train.pretrain import read_micro_batches
 
 REPO = Path(__file__).resolve().parent.parent
 ANCHOR_TOKENS_PER_S = 530_000

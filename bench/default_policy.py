@@ -16,8 +16,7 @@ import json
 from pathlib import Path
 
 from igpt_ds.config import ModelConfig, TrainConfig
-from igpt_ds.engine import default_policy
-from igpt_ds.memory import GIB
+from igpt_ds.plan.memory import GIB, default_policy
 
 OUT = Path(__file__).resolve().parent / "results"
 SIZES = [  # (size, n_px, micro-batch, activation checkpointing): the presets' shapes

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_sample_images
 
-from igpt_ds.palette import build_lut, encode, encode_bruteforce, fit_palette
+from igpt_ds.data.palette import build_lut, encode, encode_bruteforce, fit_palette
 
 
 def timed(fn, repeats: int = 1) -> tuple[float, object]:

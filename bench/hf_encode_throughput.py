@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from igpt_ds.hf_interop import HF_PREPROCESSOR_FILE, hf_preprocessor_config
-from igpt_ds.palette import build_lut, encode, fit_palette, load_palette
+from igpt_ds.checkpoint.hf_interop import HF_PREPROCESSOR_FILE, hf_preprocessor_config
+from igpt_ds.data.palette import build_lut, encode, fit_palette, load_palette
 
 
 def photo_crops(n_images: int, n_px: int, seed: int = 0) -> np.ndarray:

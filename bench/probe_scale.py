@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from igpt_ds.eval_planner import probe_bytes
-from igpt_ds.feature_store import FeatureSplit, write_features
-from igpt_ds.launchers import free_port
+from igpt_ds.distributed.rank_env import free_port
+from igpt_ds.eval.feature_store import FeatureSplit, write_features
+from igpt_ds.plan.evaluation import probe_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 GB = 1e9
@@ -93,7 +93,7 @@ def run_probe(features: Path, out: Path, world: int, C: float, max_iter: int) ->
 SKLEARN = """
 import json, resource, sys, time, numpy as np
 from sklearn.linear_model import LogisticRegression
-from igpt_ds.feature_store import FeatureSplit
+from igpt_ds.eval.feature_store import FeatureSplit
 root, C, max_iter = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 s = {k: FeatureSplit(f"{root}/{k}") for k in ("train", "val", "test")}
 x = {k: v.read(0, range(v.n)) for k, v in s.items()}

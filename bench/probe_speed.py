@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from igpt_ds.feature_store import write_features
+from igpt_ds.eval.feature_store import write_features
 
 REPO = Path(__file__).resolve().parent.parent
 PATIENCE = 2
@@ -102,7 +102,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.features or Path(tmp) / "features"
         if args.features:
-            from igpt_ds.feature_store import FeatureSplit
+            from igpt_ds.eval.feature_store import FeatureSplit
 
             splits = {k: FeatureSplit(root / k) for k in ("train", "val", "test")}
             sizes = {k: s.n for k, s in splits.items()}

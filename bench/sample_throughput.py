@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from igpt_ds.checkpoint.hf_interop import hf_config_from_model_config, state_dict_to_hf
 from igpt_ds.config import ModelConfig
-from igpt_ds.hf_interop import hf_config_from_model_config, state_dict_to_hf
-from igpt_ds.model import IGPT
-from igpt_ds.sampling import generate, image_uniforms
+from igpt_ds.eval.sampling import generate, image_uniforms
+from igpt_ds.models.igpt import IGPT
 
 
 def hf_model(model: IGPT):  # -> transformers.ImageGPTForCausalImageModeling

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.build_shards import main as build_shards
-from igpt_ds.palette import fit_palette, palette_lut, save_palette
+from igpt_ds.data.palette import fit_palette, palette_lut, save_palette
 
 SIZES = [(500, 375), (500, 333), (375, 500), (400, 300), (333, 500)]
 IMAGENET_TRAIN = 1_281_167
@@ -75,8 +75,8 @@ def files(root: Path) -> dict[str, bytes]:
 
 def decoded_distance(a: Path, b: Path) -> dict[str, float]:
     """How far two conversions of the same images are: share of identical tokens, mean RGB distance."""
-    from igpt_ds.palette import decode
-    from igpt_ds.shards import ShardSplit
+    from igpt_ds.data.palette import decode
+    from igpt_ds.data.shards import ShardSplit
 
     x, y = (ShardSplit(p, "train") for p in (a, b))
     ta, tb = (s.batch(np.arange(len(s)))[0] for s in (x, y))

@@ -57,7 +57,8 @@ def sockets() -> int:
 
 
 def rank_main(args: argparse.Namespace) -> None:
-    from igpt_ds.distributed import StopSignal, init_distributed
+    from igpt_ds.distributed.process_group import init_distributed
+    from igpt_ds.distributed.stop import StopSignal
 
     rank, world = init_distributed(600)
     torch.set_num_threads(1)
@@ -125,7 +126,7 @@ def main() -> int:
     if "RANK" in os.environ:
         rank_main(args)
         return 0
-    from igpt_ds.launchers import free_port
+    from igpt_ds.distributed.rank_env import free_port
 
     env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WORLD_SIZE="2",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # fmt: skip

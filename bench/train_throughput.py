@@ -57,8 +57,9 @@ from typing import Any
 import torch
 
 from igpt_ds.config import ModelConfig, OptimConfig, PretrainConfig, TrainConfig
-from igpt_ds.flops import mfu, peak_flops, train_flops_per_token
-from igpt_ds.model import IGPT, count_parameters, objective_loss
+from igpt_ds.models.flops import mfu, peak_flops, train_flops_per_token
+from igpt_ds.models.igpt import IGPT, count_parameters
+from igpt_ds.models.objectives import objective_loss
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -128,7 +129,7 @@ def plain_step(peer: Peer, cfg: ModelConfig, args: argparse.Namespace, device: t
     if peer.impl == "hf":
         from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
-        from igpt_ds.hf_interop import hf_config_from_model_config, hf_input_ids
+        from igpt_ds.checkpoint.hf_interop import hf_config_from_model_config, hf_input_ids
 
         model = ImageGPTForCausalImageModeling(ImageGPTConfig(**hf_config_from_model_config(cfg))).to(device)
         info = {"attn_implementation": model.config._attn_implementation}
@@ -159,9 +160,9 @@ def plain_step(peer: Peer, cfg: ModelConfig, args: argparse.Namespace, device: t
 
 def deepspeed_step(peer: Peer, cfg: ModelConfig, args: argparse.Namespace, device: torch.device):
     """The pretraining path: igpt_ds.trainer.build_model + igpt_ds.engine, ZeRO or pipeline engine."""
-    from igpt_ds.distributed import init_distributed
-    from igpt_ds.engine import initialize
-    from igpt_ds.trainer import build_model
+    from igpt_ds.distributed.process_group import init_distributed
+    from igpt_ds.train.engine import initialize
+    from igpt_ds.train.pretrain import build_model
 
     _, world = init_distributed(timeout_s=600)
     pipeline = peer.impl == "pipe"
@@ -185,7 +186,7 @@ def pretrain_config(
     peer: Peer, cfg: ModelConfig, args: argparse.Namespace, world: int, max_steps: int
 ) -> tuple[PretrainConfig, dict[str, Any]]:
     """The run config and DeepSpeed config of a ds / pipe / trainer peer: one micro-batch a step."""
-    from igpt_ds.engine import build_ds_config
+    from igpt_ds.train.engine import build_ds_config
 
     opts = dict(peer.options)
     pipeline = peer.impl == "pipe"
@@ -213,9 +214,9 @@ def pretrain_config(
 def measure_trainer(peer: Peer, cfg: ModelConfig, args: argparse.Namespace) -> dict[str, Any]:
     """Run igpt_ds.trainer.train on --shards and report its last log window (whole steps, no warmup)."""
     from igpt_ds.config import DataConfig
-    from igpt_ds.engine import OWNED_KEYS
-    from igpt_ds.shards import ShardSplit
-    from igpt_ds.trainer import train
+    from igpt_ds.data.shards import ShardSplit
+    from igpt_ds.train.engine import OWNED_KEYS
+    from igpt_ds.train.pretrain import train
 
     if not args.shards:
         raise SystemExit("the trainer peer reads shards: pass --shards")
@@ -256,7 +257,8 @@ class Batches:
         self.device, self.micro = device, args.micro_batch
         self.pin = device.type == "cuda"
         if args.shards:
-            from igpt_ds.shards import GlobalBatchSampler, ShardSplit
+            from igpt_ds.data.sampler import GlobalBatchSampler
+            from igpt_ds.data.shards import ShardSplit
 
             self.split = ShardSplit(args.shards, "train")
             self.sampler = GlobalBatchSampler(len(self.split), self.micro, 0, 1, seed=0)

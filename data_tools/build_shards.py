@@ -49,8 +49,8 @@ from data_tools import UserError
 from data_tools.images import RESIZE_MODES, load_rgb
 from data_tools.sources import Source, Split, hold_out_val, open_source, split_sources, with_test_labels
 from igpt_ds.atomic import publish_dir
-from igpt_ds.palette import MAX_K, PaletteError, encode, fit_palette, load_palette, palette_lut
-from igpt_ds.shards import FORMAT_VERSION, MANIFEST, TOKEN_DTYPE, ShardError
+from igpt_ds.data.palette import MAX_K, PaletteError, encode, fit_palette, load_palette, palette_lut
+from igpt_ds.data.shards import FORMAT_VERSION, MANIFEST, TOKEN_DTYPE, ShardError
 
 SOURCES_HELP = """sources:
   image folder   class-per-subfolder (labels = sorted folder names), flat (unlabelled), or train/ val/ test/

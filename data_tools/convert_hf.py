@@ -17,9 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from igpt_ds.checkpoint.hf_interop import convert_from_hf, convert_to_hf, find_clusters, read_palette
 from igpt_ds.config import ConfigError
-from igpt_ds.hf_interop import convert_from_hf, convert_to_hf, find_clusters, read_palette
-from igpt_ds.palette import save_palette
+from igpt_ds.data.palette import save_palette
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data_tools.build_shards import printable
 from igpt_ds.atomic import atomic_file
-from igpt_ds.palette import decode
-from igpt_ds.shards import ShardError, ShardSplit
+from igpt_ds.data.palette import decode
+from igpt_ds.data.shards import ShardError, ShardSplit
 
 TILE = 64
 """Samples are upscaled (nearest neighbour, whole factors) to at least this many pixels a side."""

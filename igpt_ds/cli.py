@@ -13,7 +13,7 @@ SIGTERM / SIGINT / SIGUSR1 (or the launcher's exit) stopped a training run after
 (143, 130, 138: what a process ended by that signal reports), so schedulers see a run that is not done;
 rerunning the command resumes it.
 
-Every entry point runs under `igpt_ds.supervisor`: the launched process supervises a detached worker that
+Every entry point runs under `igpt_ds.distributed.supervisor`: the launched process supervises a detached worker that
 runs the job, so a launcher's quick SIGKILL cannot interrupt a checkpoint. `run_entry(...)` is what a
 launcher script calls; it imports the job's module in the worker only.
 """
@@ -41,7 +41,7 @@ def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str
     DeepSpeed's).
     """
     from igpt_ds.config import ConfigError, TrainConfig, instantiate, make_parser, parse_args, record_origins
-    from igpt_ds.shards import ShardError
+    from igpt_ds.data.shards import ShardError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser(cls, description, prog)
@@ -72,7 +72,7 @@ def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str
             return 2
     finally:
         if "torch.distributed" in sys.modules:  # not imported when parsing failed
-            from igpt_ds.distributed import shutdown
+            from igpt_ds.distributed.process_group import shutdown
 
             shutdown()
     stopped_by = result.get("stopped_by", 0) if isinstance(result, dict) else 0
@@ -82,7 +82,7 @@ def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str
 def run_entry(module: str, config: str, job: str, description: str, error_prefix: str = "error",
               argv: list[str] | None = None, prog: str | None = None) -> None:  # fmt: skip
     """An entry point's `__main__`: `job` of `module` on `config` (both names in `module`), supervised; exits."""
-    from igpt_ds.supervisor import supervised
+    from igpt_ds.distributed.supervisor import supervised
 
     def worker() -> int:
         mod = importlib.import_module(module)
@@ -92,21 +92,25 @@ def run_entry(module: str, config: str, job: str, description: str, error_prefix
 
 
 # Every entry point: (module, config class, job function, description). A distributed job runs supervised
-# (igpt_ds.supervisor); the planners run in the launched process. Errors read "igpt-<job>: error: ...", as the
-# console script is named (and as igpt-build-shards writes them).
+# (igpt_ds.distributed.supervisor); the planners and the export run in the launched process. Errors read
+# "igpt-<job>: error: ...", as the console script is named (and as igpt-build-shards writes them).
 JOBS = {
-    "pretrain": ("igpt_ds.trainer", "PretrainConfig", "train", "iGPT pretraining on DeepSpeed"),
-    "finetune": ("igpt_ds.finetune", "FinetuneConfig", "finetune", "Fine-tune a pretrained iGPT for classification"),
-    "extract_features": ("igpt_ds.features", "ExtractConfig", "extract",
+    "pretrain": ("igpt_ds.train.pretrain", "PretrainConfig", "train", "iGPT pretraining on DeepSpeed"),
+    "finetune": ("igpt_ds.train.finetune", "FinetuneConfig", "finetune",
+                 "Fine-tune a pretrained iGPT for classification"),
+    "extract_features": ("igpt_ds.eval.features", "ExtractConfig", "extract",
                          "Extract frozen iGPT features for linear probes"),
-    "linear_probe": ("igpt_ds.probe", "ProbeConfig", "linear_probe",
+    "linear_probe": ("igpt_ds.eval.probe", "ProbeConfig", "linear_probe",
                      "Logistic-regression probes on frozen iGPT features"),
-    "sample": ("igpt_ds.sampling", "SampleConfig", "sample", "iGPT samples and image completions"),
-    "plan": ("igpt_ds.planner", "PlanConfig", "report", "iGPT capacity planner: memory, communication, step time"),
-    "plan_eval": ("igpt_ds.eval_planner", "EvalPlanConfig", "report",
+    "sample": ("igpt_ds.eval.sampling", "SampleConfig", "sample", "iGPT samples and image completions"),
+    "plan": ("igpt_ds.plan.training", "PlanConfig", "report",
+             "iGPT capacity planner: memory, communication, step time"),
+    "plan_eval": ("igpt_ds.plan.evaluation", "EvalPlanConfig", "report",
                   "Cost of evaluating iGPT models: disk, memory per rank, probe FLOPs"),
+    "export": ("igpt_ds.checkpoint.export", "ExportConfig", "export",
+               "Export a run's or checkpoint's weights as a consolidated fp32 folder"),
 }  # fmt: skip
-UNSUPERVISED = {"plan", "plan_eval"}
+UNSUPERVISED = {"plan", "plan_eval", "export"}
 
 
 def run_job(name: str, argv: list[str] | None = None) -> None:
@@ -133,3 +137,4 @@ linear_probe = functools.partial(run_job, "linear_probe")
 sample = functools.partial(run_job, "sample")
 plan = functools.partial(run_job, "plan")
 plan_eval = functools.partial(run_job, "plan_eval")
+export = functools.partial(run_job, "export")

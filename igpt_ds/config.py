@@ -12,6 +12,7 @@ override the preset's values.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -448,3 +449,33 @@ def build(cls: type[T], values: dict[str, Any], where: str = "") -> T:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The resolved config as plain data (saved beside every run and checkpoint)."""
     return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}."""
+    out = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+# The DeepSpeed JSON, read: the engine policy a run names (train.ds_config) or gets (igpt_ds.train.engine).
+
+
+def load_policy(path: str | Path) -> dict[str, Any]:
+    """A DeepSpeed JSON as a dict; ConfigError naming the file when missing or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"train.ds_config={path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.ds_config={path} is not valid JSON: {e}") from None
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def precision(ds_config: dict[str, Any]) -> str:
+    return next((p for p in ("bf16", "fp16") if ds_config.get(p, {}).get("enabled")), "fp32")

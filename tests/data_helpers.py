@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from data_tools.build_shards import main as build_main
-from igpt_ds.palette import save_palette
+from igpt_ds.data.palette import save_palette
 
 
 def rng_image(seed: int, size: tuple[int, int] = (12, 10)) -> np.ndarray:

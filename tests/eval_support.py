@@ -12,10 +12,10 @@ import torch
 from pretrain_support import REPO, env, free_port
 
 from data_tools.build_shards import main as build_shards
+from igpt_ds.checkpoint.weights import save_consolidated
 from igpt_ds.config import ModelConfig
-from igpt_ds.feature_store import write_features
-from igpt_ds.model import IGPT
-from igpt_ds.weights import save_consolidated
+from igpt_ds.eval.feature_store import write_features
+from igpt_ds.models.igpt import IGPT
 
 
 def run_entry(script: str, *args: str, nprocs: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -141,7 +141,7 @@ def worker_of(supervisor_pid: int, timeout: float = 120):
 
     import psutil
 
-    from igpt_ds.supervisor import WORKER_ENV
+    from igpt_ds.distributed.supervisor import WORKER_ENV
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

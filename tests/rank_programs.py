@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from igpt_ds import checkpoint
+from igpt_ds.checkpoint import ds_checkpoint, export
+from igpt_ds.checkpoint.weights import save_consolidated
 from igpt_ds.config import ConfigError, ModelConfig
-from igpt_ds.distributed import barrier, on_rank0, shutdown
-from igpt_ds.model import IGPT
-from igpt_ds.weights import save_consolidated
+from igpt_ds.distributed.process_group import barrier, shutdown
+from igpt_ds.distributed.rank0 import on_rank0
+from igpt_ds.models.igpt import IGPT
 
 
 def init_distributed(timeout: int) -> int:
@@ -69,11 +70,11 @@ def slow_consolidation(root: str, delay: float, timeout: int) -> None:
     def export_consolidated(path, out_dir):
         time.sleep(delay)
         model = IGPT(ModelConfig(size="igpt-tiny", n_px=8, n_vocab=16), seed=0)
-        meta = {"source": str(Path(path).resolve()), "step": checkpoint.read_meta(Path(path))["step"]}
+        meta = {"source": str(Path(path).resolve()), "step": ds_checkpoint.read_meta(Path(path))["step"]}
         return save_consolidated(out_dir, model.cfg, model.state_dict(), None, meta)
 
-    checkpoint.export_consolidated = export_consolidated
-    model, cfg, _ = checkpoint.load_model_for_ranks(ckpt, export)
+    export.export_consolidated = export_consolidated
+    model, cfg, _ = export.load_model_for_ranks(ckpt, export)
     print(f"loaded {cfg.n_layer} layers from {json.loads((export / 'config.json').read_text())['source']}", flush=True)
 
 
@@ -86,7 +87,7 @@ def device_binding(visible: int) -> None:
     from deepspeed.accelerator import set_accelerator
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
-    from igpt_ds.distributed import init_distributed as start
+    from igpt_ds.distributed.process_group import init_distributed as start
 
     class FakeCuda(CPU_Accelerator):
         def __init__(self):
@@ -128,10 +129,11 @@ def startup_reads(work: str, ds_config: str) -> None:
     """Pretraining's start-up with train.init_from and data.verify_checksums, then evaluation's model loading, on
     every rank; prints what this rank read of shared storage: tensors and headers of the consolidated weights, git
     processes, shard files stat'ed, label files loaded, files hashed; and a checksum of the loaded model."""
-    from igpt_ds import run as run_lifecycle
-    from igpt_ds import shards, weights
+    from igpt_ds.checkpoint import weights
     from igpt_ds.config import PretrainConfig, load_config
-    from igpt_ds.trainer import setup
+    from igpt_ds.data import shards
+    from igpt_ds.train import run_folder
+    from igpt_ds.train.pretrain import setup
 
     counts = dict.fromkeys(("tensors", "headers", "git", "stats", "labels"), 0)
     hashed: list[str] = []
@@ -147,12 +149,12 @@ def startup_reads(work: str, ds_config: str) -> None:
     weights.TensorFile.__init__ = counting("headers", weights.TensorFile.__init__)
     shards.ShardSplit._check = counting("stats", shards.ShardSplit._check)
     shards.ShardSplit._load_labels = counting("labels", shards.ShardSplit._load_labels)
-    real_hash, real_run = shards.sha256_file, run_lifecycle.subprocess.run
+    real_hash, real_run = shards.sha256_file, run_folder.subprocess.run
     root = Path(work)
     shards.sha256_file = lambda path, *a: (
         hashed.append(str(Path(path).relative_to(root / "shards"))) or real_hash(path, *a)
     )
-    run_lifecycle.subprocess.run = lambda cmd, *a, **k: (counts.__setitem__("git", counts["git"] + (cmd[0] == "git"))
+    run_folder.subprocess.run = lambda cmd, *a, **k: (counts.__setitem__("git", counts["git"] + (cmd[0] == "git"))
                                                           or real_run(cmd, *a, **k))  # fmt: skip
     cfg = load_config(PretrainConfig, None, [
         "--model.size=igpt-tiny", "--model.n_px=8", "--model.n_vocab=8", f"--data.shards={root / 'shards'}",
@@ -162,7 +164,7 @@ def startup_reads(work: str, ds_config: str) -> None:
     run = setup(cfg)
     run.reader.close()
     trained = counts["tensors"]
-    model, _, _ = checkpoint.load_model_for_ranks(root / "weights", root / "export")
+    model, _, _ = export.load_model_for_ranks(root / "weights", root / "export")
     total = sum(float(p.double().sum()) for p in model.parameters())
     print(f"hashed {sorted(hashed)}", flush=True)
     print(
@@ -180,7 +182,7 @@ def zero3_masters(work: str) -> None:
     from safetensors.torch import load_file
 
     from igpt_ds.config import PretrainConfig, load_config
-    from igpt_ds.trainer import setup
+    from igpt_ds.train.pretrain import setup
 
     root = Path(work)
     policy = root / "z3bf16.json"  # written by the test
@@ -204,7 +206,7 @@ def save_twice(root: str, rank1_blind: int) -> None:
     import torch
 
     from igpt_ds.config import ModelConfig, OptimConfig, TrainConfig
-    from igpt_ds.engine import build_ds_config, initialize
+    from igpt_ds.train.engine import build_ds_config, initialize
 
     init_distributed(20)
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
@@ -213,12 +215,12 @@ def save_twice(root: str, rank1_blind: int) -> None:
     engine = initialize(IGPT(ModelConfig(size="igpt-tiny", n_px=4, n_vocab=8), seed=0),
                         build_ds_config(train, OptimConfig(), 2), OptimConfig(), 10)  # fmt: skip
     ckpts = Path(root) / "checkpoints"
-    checkpoint.save(engine, ckpts, 1, {"step": 1}, {}, None, keep=2)
+    ds_checkpoint.save(engine, ckpts, 1, {"step": 1}, {}, None, keep=2)
     if int(os.environ["RANK"]) == 1 and rank1_blind:
         real = Path.is_file
-        Path.is_file = lambda self: False if self.name == checkpoint.COMPLETE else real(self)
+        Path.is_file = lambda self: False if self.name == ds_checkpoint.COMPLETE else real(self)
     before = torch.load(ckpts / "step_00000001" / "rng_rank00000.pt", weights_only=False)["torch"]
-    checkpoint.save(engine, ckpts, 1, {"step": 1}, {}, None, keep=2)
+    ds_checkpoint.save(engine, ckpts, 1, {"step": 1}, {}, None, keep=2)
     barrier()
     after = torch.load(ckpts / "step_00000001" / "rng_rank00000.pt", weights_only=False)["torch"]
     print(f"saved twice; rewritten: {not torch.equal(before, after)}", flush=True)
@@ -231,11 +233,11 @@ def pretrain_ranks(config: str, overrides: str, rank1_overrides: str, rank1_blin
 
     from igpt_ds.cli import main
     from igpt_ds.config import PretrainConfig
-    from igpt_ds.trainer import train
+    from igpt_ds.train.pretrain import train
 
     rank = int(os.environ["RANK"])
     if rank == 1 and rank1_blind:
-        checkpoint.latest = lambda root: None
+        ds_checkpoint.latest = lambda root: None
     argv = ["--config", config, *overrides.split(), *(rank1_overrides.split() if rank == 1 else [])]
     code = main(PretrainConfig, train, "pretrain", argv, error_prefix="igpt-pretrain: error")
     print(f"rank {rank} exit {code}", flush=True)

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from igpt_ds.supervisor import supervised
+from igpt_ds.distributed.supervisor import supervised
 
 
 def work() -> int:

@@ -64,8 +64,8 @@ LAYOUTS = {"zero0": (0, False), "zero1": (1, False), "zero2": (2, False), "zero3
 
 def pretrain(work: Path, shards: Path, layout: str, objective: str, bf16: bool) -> tuple[Path, list[float]]:
     """A 6-step run (warmup 2, lr 3e-3) from seed 0; (run folder, training loss at every step)."""
-    from igpt_ds.shards import ShardSplit
-    from igpt_ds.trainer import train
+    from igpt_ds.data.shards import ShardSplit
+    from igpt_ds.train.pretrain import train
 
     stage, pipeline = LAYOUTS[layout]
     name = f"{layout}_{objective}_{'bf16' if bf16 else 'fp32'}"
@@ -99,7 +99,7 @@ def test_fine_tuning_in_bf16_follows_fp32(stage, standardize, work, rank):
     """The head reads bf16 pooled features standardised in fp32 (fp32 buffers under ZeRO 0-2; zero.Init would have
     made them bf16 under ZeRO-3): bf16 fine-tuning once crashed here with 'expected m1 and m2 to have the same
     dtype'."""
-    from igpt_ds.finetune import FinetuneConfig, Finetuner
+    from igpt_ds.train.finetune import FinetuneConfig, Finetuner
 
     data = work / "separable"
     if not data.exists():
@@ -138,9 +138,9 @@ def test_features_and_samples_from_a_bf16_run(layout, work, shards, rank):
     """A bf16 checkpoint's fp32 master weights are what evaluation loads (ZeRO's fp32 partitions; the pipeline's
     through the universal form): features and samples come out finite, and equal to those of the same weights
     exported and loaded as a consolidated folder."""
-    from igpt_ds import checkpoint
-    from igpt_ds.features import ExtractConfig, extract
-    from igpt_ds.sampling import SampleConfig, sample
+    from igpt_ds.checkpoint import export
+    from igpt_ds.eval.features import ExtractConfig, extract
+    from igpt_ds.eval.sampling import SampleConfig, sample
 
     run = work / "runs" / f"{layout}_ar_bf16"
     if not run.exists():
@@ -150,9 +150,9 @@ def test_features_and_samples_from_a_bf16_run(layout, work, shards, rank):
                           batch_size=32))  # fmt: skip
     feats = np.concatenate([np.load(f) for f in sorted((out / "features" / "val").glob("parts/*/features.npy"))], 1)
     assert feats.shape[0] == 3 and np.isfinite(feats).all() and feats.std() > 0
-    model, _, _ = checkpoint.load_model_for_eval(run)
-    exported = checkpoint.export_consolidated(run, out / "weights")
-    again, _, _ = checkpoint.load_model_for_eval(exported)
+    model, _, _ = export.load_model_for_eval(run)
+    exported = export.export_consolidated(run, out / "weights")
+    again, _, _ = export.load_model_for_eval(exported)
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert a.dtype == torch.float32 and torch.equal(a, b), name
     paths = sample(SampleConfig(checkpoint=str(run), shards=str(shards), n_images=2, n_completions=2,

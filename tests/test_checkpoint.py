@@ -8,12 +8,20 @@ import pytest
 import torch
 from eval_support import separable_shards, tiny_checkpoint
 
-from igpt_ds.checkpoint import check_palette, load_model_for_eval, load_weights
+from igpt_ds.checkpoint.ds_checkpoint import check_palette
+from igpt_ds.checkpoint.export import load_model_for_eval
+from igpt_ds.checkpoint.weights import (
+    TensorFile,
+    load_consolidated,
+    load_weights,
+    open_consolidated,
+    save_consolidated,
+    tensor_shapes,
+)
 from igpt_ds.config import ConfigError, ModelConfig
-from igpt_ds.finetune import IGPTClassifier
-from igpt_ds.model import IGPT
-from igpt_ds.shards import ShardSplit
-from igpt_ds.weights import TensorFile, load_consolidated, open_consolidated, save_consolidated, tensor_shapes
+from igpt_ds.data.shards import ShardSplit
+from igpt_ds.models.igpt import IGPT
+from igpt_ds.train.finetune import IGPTClassifier
 
 CFG = ModelConfig(size="igpt-tiny", n_px=8, n_vocab=8)
 
@@ -110,23 +118,23 @@ def test_old_checkpoints_are_deleted_in_the_background(tmp_path, monkeypatch, on
     next collective, do not wait for tens of GB to be deleted. A killed process's leftovers go the same way."""
     import threading
 
-    from igpt_ds import checkpoint as ckpt
+    from igpt_ds.checkpoint import ds_checkpoint
     from igpt_ds.config import OptimConfig, TrainConfig
-    from igpt_ds.engine import build_ds_config, initialize
+    from igpt_ds.train.engine import build_ds_config, initialize
 
     monkeypatch.setenv("LOCAL_RANK", "0")
     train = TrainConfig(ds_config="ds_configs/cpu.json", global_batch=1, micro_batch=1)
     engine = initialize(IGPT(CFG, seed=0), build_ds_config(train, OptimConfig(), 1), OptimConfig(), 10)
     deleted_on = []
-    real = ckpt.shutil.rmtree
-    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda p, **kw: deleted_on.append(threading.current_thread()) or
+    real = ds_checkpoint.shutil.rmtree
+    monkeypatch.setattr(ds_checkpoint.shutil, "rmtree", lambda p, **kw: deleted_on.append(threading.current_thread()) or
                         real(p, **kw))  # fmt: skip
     root = tmp_path / "checkpoints"
     (root / "step_00000000").mkdir(parents=True)  # the leftovers of a save killed midway
     (root / "step_00000000" / "mp_rank_00_model_states.pt").write_text("half")
     for step in (1, 2, 3):
-        ckpt.save(engine, root, step, {"step": step}, {}, None, keep=1)
-    ckpt.wait_for_deletions()
+        ds_checkpoint.save(engine, root, step, {"step": step}, {}, None, keep=1)
+    ds_checkpoint.wait_for_deletions()
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003"]
-    assert list((root / ckpt.TRASH).iterdir()) == []
+    assert list((root / ds_checkpoint.TRASH).iterdir()) == []
     assert deleted_on and all(t is not threading.main_thread() for t in deleted_on)

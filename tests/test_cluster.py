@@ -34,7 +34,7 @@ import psutil
 import pytest
 from pretrain_support import REPO, digits_shards, env, free_port, processes_of, scalars, worker_of, write_config
 
-from igpt_ds import checkpoint
+from igpt_ds.checkpoint import ds_checkpoint
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -75,8 +75,8 @@ def wait_until(check: Callable[[], object], timeout: float, what: str, details: 
 
 
 def latest_step(run_dir: Path) -> int | None:
-    ckpt = checkpoint.latest(run_dir / "checkpoints")
-    return None if ckpt is None else checkpoint.read_meta(ckpt)["step"]
+    ckpt = ds_checkpoint.latest(run_dir / "checkpoints")
+    return None if ckpt is None else ds_checkpoint.read_meta(ckpt)["step"]
 
 
 def tail(path: Path, chars: int = 6000) -> str:
@@ -101,7 +101,7 @@ def shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def n_vocab(shards) -> int:
-    from igpt_ds.shards import ShardSplit
+    from igpt_ds.data.shards import ShardSplit
 
     return ShardSplit(shards, "train").n_vocab
 
@@ -236,9 +236,9 @@ def test_mpirun_pretrain(shards, n_vocab, tmp_path):
             timeout=RUN_TIMEOUT,
         ).returncode
     assert rc == 0, tail(log)
-    ckpt = checkpoint.latest(tmp_path / "runs" / "run" / "checkpoints")
+    ckpt = ds_checkpoint.latest(tmp_path / "runs" / "run" / "checkpoints")
     assert ckpt is not None, tail(log)
-    meta = checkpoint.read_meta(ckpt)
+    meta = ds_checkpoint.read_meta(ckpt)
     assert (meta["step"], meta["world_size"]) == (10, 2)
 
 
@@ -352,9 +352,9 @@ def test_killed_rank_fails_the_launch_and_the_rerun_resumes(shards, n_vocab, tmp
 
 def rerun_resumes(config: Path, run: Path, log: Path) -> int:
     """The step of the stop checkpoint, after checking that one process resumes from it."""
-    saved = checkpoint.latest(run / "checkpoints")
+    saved = ds_checkpoint.latest(run / "checkpoints")
     assert saved is not None, tail(log)
-    step = checkpoint.read_meta(saved)["step"]
+    step = ds_checkpoint.read_meta(saved)["step"]
     assert 0 < step < 100000 and step % 10 == 0, step  # a stop-check step, long before the end
     cmd = [sys.executable, "launcher/pretrain.py", "--config", str(config), f"--train.stop_at={step + 1}"]
     out = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)

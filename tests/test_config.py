@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from igpt_ds.config import ConfigError, ModelConfig, PretrainConfig, TrainConfig, build, load_config, origin_of
-from igpt_ds.engine import policy_path
+from igpt_ds.train.engine import policy_path
 
 PRESETS = sorted((Path(__file__).resolve().parent.parent / "igpt_ds" / "presets").glob("*.yaml"))
 
@@ -39,7 +39,7 @@ def test_size_resolves_from_the_declared_defaults_not_a_resolved_instance():
 def test_a_section_built_by_its_own_factory_keeps_its_defaults_on_the_command_line():
     """Fine-tuning's optim and train sections differ from pretraining's (constant LR 3e-4 after 20 warmup steps;
     validation every 20 steps): a run named by flags alone gets those, not pretraining's cosine at 3e-3."""
-    from igpt_ds.finetune import FinetuneConfig
+    from igpt_ds.train.finetune import FinetuneConfig
 
     cfg = load_config(FinetuneConfig, None, ["--train.init_from=x"])
     assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule) == (3e-4, 20, "constant")

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from pretrain_support import REPO, digits_shards, env, free_port, write_config
 
-from igpt_ds import distributed
 from igpt_ds.config import ConfigError
-from igpt_ds.launchers import first_host, slurm_env
-from igpt_ds.shards import ShardSplit
+from igpt_ds.data.shards import ShardSplit
+from igpt_ds.distributed import process_group
+from igpt_ds.distributed.rank_env import first_host, slurm_env
 
 
 def test_slurm_env_derives_torch_variables():
@@ -129,18 +129,18 @@ def test_a_config_error_on_rank0_reaches_every_rank():
 
 
 def test_device_index_of_each_binding():
-    assert [distributed.device_index(r, 8) for r in range(8)] == list(range(8))  # every device visible
-    assert {distributed.device_index(r, 1) for r in range(8)} == {0}  # one device per task
-    assert [distributed.device_index(r, 4) for r in range(8)] == [0, 1, 2, 3] * 2  # a socket's 4 per 4 tasks
+    assert [process_group.device_index(r, 8) for r in range(8)] == list(range(8))  # every device visible
+    assert {process_group.device_index(r, 1) for r in range(8)} == {0}  # one device per task
+    assert [process_group.device_index(r, 4) for r in range(8)] == [0, 1, 2, 3] * 2  # a socket's 4 per 4 tasks
     with pytest.raises(ConfigError, match="no accelerator device is visible"):
-        distributed.device_index(0, 0)
+        process_group.device_index(0, 0)
 
 
 def test_two_ranks_on_one_gpu_are_refused():
     """Slurm's default block:cyclic distribution with --gpu-bind=closest deals tasks 0, 2, 4, 6 to one socket's 4 GPUs:
     LOCAL_RANK mod 4 would put two ranks on one GPU; the job stops at start-up, on every rank, naming them."""
-    assert distributed.duplicate_devices([("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a")]) is None
-    message = distributed.duplicate_devices([("n1", "GPU-a"), ("n1", "GPU-b"), ("n1", "GPU-a")])
+    assert process_group.duplicate_devices([("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a")]) is None
+    message = process_group.duplicate_devices([("n1", "GPU-a"), ("n1", "GPU-b"), ("n1", "GPU-a")])
     assert message.startswith("ranks 0 and 2 on n1 both use GPU GPU-a: give each task its own GPU")
 
 
@@ -148,12 +148,12 @@ def test_node_local_checkpoints_are_refused_when_tasks_share_a_local_rank(tmp_pa
     import json
 
     from igpt_ds.config import OptimConfig, TrainConfig
-    from igpt_ds.engine import build_ds_config
+    from igpt_ds.train.engine import build_ds_config
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "checkpoint": {"use_node_local_storage": True}}))
     train = TrainConfig(ds_config=str(path))
     build_ds_config(train, OptimConfig(), 1)
-    monkeypatch.setattr(distributed, "local_rank_rewritten", True)
+    monkeypatch.setattr(process_group, "local_rank_rewritten", True)
     with pytest.raises(ConfigError, match="checkpoint.use_node_local_storage in .* with one GPU per task"):
         build_ds_config(train, OptimConfig(), 1)

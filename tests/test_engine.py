@@ -18,8 +18,9 @@ from igpt_ds.config import (
     PretrainConfig,
     TrainConfig,
     load_config,
+    load_policy,
 )
-from igpt_ds.engine import build_ds_config, load_policy, lr_at, policy_path
+from igpt_ds.train.engine import build_ds_config, lr_at, policy_path
 
 
 def test_lr_table_warmup_then_cosine_to_zero():
@@ -130,7 +131,7 @@ def test_a_run_naming_no_json_gets_the_policy_of_its_accelerator(monkeypatch, na
 
 def peaks(model: ModelConfig, train: TrainConfig, dp: int) -> dict[int, float]:
     """The estimate's peak bytes a GPU at ZeRO-1, 2 and 3 with the shipped JSONs."""
-    from igpt_ds.memory import Knobs, Layout, Shape, memory
+    from igpt_ds.plan.memory import Knobs, Layout, Shape, memory
 
     return {s: memory(Shape.of(model), Layout(s, micro_batch=train.micro_batch), dp, train.grad_accum(dp),
                       Knobs.from_policy(load_policy(DS_CONFIGS_DIR / f"zero{s}_bf16.json")))["peak"]
@@ -143,8 +144,8 @@ def test_the_default_policy_is_the_lowest_zero_stage_that_fits(monkeypatch, stag
     header line names the stage and why. ZeRO-3 only where ZeRO-1 and 2 do not fit."""
     import deepspeed.accelerator
 
-    from igpt_ds.engine import choose_policy, describe, engine_facts
-    from igpt_ds.memory import USABLE_FRACTION
+    from igpt_ds.plan.memory import USABLE_FRACTION
+    from igpt_ds.train.engine import choose_policy, describe, engine_facts
 
     model, train, dp = ModelConfig(size="igpt-l", n_px=32), TrainConfig(global_batch=64, micro_batch=8), 8
     peak = peaks(model, train, dp)
@@ -166,7 +167,7 @@ def test_the_default_policy_is_the_lowest_zero_stage_that_fits(monkeypatch, stag
 def test_a_model_no_stage_fits_gets_zero3_and_the_ways_out(monkeypatch):
     import deepspeed.accelerator
 
-    from igpt_ds.engine import choose_policy
+    from igpt_ds.train.engine import choose_policy
 
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeAccelerator("cuda", True, 1.0))
     why = choose_policy(TrainConfig(global_batch=16, micro_batch=16), S).why
@@ -178,7 +179,7 @@ def test_a_resumed_run_naming_no_json_keeps_its_checkpoints_stage(monkeypatch):
     a GPU run naming no JSON resumes at the checkpoint's stage; a named JSON is never overridden."""
     import deepspeed.accelerator
 
-    from igpt_ds.engine import choose_policy
+    from igpt_ds.train.engine import choose_policy
 
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeAccelerator("cuda", True))
     assert choose_policy(TrainConfig(), S, stage=3).path == DS_CONFIGS_DIR / "zero3_bf16.json"
@@ -267,7 +268,7 @@ def shards(tmp_path_factory):
 
 
 def test_shards_must_match_the_model(shards):
-    from igpt_ds.shards import ShardSplit, open_shards
+    from igpt_ds.data.shards import ShardSplit, open_shards
 
     n_vocab = ShardSplit(shards, "train").n_vocab
     open_shards(ModelConfig(n_px=8, n_vocab=n_vocab), DataConfig(shards=str(shards)), "train")
@@ -278,14 +279,14 @@ def test_shards_must_match_the_model(shards):
 
 
 def test_missing_shard_folder(tmp_path):
-    from igpt_ds.shards import open_shards
+    from igpt_ds.data.shards import open_shards
 
     with pytest.raises(ConfigError, match="holds no manifest.json"):
         open_shards(ModelConfig(n_px=8), DataConfig(shards=str(tmp_path / "nowhere")), "train")
 
 
 def test_launcher_reports_a_config_error_in_one_line_before_training(tmp_path, shards):
-    from igpt_ds.shards import ShardSplit
+    from igpt_ds.data.shards import ShardSplit
 
     config = write_config(
         tmp_path / "c.yaml",

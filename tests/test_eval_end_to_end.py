@@ -11,9 +11,9 @@ from eval_support import check, run_entry
 from pretrain_support import digits_shards, run_ranks, scalars, write_config
 from test_probe import sklearn_reference
 
-from igpt_ds import checkpoint
-from igpt_ds.feature_store import FeatureSplit
-from igpt_ds.weights import load_consolidated
+from igpt_ds.checkpoint import export
+from igpt_ds.checkpoint.weights import load_consolidated
+from igpt_ds.eval.feature_store import FeatureSplit
 
 
 @pytest.mark.multiproc
@@ -69,7 +69,7 @@ def test_digits_pretrain_probe_sample_finetune(tmp_path):
     # The pretrained ZeRO-3 run was exported once, by rank 0, to the weights every rank read lazily.
     cfg, weights, palette = load_consolidated(tmp_path / "runs" / "digits-finetune" / "init_weights")
     assert cfg.n_layer == 2 and palette is not None
-    assert torch.equal(weights["wte.weight"], checkpoint.load_model_for_eval(run)[0].wte.weight)
+    assert torch.equal(weights["wte.weight"], export.load_model_for_eval(run)[0].wte.weight)
 
 
 def assert_picture(path):

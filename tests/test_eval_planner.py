@@ -4,9 +4,9 @@ the rank count down to the replicated solver state; the entry point prints every
 import numpy as np
 from eval_support import check, run_entry
 
-from igpt_ds import logreg
-from igpt_ds.eval_planner import EvalPlanConfig, eval_costs, feature_disk_bytes, probe_bytes
-from igpt_ds.feature_store import FEATURES_FILE, PARTS_DIR, PIXELS_FILE, write_features
+from igpt_ds.eval import logreg
+from igpt_ds.eval.feature_store import FEATURES_FILE, PARTS_DIR, PIXELS_FILE, write_features
+from igpt_ds.plan.evaluation import EvalPlanConfig, eval_costs, feature_disk_bytes, probe_bytes
 
 
 def test_disk_formula_is_what_extraction_writes(tmp_path):

@@ -16,9 +16,10 @@ from eval_support import check, run_entry, separable_shards, tiny_checkpoint
 from pretrain_support import REPO, digits_shards, env
 
 from data_tools.build_shards import main as build_shards
-from igpt_ds.checkpoint import load_model_for_eval
+from igpt_ds.checkpoint.export import load_model_for_eval
 from igpt_ds.config import ConfigError
-from igpt_ds.feature_store import (
+from igpt_ds.data.shards import ShardSplit
+from igpt_ds.eval.feature_store import (
     FEATURES_FILE,
     INDEX_FILE,
     PARTS_DIR,
@@ -28,8 +29,7 @@ from igpt_ds.feature_store import (
     prepare_split,
     split_plan,
 )
-from igpt_ds.features import extract_parts, resolve_layers
-from igpt_ds.shards import ShardSplit
+from igpt_ds.eval.features import extract_parts, resolve_layers
 
 
 @pytest.fixture(scope="module")

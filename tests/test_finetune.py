@@ -12,10 +12,10 @@ import torch
 from eval_support import check, run_entry, separable_shards, tiny_checkpoint
 from pretrain_support import run_ranks, scalars, start_ranks
 
-from igpt_ds import checkpoint
+from igpt_ds.checkpoint import ds_checkpoint, export
 from igpt_ds.config import ConfigError, ModelConfig, TrainConfig
-from igpt_ds.finetune import FinetuneConfig, FinetuneSection, IGPTClassifier, augment
-from igpt_ds.model import IGPT
+from igpt_ds.models.igpt import IGPT
+from igpt_ds.train.finetune import FinetuneConfig, FinetuneSection, IGPTClassifier, augment
 
 
 def test_augment_flip_and_shift():
@@ -72,8 +72,8 @@ def test_a_bert_model_is_evaluated_on_masked_inputs_averaged_over_keyed_masks(on
     averages class probabilities over K masks keyed by image index; 0 evaluates unmasked inputs."""
     from types import SimpleNamespace
 
-    from igpt_ds.finetune import Finetuner
-    from igpt_ds.model import EVAL_MASK_SEED, keyed_bert_masks
+    from igpt_ds.models.objectives import EVAL_MASK_SEED, keyed_bert_masks
+    from igpt_ds.train.finetune import Finetuner
 
     torch.manual_seed(0)
     cfg = ModelConfig(size="igpt-tiny", n_px=8, n_vocab=16, objective="bert")
@@ -159,8 +159,8 @@ def test_sigterm_saves_exits_and_resumes(tmp_path):
     out = (log / "rank0.log").read_text
     assert [p.wait(timeout=120) for p in procs] == [143, 143], out()[-3000:]  # 128 + SIGTERM: saved, not done
     run = tmp_path / "term"
-    saved = checkpoint.latest(run / "checkpoints")
-    step = checkpoint.read_meta(saved)["step"]
+    saved = ds_checkpoint.latest(run / "checkpoints")
+    step = ds_checkpoint.read_meta(saved)["step"]
     assert 3 <= step < 500 and f"stopped at step {step} on SIGTERM" in out(), out()[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == step and not results["finished"]
@@ -170,7 +170,7 @@ def test_sigterm_saves_exits_and_resumes(tmp_path):
     assert f"step {step + 1}/500" in resumed and f"step {step}/500" not in resumed.split("resumed from")[1]
     assert json.loads((run / "results.json").read_text())["steps"] == step + 2
 
-    model, cfg, palette = checkpoint.load_model_for_eval(run)  # a fine-tuned run: its trunk, clf_head dropped
+    model, cfg, palette = export.load_model_for_eval(run)  # a fine-tuned run: its trunk, clf_head dropped
     assert cfg.n_vocab == 8 and palette is not None and "clf_head.weight" not in model.state_dict()
 
 

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from data_tools.convert_hf import main
-from igpt_ds.config import ConfigError, ModelConfig
-from igpt_ds.hf_interop import (
+from igpt_ds.checkpoint.hf_interop import (
     convert_from_hf,
     convert_to_hf,
     hf_config_from_model_config,
@@ -27,9 +26,10 @@ from igpt_ds.hf_interop import (
     model_config_from_hf,
     read_palette,
 )
-from igpt_ds.model import IGPT
-from igpt_ds.palette import build_lut, decode, encode, encode_bruteforce, fit_palette, to_unit
-from igpt_ds.weights import load_consolidated, save_consolidated
+from igpt_ds.checkpoint.weights import load_consolidated, save_consolidated
+from igpt_ds.config import ConfigError, ModelConfig
+from igpt_ds.data.palette import build_lut, decode, encode, encode_bruteforce, fit_palette, to_unit
+from igpt_ds.models.igpt import IGPT
 
 transformers = pytest.importorskip("transformers")
 

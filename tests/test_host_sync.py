@@ -19,7 +19,8 @@ from pretrain_support import digits_shards, in_process_rank, write_config
 from igpt_ds import host_sync
 from igpt_ds.config import ModelConfig, PretrainConfig, load_config
 from igpt_ds.host_sync import SyncRecorder
-from igpt_ds.model import IGPT, per_image_loss
+from igpt_ds.models.igpt import IGPT
+from igpt_ds.models.objectives import per_image_loss
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,8 @@ PRETRAIN = {
 @pytest.mark.parametrize("layout", PRETRAIN)
 def test_pretraining_steps(layout, shards, tmp_path, one_rank):
     """A few steps with a log line, validation, a stop check and a checkpoint in the loop."""
-    from igpt_ds.shards import ShardSplit
-    from igpt_ds.trainer import train
+    from igpt_ds.data.shards import ShardSplit
+    from igpt_ds.train.pretrain import train
 
     config = write_config(tmp_path / "c.yaml", shards, tmp_path / "runs", ShardSplit(shards, "train").n_vocab)
     overrides = ["--train.max_steps=4", "--train.log_every=2", "--train.eval_every=2", "--train.save_every=2",
@@ -93,9 +94,9 @@ def test_pretraining_steps(layout, shards, tmp_path, one_rank):
 @pytest.mark.parametrize("objective", ["ar", "bert"])
 def test_fine_tuning_steps(objective, tmp_path, one_rank):
     """Steps with augmentation, logging, validation and test on a new best, and checkpoints."""
+    from igpt_ds.checkpoint.weights import save_consolidated
     from igpt_ds.config import load_config as load
-    from igpt_ds.finetune import FinetuneConfig, finetune
-    from igpt_ds.weights import save_consolidated
+    from igpt_ds.train.finetune import FinetuneConfig, finetune
 
     data = separable_shards(tmp_path / "shards")
     pretrained = tmp_path / "pretrained"
@@ -114,7 +115,7 @@ def test_fine_tuning_steps(objective, tmp_path, one_rank):
 
 
 def test_sampling_with_the_cache():
-    from igpt_ds.sampling import sample_images
+    from igpt_ds.eval.sampling import sample_images
 
     torch.manual_seed(0)
     model = IGPT(ModelConfig(size="igpt-tiny", n_px=4, n_vocab=16)).eval()
@@ -127,9 +128,9 @@ def test_sampling_with_the_cache():
 
 @pytest.mark.parametrize("objective", ["ar", "bert"])
 def test_feature_extraction(objective, shards, tmp_path):
-    from igpt_ds.feature_store import prepare_split, split_plan
-    from igpt_ds.features import extract_parts
-    from igpt_ds.shards import ShardSplit
+    from igpt_ds.data.shards import ShardSplit
+    from igpt_ds.eval.feature_store import prepare_split, split_plan
+    from igpt_ds.eval.features import extract_parts
 
     split = ShardSplit(shards, "val")
     model = IGPT(ModelConfig(size="igpt-tiny", n_px=8, n_vocab=split.n_vocab, objective=objective), seed=0).eval()

@@ -17,10 +17,9 @@ from deepspeed.utils import safe_get_full_fp32_param
 from eval_support import separable_shards
 from pretrain_support import in_process_rank, write_config
 
-from igpt_ds.checkpoint import fp32_masters, igpt_parameters
+from igpt_ds.checkpoint.weights import fp32_masters, igpt_parameters, save_consolidated
 from igpt_ds.config import ModelConfig, PretrainConfig, load_config
-from igpt_ds.model import IGPT
-from igpt_ds.weights import save_consolidated
+from igpt_ds.models.igpt import IGPT
 
 CFG = ModelConfig(size="igpt-tiny", n_px=8, n_vocab=8)
 
@@ -71,7 +70,7 @@ def expected(work: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("layout", ["zero0", "zero1", "zero2", "zero3", "pipeline"])
 def test_init_from_gives_bf16_runs_the_exact_fp32_masters(layout, work, rank):
-    from igpt_ds.trainer import setup
+    from igpt_ds.train.pretrain import setup
 
     stage, pipeline = (1, True) if layout == "pipeline" else (int(layout[-1]), False)
     config = write_config(work / f"{layout}.yaml", work / "shards", work / "runs", 8)
@@ -91,7 +90,7 @@ def test_init_from_gives_bf16_runs_the_exact_fp32_masters(layout, work, rank):
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_a_fine_tuning_backbone_arrives_exactly(stage, work, rank):
-    from igpt_ds.finetune import FinetuneConfig, Finetuner
+    from igpt_ds.train.finetune import FinetuneConfig, Finetuner
 
     cfg = load_config(FinetuneConfig, None, [
         f"--train.init_from={work / 'weights'}", f"--data.shards={work / 'shards'}", f"--train.run_root={work}",
@@ -113,7 +112,7 @@ def test_two_ranks_read_start_up_files_once(ds_config, work):
     every label file (train and val), and with data.verify_checksums each file hashed by one rank, not by all."""
     from test_distributed import run_program
 
-    from igpt_ds.shards import ShardSplit
+    from igpt_ds.data.shards import ShardSplit
 
     results = run_program("startup_reads", str(work), ds_config)
     n = len(expected(work))

@@ -4,7 +4,7 @@
 import numpy as np
 
 from igpt_ds.config import PretrainConfig, TrainConfig
-from igpt_ds.live_probe import choose_subset, evenly_spaced
+from igpt_ds.train.live_probe import choose_subset, evenly_spaced
 
 
 class Split:
@@ -49,7 +49,7 @@ def test_a_resumed_run_keeps_the_probes_up_to_its_checkpoint_and_adds_up_the_ove
     import json
     from types import SimpleNamespace
 
-    from igpt_ds.live_probe import LiveProbe
+    from igpt_ds.train.live_probe import LiveProbe
 
     cfg = PretrainConfig(train=TrainConfig(run_root=str(tmp_path), name="run"))
     cfg.train.run_dir.mkdir(parents=True)

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from igpt_ds.config import ModelConfig
-from igpt_ds.model import IGPT, KVCache, bert_mask, count_parameters, mask_from_uniform, objective_loss
+from igpt_ds.models.igpt import IGPT, count_parameters
+from igpt_ds.models.kv_cache import KVCache
+from igpt_ds.models.objectives import bert_mask, mask_from_uniform, objective_loss
 
 TINY = dict(size="igpt-tiny", n_px=8, n_vocab=512)
 
@@ -156,7 +158,8 @@ def test_features_shapes_and_values():
 def test_bert_features_are_taken_from_masked_inputs_averaged_over_keyed_masks():
     """Feature extraction sees a BERT model's input as training did (masked; OpenAI's code masks every forward),
     averaged over n keyed masks (the paper ensembles BERT masks); 0 = unmasked; AR models are never masked."""
-    from igpt_ds.model import eval_bert_mask, eval_bert_masks, eval_features
+    from igpt_ds.eval.features import eval_features
+    from igpt_ds.models.objectives import eval_bert_mask, eval_bert_masks
 
     model, x = tiny("bert"), tokens()
     idx = np.arange(40, 40 + len(x))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_sample_images
 
-from igpt_ds import palette as P
+from igpt_ds.data import palette as P
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from igpt_ds.config import ModelConfig
-from igpt_ds.distributed import without_cpu_shm_allreduce
-from igpt_ds.model import IGPT, Block, bert_mask, objective_loss
-from igpt_ds.pipe import EmbedPipe, HeadPipe, bert_pipe_batch, igpt_name, pipe_loss
+from igpt_ds.distributed.process_group import without_cpu_shm_allreduce
+from igpt_ds.models.igpt import IGPT, Block
+from igpt_ds.models.objectives import bert_mask, objective_loss
+from igpt_ds.models.pipe import EmbedPipe, HeadPipe, bert_pipe_batch, igpt_name, pipe_loss
 
 
 @pytest.mark.parametrize("objective", ["ar", "bert"])
@@ -37,7 +38,7 @@ def test_every_layout_and_stage_count_starts_from_the_same_distinct_layers(one_r
     after other draws from the RNG (what a later stage of a deeper pipeline does) agree; no two blocks match."""
     import deepspeed
 
-    from igpt_ds.pipe import IGPTPipe, SeededLayerSpec
+    from igpt_ds.models.pipe import IGPTPipe, SeededLayerSpec
 
     monkeypatch.setenv("LOCAL_RANK", "0")
     without_cpu_shm_allreduce()

@@ -20,9 +20,9 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 from pretrain_support import REPO
 
 from igpt_ds.config import ConfigError, ModelConfig, load_config
-from igpt_ds.memory import BF16, FP32, Knobs, Layout, Shape, activation_bytes_per_token, memory
-from igpt_ds.model import IGPT
-from igpt_ds.planner import ClusterConfig, PlanConfig, estimate, plan
+from igpt_ds.models.igpt import IGPT
+from igpt_ds.plan.memory import BF16, FP32, Knobs, Layout, Shape, activation_bytes_per_token, memory
+from igpt_ds.plan.training import ClusterConfig, PlanConfig, estimate, plan
 
 PRESETS = [("igpt-s", 32), ("igpt-m", 32), ("igpt-l", 32), ("igpt-xl", 64)]
 CLUSTERS = [(1, 1), (8, 1), (8, 8), (8, 128)]  # (GPUs per node, nodes): 1 to 1024 GPUs
@@ -90,9 +90,9 @@ def _live_tensor_bytes() -> dict[int, int]:
 def _measure(tmp: str) -> dict[str, int]:
     """Run in a child process: bytes DeepSpeed holds after backward, per MEASURED_CASES entry."""
     from igpt_ds.config import OptimConfig, TrainConfig
-    from igpt_ds.distributed import init_distributed
-    from igpt_ds.engine import build_ds_config, initialize, model_init_context
-    from igpt_ds.model import objective_loss
+    from igpt_ds.distributed.process_group import init_distributed
+    from igpt_ds.models.objectives import objective_loss
+    from igpt_ds.train.engine import build_ds_config, initialize, model_init_context
 
     init_distributed(600)
     cfg = ModelConfig(**MEASURED_MODEL)

@@ -35,10 +35,10 @@ from pretrain_support import (
     write_config,
 )
 
-from igpt_ds import checkpoint
+from igpt_ds.checkpoint import ds_checkpoint, export
+from igpt_ds.checkpoint.weights import save_consolidated
 from igpt_ds.config import ModelConfig
-from igpt_ds.model import IGPT
-from igpt_ds.weights import save_consolidated
+from igpt_ds.models.igpt import IGPT
 
 pytestmark = pytest.mark.multiproc
 
@@ -64,7 +64,7 @@ def shards(work) -> Path:
 
 @pytest.fixture(scope="module")
 def n_vocab(shards) -> int:
-    from igpt_ds.shards import ShardSplit
+    from igpt_ds.data.shards import ShardSplit
 
     return ShardSplit(shards, "train").n_vocab
 
@@ -134,10 +134,11 @@ def bert_run(work: Path, config: Path, name: str, *overrides: str) -> Path:
 
 def reference_losses(config: Path, steps: int) -> list[float]:
     """The same training in one process with plain PyTorch: no DeepSpeed at all."""
+    from igpt_ds.checkpoint.weights import load_consolidated
     from igpt_ds.config import PretrainConfig, load_config
-    from igpt_ds.engine import lr_at
-    from igpt_ds.shards import GlobalBatchSampler, ShardSplit
-    from igpt_ds.weights import load_consolidated
+    from igpt_ds.data.sampler import GlobalBatchSampler
+    from igpt_ds.data.shards import ShardSplit
+    from igpt_ds.train.engine import lr_at
 
     cfg = load_config(PretrainConfig, config)
     model = IGPT(cfg.model)
@@ -253,7 +254,7 @@ def stopped_at_5(work, config) -> Path:
     """A 2-rank run stopped (and checkpointed) at step 5 of 10; a pristine copy sits in runs_at_5/."""
     run_ranks(config, "--train.name", "resumed", "--train.stop_at", "5", log_dir=logs(work, "resume"))
     run = work / "runs" / "resumed"
-    assert checkpoint.latest(run / "checkpoints").name == "step_00000005"
+    assert ds_checkpoint.latest(run / "checkpoints").name == "step_00000005"
     shutil.copytree(run, work / "runs_at_5" / "resumed")
     return run
 
@@ -263,7 +264,7 @@ def test_stop_and_resume_equals_straight_run(work, config, zero3_run, stopped_at
     out = run_ranks(config, "--train.name", "resumed", log_dir=logs(work, "resume"))
     assert "resumed from" in out and "at step 5" in out
     assert losses(run) == losses(zero3_run)  # fp32 on CPU: bit for bit
-    a, b = (checkpoint.load_model_for_eval(r)[0].state_dict() for r in (run, zero3_run))
+    a, b = (export.load_model_for_eval(r)[0].state_dict() for r in (run, zero3_run))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -293,8 +294,8 @@ def test_rank_killed_during_save_leaves_the_previous_checkpoint(work, config):
     caught = None
     deadline = time.time() + 300
     while caught is None and time.time() < deadline and all(p.poll() is None for p in procs):
-        done = checkpoint.latest(root) if root.is_dir() else None
-        partial = [p for p in root.glob("step_*") if not (p / checkpoint.COMPLETE).exists()] if done else []
+        done = ds_checkpoint.latest(root) if root.is_dir() else None
+        partial = [p for p in root.glob("step_*") if not (p / ds_checkpoint.COMPLETE).exists()] if done else []
         if partial and any(partial[0].iterdir()):  # DeepSpeed is writing into it
             rank1.kill()  # the process that trains (igpt_ds.supervisor), not its supervisor
             caught = partial[0]
@@ -306,13 +307,13 @@ def test_rank_killed_during_save_leaves_the_previous_checkpoint(work, config):
         for p in procs:
             p.kill()
             p.wait()
-    previous = checkpoint.latest(root)
+    previous = ds_checkpoint.latest(root)
     assert previous is not None and previous.name < caught.name
-    assert not (caught / checkpoint.COMPLETE).exists()
+    assert not (caught / ds_checkpoint.COMPLETE).exists()
     step = int(previous.name[5:])
     out = run_ranks(config, *args, "--train.stop_at", str(step + 1), log_dir=logs(work, "killed"))
     assert f"resumed from {previous} at step {step}" in out
-    assert checkpoint.latest(root).name == caught.name and (caught / checkpoint.COMPLETE).is_file()
+    assert ds_checkpoint.latest(root).name == caught.name and (caught / ds_checkpoint.COMPLETE).is_file()
 
 
 def test_sigterm_saves_and_stops(work, config):
@@ -336,20 +337,20 @@ def test_sigterm_saves_and_stops(work, config):
         os.kill(p.pid, signal.SIGTERM)
     # 128 + SIGTERM: stopped with a checkpoint, not finished
     assert [p.wait(timeout=120) for p in procs] == [143, 143], (log / "rank0.log").read_text()[-3000:]
-    saved = checkpoint.latest(work / "runs" / "term" / "checkpoints")
+    saved = ds_checkpoint.latest(work / "runs" / "term" / "checkpoints")
     assert saved is not None and 3 <= int(saved.name[5:]) < 500
     assert f"stopped at step {int(saved.name[5:])} on SIGTERM" in (log / "rank0.log").read_text()
 
 
 def test_export_and_load_for_eval_from_both_layouts(work, zero3_run, pipe_run):
-    from igpt_ds.shards import ShardSplit
+    from igpt_ds.data.shards import ShardSplit
 
     val = ShardSplit(work / "shards", "val")
     tokens = torch.from_numpy(val.batch(np.arange(16))[0])  # what the runs validated on (1 batch, no shuffle)
     for run in (zero3_run, pipe_run):
-        out = checkpoint.export_consolidated(run, work / "export" / run.name)
-        for source in (run, checkpoint.latest(run / "checkpoints"), out):
-            model, cfg, palette = checkpoint.load_model_for_eval(source)
+        out = export.export_consolidated(run, work / "export" / run.name)
+        for source in (run, ds_checkpoint.latest(run / "checkpoints"), out):
+            model, cfg, palette = export.load_model_for_eval(source)
             assert not model.training and cfg.n_layer == 2 and palette is not None
             with torch.no_grad():
                 loss = model.loss(tokens).item()
@@ -366,8 +367,8 @@ def test_bf16_pipeline_exports_fp32_masters_and_resumes_on_one_stage(work, confi
     args = ["--train.name", "bf16pipe", "--train.layout", "pipeline", "--train.ds_config", str(policy)]
     args += ["--train.max_steps", "4", "--train.eval_every", "0"]
     run_ranks(config, *args, "--train.pipeline_stages", "2", "--train.stop_at", "2", log_dir=logs(work, "bf16"))
-    ckpt = checkpoint.latest(work / "runs" / "bf16pipe" / "checkpoints")
-    exported = checkpoint.consolidated_state_dict(ckpt)
+    ckpt = ds_checkpoint.latest(work / "runs" / "bf16pipe" / "checkpoints")
+    exported = export.consolidated_state_dict(ckpt)
     bf16 = torch.load(ckpt / "layer_01-model_states.pt")["attn.c_attn.weight"]
     master = exported["h.0.attn.c_attn.weight"]
     assert bf16.dtype == torch.bfloat16 and master.dtype == torch.float32

@@ -11,10 +11,10 @@ from eval_support import check, run_entry, synthetic_features
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from igpt_ds import logreg, probe
 from igpt_ds.config import ConfigError
-from igpt_ds.feature_store import FeatureSplit
-from igpt_ds.probe import ProbeConfig, Task, check_labels, format_table, linear_probe, run_task, window
+from igpt_ds.eval import logreg, probe
+from igpt_ds.eval.feature_store import FeatureSplit
+from igpt_ds.eval.probe import ProbeConfig, Task, check_labels, format_table, linear_probe, run_task, window
 
 C_GRID = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
 

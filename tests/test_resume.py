@@ -21,9 +21,9 @@ from sklearn.datasets import load_digits
 from test_distributed import run_program
 
 from data_tools.build_shards import main as build_shards
-from igpt_ds import checkpoint, resume
+from igpt_ds.checkpoint import ds_checkpoint, resume
 from igpt_ds.config import ConfigError, ModelConfig
-from igpt_ds.shards import ShardSplit
+from igpt_ds.data.shards import ShardSplit
 
 pytestmark = pytest.mark.multiproc
 
@@ -56,7 +56,7 @@ def test_a_rank_blind_to_the_checkpoint_resumes_with_the_others(work, stopped):
     for rank, result in enumerate(results):
         assert result.returncode == 0 and f"rank {rank} exit 0" in result.stdout, result.stdout[-3000:] + result.stderr
     assert "at step 4" in results[0].stdout  # "resumed from .../step_00000004 at step 4", rank 1 included
-    assert checkpoint.read_meta(checkpoint.latest(copy / "run" / "checkpoints"))["step"] == 6
+    assert ds_checkpoint.read_meta(ds_checkpoint.latest(copy / "run" / "checkpoints"))["step"] == 6
 
 
 def test_ranks_with_different_configurations_stop_before_training(work, stopped):
@@ -119,12 +119,12 @@ def test_rebuilt_shards_are_refused_then_continued_with_a_fresh_data_position(wo
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert f"the train split has {n:,} images, 1,257 then" in refused.stderr
     assert "--train.reset_data_position=true" in refused.stderr
-    assert checkpoint.read_meta(checkpoint.latest(copy / "run" / "checkpoints"))["step"] == 4  # nothing ran
+    assert ds_checkpoint.read_meta(ds_checkpoint.latest(copy / "run" / "checkpoints"))["step"] == 4  # nothing ran
     resumed = subprocess.run([*cmd, "--train.reset_data_position=true"], cwd=REPO, env=env(), capture_output=True,
                              text=True, timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "at step 4 (universal checkpoint), data order started afresh" in resumed.stdout
-    meta = checkpoint.read_meta(checkpoint.latest(copy / "run" / "checkpoints"))
+    meta = ds_checkpoint.read_meta(ds_checkpoint.latest(copy / "run" / "checkpoints"))
     assert meta["step"] == 5 and meta["data"]["n"] == n and meta["sampler"]["n_samples"] == n
 
 

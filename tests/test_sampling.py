@@ -6,9 +6,9 @@ import torch
 from eval_support import run_entry, separable_shards, tiny_checkpoint
 
 from igpt_ds.config import ModelConfig
-from igpt_ds.model import IGPT
-from igpt_ds.sampling import generate, image_uniforms, pick, sample_images
-from igpt_ds.shards import ShardSplit
+from igpt_ds.data.shards import ShardSplit
+from igpt_ds.eval.sampling import generate, image_uniforms, pick, sample_images
+from igpt_ds.models.igpt import IGPT
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ from data_helpers import build, folder_bytes, write_image_tree, write_palette
 from PIL import Image
 
 from data_tools.inspect_shards import main as inspect_main
-from igpt_ds import palette as P
-from igpt_ds.shards import GlobalBatchSampler, ShardError, ShardSplit, rank_slice
+from igpt_ds.data import palette as P
+from igpt_ds.data.sampler import GlobalBatchSampler, rank_slice
+from igpt_ds.data.shards import ShardError, ShardSplit
 
 REPO = Path(__file__).resolve().parent.parent
 

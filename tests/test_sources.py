@@ -13,8 +13,8 @@ from PIL import Image
 from data_tools import UserError
 from data_tools.images import load_rgb, square, to_rgb
 from data_tools.sources import folder_source, open_source
-from igpt_ds import palette as P
-from igpt_ds.shards import ShardSplit
+from igpt_ds.data import palette as P
+from igpt_ds.data.shards import ShardSplit
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from igpt_ds.distributed import StopSignal
-from igpt_ds.model import keyed_bert_masks
-from igpt_ds.shards import GlobalBatchSampler
-from igpt_ds.trainer import StepReader
+from igpt_ds.data.sampler import GlobalBatchSampler
+from igpt_ds.distributed.stop import StopSignal
+from igpt_ds.models.objectives import keyed_bert_masks
+from igpt_ds.train.pretrain import StepReader
 
 
 def test_keyed_masks_depend_only_on_the_key():

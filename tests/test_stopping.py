@@ -20,9 +20,9 @@ import pytest
 from eval_support import check, run_entry, separable_shards, tiny_checkpoint
 from pretrain_support import REPO, digits_shards, env, free_port, processes_of, write_config
 
-from igpt_ds import checkpoint
-from igpt_ds.feature_store import INDEX_FILE, FeatureSplit
-from igpt_ds.shards import ShardSplit
+from igpt_ds.checkpoint import ds_checkpoint
+from igpt_ds.data.shards import ShardSplit
+from igpt_ds.eval.feature_store import INDEX_FILE, FeatureSplit
 
 pytestmark = pytest.mark.multiproc
 
@@ -85,9 +85,9 @@ def launch_and_signal(cmd: list[str], log: Path, sig: int, marker: str, started:
 
 
 def stopped_step(run: Path, log: Path) -> int:
-    saved = checkpoint.latest(run / "checkpoints")
+    saved = ds_checkpoint.latest(run / "checkpoints")
     assert saved is not None, log.read_text()[-3000:]
-    step = checkpoint.read_meta(saved)["step"]
+    step = ds_checkpoint.read_meta(saved)["step"]
     assert 0 < step < 100000 and step % 10 == 0, step  # stopped at a check step, long before the end
     return step
 
@@ -105,7 +105,7 @@ def resume_two_more_steps(config: Path, run: Path, step: int, *extra: str, scrip
     out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert f"step_{step:08d} at step {step}" in out.stdout, out.stdout[-2000:]  # "resumed from .../step_N at step N"
-    assert checkpoint.read_meta(checkpoint.latest(run / "checkpoints"))["step"] == step + 2
+    assert ds_checkpoint.read_meta(ds_checkpoint.latest(run / "checkpoints"))["step"] == step + 2
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -144,7 +144,7 @@ def test_mpirun_sigterm_to_the_command(shards, tmp_path):
                            signal.SIGTERM, str(config))  # fmt: skip
     assert rc != 0
     step = stopped_step(tmp_path / "runs" / "run", log)
-    assert checkpoint.read_meta(checkpoint.latest(tmp_path / "runs" / "run" / "checkpoints"))["world_size"] == 2
+    assert ds_checkpoint.read_meta(ds_checkpoint.latest(tmp_path / "runs" / "run" / "checkpoints"))["world_size"] == 2
     resume_two_more_steps(config, tmp_path / "runs" / "run", step)
 
 

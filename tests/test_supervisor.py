@@ -15,8 +15,8 @@ import psutil
 import pytest
 from pretrain_support import REPO, env
 
-from igpt_ds.launchers import launcher_name
-from igpt_ds.supervisor import Console
+from igpt_ds.distributed.rank_env import launcher_name
+from igpt_ds.distributed.supervisor import Console
 
 
 def start(out: Path, code: int = 7, **kwargs) -> subprocess.Popen:

@@ -21,8 +21,9 @@ import torch
 if torch.cuda.is_available():  # before DeepSpeed is imported: the suite's conftest sets the CPU accelerator
     os.environ["DS_ACCELERATOR"] = "cuda"
 
-from igpt_ds.config import ModelConfig  # noqa: E402
-from igpt_ds.model import IGPT, KVCache  # noqa: E402
+from igpt_ds.config import ModelConfig
+from igpt_ds.models.igpt import IGPT
+from igpt_ds.models.kv_cache import KVCache
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -79,7 +80,7 @@ def test_nccl_initialises_on_one_gpu(local_rank):
     for cuda:$LOCAL_RANK, is tests/test_distributed.py's, with a fake accelerator.)"""
     code = """
 import os, torch, torch.distributed as dist
-from igpt_ds.distributed import init_distributed, shutdown
+from igpt_ds.distributed.process_group import init_distributed, shutdown
 rank, world = init_distributed(120)
 t = torch.ones(3, device="cuda")
 dist.all_reduce(t)

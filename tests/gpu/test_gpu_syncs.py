@@ -28,7 +28,7 @@ from pretrain_support import in_process_rank  # noqa: E402
 
 from igpt_ds.config import ModelConfig, PretrainConfig, load_config  # noqa: E402
 from igpt_ds.host_sync import SyncRecorder  # noqa: E402
-from igpt_ds.model import IGPT  # noqa: E402
+from igpt_ds.models.igpt import IGPT  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 REPORTS: dict[str, str] = {}
@@ -67,7 +67,7 @@ PRETRAIN = {
 
 @pytest.mark.parametrize("layout", PRETRAIN)
 def test_pretraining_syncs_only_where_it_means_to(layout, shards, tmp_path, rank):
-    from igpt_ds.trainer import train
+    from igpt_ds.train.pretrain import train
 
     cfg = load_config(PretrainConfig, None, [
         "--model.size=igpt-tiny", "--model.n_px=8", "--model.n_vocab=8", f"--data.shards={shards}",
@@ -80,7 +80,7 @@ def test_pretraining_syncs_only_where_it_means_to(layout, shards, tmp_path, rank
 
 
 def test_fine_tuning_syncs_only_where_it_means_to(shards, tmp_path, rank):
-    from igpt_ds.finetune import FinetuneConfig, finetune
+    from igpt_ds.train.finetune import FinetuneConfig, finetune
 
     pretrained = tiny_checkpoint(tmp_path / "pretrained", n_vocab=8)
     cfg = load_config(FinetuneConfig, None, [
@@ -94,7 +94,7 @@ def test_fine_tuning_syncs_only_where_it_means_to(shards, tmp_path, rank):
 
 
 def test_sampling_syncs_once_per_batch():
-    from igpt_ds.sampling import sample_images
+    from igpt_ds.eval.sampling import sample_images
 
     torch.manual_seed(0)
     model = IGPT(ModelConfig(size="igpt-tiny", n_px=8, n_vocab=16)).cuda().eval()
@@ -106,9 +106,9 @@ def test_sampling_syncs_once_per_batch():
 
 
 def test_feature_extraction_syncs_once_per_batch(shards, tmp_path):
-    from igpt_ds.feature_store import prepare_split, split_plan
-    from igpt_ds.features import extract_parts
-    from igpt_ds.shards import ShardSplit
+    from igpt_ds.data.shards import ShardSplit
+    from igpt_ds.eval.feature_store import prepare_split, split_plan
+    from igpt_ds.eval.features import extract_parts
 
     split = ShardSplit(shards, "train")
     model = IGPT(ModelConfig(size="igpt-tiny", n_px=8, n_vocab=8, objective="bert"), seed=0).cuda().eval()

@@ -1,0 +1,276 @@
+"""DeepSpeed checkpoints: save, find the latest complete one, load, convert to the universal form.
+
+A run's checkpoints live in `runs/<name>/checkpoints/`:
+
+    step_00000500/          DeepSpeed's files (engine.save_checkpoint, every rank) plus ours:
+        rng_rank00000.pt    RNG states of each rank (torch, numpy, python)
+        run.json            step, sampler position, topology (world, data-parallel size, layout)
+        config.yaml, ds_config.json, git_rev.txt, palette.npy
+        complete            written last, after every rank finished writing
+    latest                  the tag of the newest complete checkpoint, replaced atomically
+    universal/step_...      DeepSpeed universal form, made on demand to resume at a new topology
+    .trash/                 old checkpoints on their way out (deleted in the background)
+
+"Complete" means every rank returned from its save (a barrier) before rank 0 writes the marker and then swaps
+`latest`; a save killed midway leaves `latest` on the previous checkpoint, and the half-written folder is deleted by
+the next save. The folder must be on a filesystem every rank sees; durability against power loss is the
+filesystem's.
+
+Loading restores weights, optimizer and LR scheduler (DeepSpeed) and each rank's RNG states; the training loop
+then puts the run config's hyperparameters back (`igpt_ds.train.engine.apply_schedule`). At a different
+data-parallel size or stage count a ZeRO checkpoint cannot be loaded directly; it is converted once with
+`deepspeed.checkpoint.ds_to_universal` and loaded with `"checkpoint": {"load_universal": true}` (RNG states then
+restart from the seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import random
+import shutil
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
+
+from igpt_ds.atomic import write_text
+from igpt_ds.checkpoint.weights import (
+    PALETTE_FILE,
+    is_consolidated,
+)
+from igpt_ds.config import ConfigError, ModelConfig, build
+from igpt_ds.data.shards import ShardSplit
+from igpt_ds.distributed.process_group import barrier
+from igpt_ds.distributed.rank0 import on_rank0
+
+LATEST = "latest"
+
+
+COMPLETE = "complete"
+
+
+RUN_META = "run.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save(
+    engine: Any,
+    root: Path,
+    step: int,
+    meta: dict[str, Any],
+    files: dict[str, str],
+    palette: np.ndarray | None,
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` on every rank (collective); mark it complete and latest; keep `keep`.
+
+    `meta` (run.json: step, sampler state, topology) and `files` (name -> text) are written by rank 0. Whether the
+    step is already saved (a rerun of a finished run) is rank 0's decision for every rank: a rank that decided from
+    its own, stale, listing of a network filesystem would skip the collective save alone and hang the others.
+    Old checkpoints are moved aside at once and deleted in a background thread (`prune`), so no rank waits at the
+    next collective while rank 0 deletes tens of GB.
+    """
+    rank = dist.get_rank()
+    path = root / tag_for(step)
+    if on_rank0(lambda: prepare(root, path)) == "saved":
+        return path
+    # ds_to_universal refuses ZeRO-1/2 and pipeline checkpoints without this marker of the format.
+    universal_info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(str(root), tag=path.name, client_state=universal_info, save_latest=False)
+    torch.save(rng_state(), path / f"rng_rank{rank:05d}.pt")
+    if rank == 0:
+        for name, text in files.items():
+            (path / name).write_text(text)
+        if palette is not None:
+            np.save(path / PALETTE_FILE, palette)
+        write_text(path / RUN_META, json.dumps(dict(meta, step=step), indent=2))
+    barrier()  # every rank's files are written before the checkpoint counts
+    if rank == 0:
+        write_text(path / COMPLETE, "")
+        write_text(root / LATEST, path.name)
+        prune(root, keep)
+    return path
+
+
+def prepare(root: Path, path: Path) -> str:
+    """Rank 0, before a save: "saved" when `path` is already a complete checkpoint; otherwise "write", with `root`
+    made and the leftovers of a save killed midway at `path` moved aside for deletion."""
+    if (path / COMPLETE).is_file():
+        return "saved"
+    root.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        discard(path, root)
+    return "write"
+
+
+TRASH = ".trash"
+"""Folder of a checkpoints folder into which `prune` moves what it deletes, before deleting it in the background."""
+
+
+class _Deleter:
+    """One daemon thread deleting folders in the order given. A daemon: a run stopped by a signal exits without
+    waiting for it (within a scheduler's grace period), leaving the rest in .trash for the next `prune`; a run
+    that ends normally waits (`wait_for_deletions`)."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[Path | None] = queue.Queue()
+        self.thread: threading.Thread | None = None
+
+    def submit(self, folder: Path) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self.work, name="igpt-delete", daemon=True)
+            self.thread.start()
+        self.queue.put(folder)
+
+    def work(self) -> None:
+        while True:
+            folder = self.queue.get()
+            shutil.rmtree(folder, ignore_errors=True)
+            self.queue.task_done()
+
+
+_deleter = _Deleter()
+
+
+def discard(folder: Path, root: Path) -> None:
+    """Move `folder` into `root`/.trash at once (a rename: `latest` and resumes no longer see it) and delete it in
+    the background thread."""
+    trash = root / TRASH
+    trash.mkdir(exist_ok=True)
+    target = trash / f"{folder.parent.name}-{folder.name}-{uuid.uuid4().hex[:8]}"
+    folder.rename(target)
+    _deleter.submit(target)
+
+
+def wait_for_deletions() -> None:
+    """Block until the background deletions submitted so far are done."""
+    _deleter.queue.join()
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (and their universal forms), every incomplete one, and
+    what an earlier process left in .trash: moved aside now, deleted in the background (`discard`). A folder that
+    cannot be moved (a busy or stale file on a network filesystem) is left where it is, with a warning: failing
+    here, on rank 0 alone after the checkpoint is complete, would leave the other ranks waiting."""
+    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
+    complete = [p for p in tags if (p / COMPLETE).is_file()]
+    kept = {p.name for p in complete[-keep:]}
+    leftovers = list((root / TRASH).iterdir()) if (root / TRASH).is_dir() else []
+    for p in [*tags, *root.glob("universal/step_*")]:
+        if p.name not in kept:
+            try:
+                discard(p, root)
+            except OSError as e:
+                print(f"warning: could not remove old checkpoint {p} ({e}); remove it by hand", flush=True)
+    for p in leftovers:
+        _deleter.submit(p)
+
+
+def latest(root: Path) -> Path | None:
+    """The checkpoint `latest` names, if it is complete (otherwise the newest complete one)."""
+    named = root / LATEST
+    if named.is_file() and (root / named.read_text().strip() / COMPLETE).is_file():
+        return root / named.read_text().strip()
+    complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
+    return complete[-1] if complete else None
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / RUN_META).read_text())
+
+
+def to_universal(ckpt: Path) -> Path:
+    """Convert `ckpt` to DeepSpeed's universal form once (one process; ranks call it through `on_rank0`)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = ckpt.parent / "universal" / ckpt.name
+    if not (out / COMPLETE).is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+        args = argparse.Namespace(
+            input_folder=str(ckpt),
+            output_folder=str(out),
+            num_extract_workers=workers,
+            num_merge_workers=max(1, workers // 2),
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=False,
+        )
+        ds_to_universal.main(args)
+        write_text(out / COMPLETE, "")
+    return out
+
+
+def load(engine: Any, ckpt: Path, universal: bool) -> None:
+    """Restore engine state from `ckpt` (all ranks; the universal form of it when `universal`) and this rank's
+    RNG (when the topology is unchanged). The caller then puts the run config's optimizer hyperparameters back
+    (`igpt_ds.train.engine.apply_schedule`): the checkpoint holds those of the run that saved it."""
+    source = ckpt.parent / "universal" / ckpt.name if universal else ckpt
+    path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {source}")
+    rng_file = ckpt / f"rng_rank{dist.get_rank():05d}.pt"
+    if not universal and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder from a run folder, a checkpoints folder, or a checkpoint folder itself."""
+    path = Path(path)
+    if (path / RUN_META).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        if root.is_dir() and (found := latest(root)) is not None:
+            return found
+    raise ConfigError(f"{path} holds no complete checkpoint (run folder, checkpoints folder or step_* folder)")
+
+
+def model_config(ckpt: Path) -> ModelConfig:
+    return build(ModelConfig, yaml.safe_load((ckpt / "config.yaml").read_text())["model"], where="model.")
+
+
+def palette(ckpt: Path) -> np.ndarray | None:
+    return np.load(ckpt / PALETTE_FILE) if (ckpt / PALETTE_FILE).is_file() else None
+
+
+def check_palette(colours: np.ndarray | None, split: ShardSplit, source: str | Path) -> None:
+    """Refuse shards tokenised with another palette than checkpoint `source`'s (`colours`; None: no check):
+    token k would be another colour than the model learnt, so features and samples would be wrong silently."""
+    if colours is None or np.array_equal(np.asarray(colours, np.float32), split.palette):
+        return
+    where = Path(source) if is_consolidated(source) else resolve(source)
+    raise ConfigError(
+        f"shards {split.root} were tokenised with another palette than checkpoint {source}; tokenise them with "
+        f"the checkpoint's palette: igpt-build-shards SOURCE --out DIR --palette {where / PALETTE_FILE}"
+    )

@@ -1,0 +1,138 @@
+"""Whether and how a run resumes: decided once, by rank 0, and refused in one line when the checkpoint no longer
+fits the run.
+
+`plan(...)` runs on rank 0 (through `distributed.on_rank0`) and every rank receives its answer: which
+checkpoint (or none), its run.json, and whether it must go through DeepSpeed's universal form. Ranks never
+read `latest` or the `complete` markers themselves, so a stale directory listing on a network filesystem
+cannot send one rank into a resume and another into a fresh start (a hang at scale).
+
+What a checkpoint depends on, and what happens when it changed since it was written:
+
+| changed since the checkpoint              | on resume                                                        |
+|-------------------------------------------|------------------------------------------------------------------|
+| world size, data-parallel size, stages    | supported: converted to DeepSpeed's universal form and loaded     |
+| LR, warmup, schedule, max_steps, stop_at, | supported: the schedule of the new config from the restored step |
+| betas, eps, weight decay                  | (`engine.apply_schedule`)                                        |
+| log / eval / save cadence, keep, timeouts | supported                                                        |
+| training images (shards rebuilt), seed    | refused; `train.reset_data_position=true` continues from the     |
+|                                           | weights, optimizer and step with the data order started afresh   |
+| palette                                   | refused (tokens would mean other colours)                       |
+| model shape or objective, layout          | refused; export the weights and start a run with init_from       |
+| ZeRO stage, precision (bf16 / fp16 / fp32)| refused; keep them, or export the weights and init_from; a GPU  |
+|                                           | run naming no JSON keeps its checkpoint's stage at any GPU count |
+
+Each refusal is a ConfigError naming the checkpoint, what changed (then and now) and the ways out, raised
+before the engine is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from igpt_ds.checkpoint import ds_checkpoint
+from igpt_ds.config import ConfigError, ModelConfig, precision
+from igpt_ds.data.shards import ShardSplit
+from igpt_ds.distributed.rank0 import on_rank0
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "n_px", "n_vocab", "bias", "objective")
+"""Model fields a checkpoint's weights are bound to."""
+
+
+@dataclass
+class Resume:
+    ckpt: Path
+    meta: dict[str, Any]
+    """run.json: step, sampler state, topology, data identity."""
+    universal: bool
+    """Load through DeepSpeed's universal form (another topology than the one that saved)."""
+
+
+def data_identity(split: ShardSplit) -> dict[str, Any]:
+    """What the data position of a checkpoint refers to: the split's size, its shard files' sha256 (from the
+    manifest, not recomputed) and the palette's."""
+    shards = split.manifest["splits"][split.split]["shards"]
+    digest = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
+    palette = split.manifest["palette"]["sha256"]
+    return {"split": split.split, "n": len(split), "shards_sha256": digest, "palette_sha256": palette}
+
+
+def plan(
+    root: Path,
+    model: ModelConfig | None,
+    layout: str,
+    world: int,
+    dp: int,
+    ds_config: dict[str, Any],
+    data: dict[str, Any],
+    seed: int,
+    reset_data_position: bool,
+    stage_from_checkpoint: bool = False,
+) -> Resume | None:
+    """Rank 0's answer for every rank: the checkpoint to resume from `root` (None: start fresh), after checking
+    that it fits this run (see the module docstring); ConfigError otherwise. `model` None: the run takes its
+    model from the checkpoint (fine-tuning), nothing to compare. `stage_from_checkpoint`: the run named no JSON and
+    its default policy follows the checkpoint's ZeRO stage (1-3; `engine.choose_policy`), so a stage chosen
+    otherwise at another GPU count is no reason to refuse."""
+    ckpt = ds_checkpoint.latest(root)
+    if ckpt is None:
+        return None
+    meta = ds_checkpoint.read_meta(ckpt)
+    export = (f"to start a new run from its weights: python -m igpt_ds export --checkpoint {ckpt} --out WEIGHTS, then "
+              f"--train.name=NEW --train.init_from=WEIGHTS")  # fmt: skip
+    then = ds_checkpoint.model_config(ckpt)
+    changed = [f"model.{k}={getattr(then, k)} then, {getattr(model, k)} now" for k in MODEL_KEYS
+               if model is not None and getattr(then, k) != getattr(model, k)]  # fmt: skip
+    if meta["layout"] != layout:
+        changed.append(f"train.layout={meta['layout']} then, {layout} now")
+    if changed:
+        raise ConfigError(
+            f"{ckpt} does not fit this run ({'; '.join(changed)}); resume with the same model, or {export}"
+        )
+    saved_ds = json.loads((ckpt / "ds_config.json").read_text())
+    stage_now = ds_config.get("zero_optimization", {}).get("stage", 0)
+    pairs = [("precision", precision(saved_ds), precision(ds_config))]
+    if not (stage_from_checkpoint and meta.get("zero_stage", 0) in (1, 2, 3)):
+        pairs.insert(0, ("ZeRO stage", meta.get("zero_stage", 0), stage_now))
+    engine = [(what, a, b) for what, a, b in pairs if a != b]
+    if engine:
+        what = "; ".join(f"{w} {a} then, {b} now" for w, a, b in engine)
+        raise ConfigError(f"{ckpt} was written with another engine policy ({what}, train.ds_config); resume with "
+                          f"the policy it was written with, or {export}")  # fmt: skip
+    then_data = meta.get("data") or {"n": meta["sampler"]["n_samples"]}
+    if then_data.get("palette_sha256", data["palette_sha256"]) != data["palette_sha256"]:
+        raise ConfigError(f"{ckpt} was trained on shards tokenised with another palette than data.shards' (its "
+                          "tokens would mean other colours); tokenise the images with the run's palette: "
+                          f"igpt-build-shards SOURCE --out DIR --palette {ckpt / 'palette.npy'}")  # fmt: skip
+    moved = []
+    if then_data["n"] != data["n"]:
+        moved.append(f"the {data['split']} split has {data['n']:,} images, {then_data['n']:,} then")
+    elif then_data.get("shards_sha256", data["shards_sha256"]) != data["shards_sha256"]:
+        moved.append(f"the {data['split']} split's shard files changed")
+    if meta["sampler"]["seed"] != seed:
+        moved.append(f"train.seed={seed}, {meta['sampler']['seed']} then")
+    if moved and not reset_data_position:
+        raise ConfigError(
+            f"{ckpt} was written for other training data ({'; '.join(moved)}), so its data position means nothing "
+            "now; restore the shards and seed it was written with, or set --train.reset_data_position=true to "
+            "continue from its weights, optimizer and step with the data order started afresh"
+        )
+    universal = (meta["world_size"], meta["dp_size"]) != (world, dp)
+    return Resume(ckpt, meta, universal)
+
+
+def resume_plan(run_dir: Path, **check: Any) -> Resume | None:
+    """The checkpoint this run resumes from (None: a fresh start), decided by rank 0 for every rank.
+
+    `check` goes to `plan` (model, layout, world, dp, ds_config, data, seed, reset_data_position), which
+    raises ConfigError for a checkpoint that does not fit the run. A checkpoint saved at another data-parallel
+    size is converted to DeepSpeed's universal format first (minutes for a large model: on rank 0, outside any
+    timed collective); the caller then builds its DeepSpeed config with `load_universal=True`.
+    """
+    found = on_rank0(lambda: plan(run_dir / "checkpoints", **check))
+    if found is not None and found.universal:
+        on_rank0(lambda: ds_checkpoint.to_universal(found.ckpt))
+    return found

@@ -1,0 +1,442 @@
+"""Fine-tuning a pretrained iGPT for classification on DeepSpeed (docs/reference.md#evaluation).
+
+A linear head on the mean-pooled final-norm output (`IGPT.forward_pooled`); the loss is
+L_CLF + λ·L_GEN with λ = `finetune.gen_weight` (the paper found the generative term helps; 0 drops it).
+By default the head is OpenAI's: zero-initialised, without a bias, on the raw pooled output (`IGPTClassifier`);
+`finetune.head_bias` and `finetune.standardize_features` are named departures from it. The head may learn
+faster than the backbone (`finetune.head_lr_mult`). A BERT model sees masked inputs in evaluation as in
+training (OpenAI's code masks in every forward): class probabilities are averaged over `finetune.eval_masks`
+masks per image, keyed by the image's index (the paper's ensembling of BERT masks); 0 evaluates unmasked.
+Constant learning rate after warmup (no cosine: docs/reference.md#evaluation), early stopping on validation accuracy:
+every improvement is saved to `<run>/best/` and scored on the test split at once, so the reported test
+accuracy is that of the checkpoint with the best validation accuracy; test never steers anything.
+Optional augmentation works on tokens: horizontal flips and translations of up to `finetune.shift`
+pixels (edge pixels repeated), seeded by (seed, step, rank) so a resumed run augments identically.
+
+Layout: DeepSpeed ZeRO (any stage; ZeRO-3 partitions the model as it is built). The pipeline layout
+is refused: its engine returns only the last micro-batch's outputs from `eval_batch`, so validation
+and test accuracy would need a second path through the loss function; a pipeline-pretrained
+checkpoint fine-tunes here all the same (its weights are read in any layout). The pretrained weights are
+read tensor by tensor from a consolidated folder; a DeepSpeed checkpoint is first exported to one,
+`<run>/init_weights/`, by rank 0 alone (`export.consolidated_for_ranks`). Checkpoints, resume,
+resume at another world size (universal checkpoints), the save-and-exit on SIGTERM / SIGUSR1
+(`distributed.StopSignal`) and the run lifecycle are pretraining's (`igpt_ds.checkpoint`, `igpt_ds.run`).
+
+    deepspeed --num_gpus 8 launcher/finetune.py --config launcher/configs/finetune_cifar10.yaml \\
+        --train.init_from=runs/igpt-s-imagenet32
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from igpt_ds import host_sync
+from igpt_ds.atomic import write_text
+from igpt_ds.checkpoint import ds_checkpoint, export, resume, weights
+from igpt_ds.checkpoint.weights import open_consolidated_shared
+from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, to_dict, zero_stage
+from igpt_ds.data.prefetch import HostBatch, StepReader, pin, read_ahead, to_device
+from igpt_ds.data.sampler import GlobalBatchSampler, rank_slice
+from igpt_ds.data.shards import ShardError, ShardSplit, open_shards
+from igpt_ds.distributed.process_group import barrier, init_distributed
+from igpt_ds.distributed.rank0 import agree_on_config, on_rank0
+from igpt_ds.distributed.stop import StopSignal
+from igpt_ds.models.igpt import IGPT, Linear
+from igpt_ds.models.objectives import bert_mask, eval_bert_mask, objective_loss
+from igpt_ds.train import run_folder
+from igpt_ds.train.engine import (
+    apply_schedule,
+    build_ds_config,
+    choose_policy,
+    describe,
+    engine_facts,
+    initialize,
+    model_init_context,
+    resumed_engine_config,
+)
+
+
+@dataclass
+class FinetuneSection:
+    """finetune: the classification fine-tune (L_CLF + gen_weight x L_GEN; docs/reference.md#evaluation)."""
+
+    gen_weight: float = 1.0
+    """λ in L_CLF + λ·L_GEN (paper: 1 beats 0); 0 trains the classifier loss alone."""
+    patience: int = 5
+    """Stop after this many evaluations without a new best validation accuracy (0 = never early)."""
+    flip: bool = True
+    """Augment: mirror each training image left-right with probability 1/2."""
+    shift: int = 0
+    """Augment: translate each training image by up to this many pixels each way (edges repeated)."""
+    head_lr_mult: float = 1.0
+    """The head's learning rate relative to optim.lr: a zero-initialised head has further to go than the
+    pretrained backbone, which a high LR would damage."""
+    head_bias: bool = False
+    """Give the head a bias. OpenAI's head has none (src/model.py: clf_logits = h · wclf^T)."""
+    standardize_features: bool = False
+    """Feed the head the pooled features standardised by a fixed mean and std measured on `stats_images` train
+    images before training (as the linear probe standardises). Not OpenAI's: its head reads the raw pooled output.
+    Why one may want it: pooled features vary little across images next to their mean (std ~0.08 vs ~0.5 in a
+    small model), so a zero-initialised head on raw features learns slowly at the backbone's learning rate."""
+    stats_images: int = 4096
+    """Train images whose pooled features give the standardisation (standardize_features only)."""
+    eval_masks: int = 1
+    """BERT models: masks per evaluation image, class probabilities averaged over them (OpenAI's code: 1, a fresh
+    mask in every forward; the paper's BERT results ensemble several); 0 evaluates unmasked inputs."""
+    test_split: str = "test"
+
+    def __post_init__(self) -> None:
+        if min(self.gen_weight, self.patience, self.shift, self.eval_masks) < 0 or self.head_lr_mult <= 0:
+            raise ConfigError("finetune.gen_weight, patience, shift, eval_masks must be >= 0; head_lr_mult > 0")
+        if self.stats_images < 1:
+            raise ConfigError("finetune.stats_images must be >= 1")
+
+
+def _optim_defaults() -> OptimConfig:
+    # About 10x below pretraining's LR and constant after warmup (docs/reference.md#evaluation).
+    return OptimConfig(lr=3e-4, warmup_steps=20, schedule="constant")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning: one configuration per run (launcher/finetune.py)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=_optim_defaults)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(name="finetune", eval_every=20))
+    """train.init_from: the pretrained model (run folder, checkpoint of either layout, consolidated folder);
+    train.eval_batches is unused: validation and test cover their whole splits."""
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+
+    def __post_init__(self) -> None:
+        if not self.train.init_from:
+            raise ConfigError("train.init_from must name the pretrained checkpoint to fine-tune")
+        if self.train.layout != "zero":
+            raise ConfigError("train.layout=pipeline is not supported for fine-tuning (see igpt_ds.finetune); use zero")
+
+
+class IGPTClassifier(IGPT):
+    """IGPT plus `clf_head` on the pooled final-norm output; backbone parameter names stay IGPT's.
+
+    OpenAI's classifier (src/model.py): class logits = mean over positions of ln_f's output, times a (n_classes, C)
+    matrix initialised to zero (every class starts equally likely), no bias. `bias` adds one (zero-initialised);
+    `feat_mean` / `feat_std` standardise the pooled features before the head (identity unless the fine-tuner sets
+    them: finetune.standardize_features).
+    """
+
+    def __init__(self, cfg: ModelConfig, n_classes: int, bias: bool = False):
+        super().__init__(cfg)
+        self.clf_head = Linear(cfg.n_embd, n_classes, bias=bias, std=0.0)
+        # Not in the state dict: set by the fine-tuner from its run state, so checkpoints keep DeepSpeed's format.
+        self.register_buffer("feat_mean", torch.zeros(cfg.n_embd), persistent=False)
+        self.register_buffer("feat_std", torch.ones(cfg.n_embd), persistent=False)
+
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(pixel logits (B, T, V), class logits (B, n_classes), pooled features (B, C)), in the compute dtype."""
+        logits, pooled = self.forward_pooled(tokens, mask)
+        # Standardised in fp32 whatever the engine's precision: pooled features vary by ~0.08 around ~0.5, and in
+        # bf16 (8 significant bits) (x - mean) / std would keep ~3. The head then reads them in the compute dtype
+        # (pooled's), which is its weights' dtype: the engine casts parameters to bf16, never these buffers.
+        z = (pooled.float() - self.feat_mean.float()) / self.feat_std.float()
+        return logits, self.clf_head(z.to(pooled.dtype)), pooled
+
+    def set_feature_stats(self, mean: Tensor, std: Tensor) -> None:
+        """Standardise the head's input with `mean` and `std` (C,), kept in fp32 on the head's device. Assigned,
+        not copied into the buffers: under ZeRO-3, zero.Init built those in bf16."""
+        device = self.clf_head.weight.device
+        self.feat_mean = mean.to(device, torch.float32)
+        self.feat_std = std.to(device, torch.float32)
+
+
+def augment(tokens: Tensor, n_px: int, flip: bool, shift: int, gen: torch.Generator) -> Tensor:
+    """Random left-right flips and translations (edge pixels repeated) of raster token images (B, T)."""
+    B = tokens.shape[0]
+    grid = torch.arange(n_px)
+    dy, dx = torch.randint(-shift, shift + 1, (2, B), generator=gen) if shift else torch.zeros(2, B, dtype=torch.long)
+    rows = (grid[None] - dy[:, None]).clamp(0, n_px - 1)  # (B, n_px): source row of each output row
+    cols = (grid[None] - dx[:, None]).clamp(0, n_px - 1)
+    if flip:
+        cols = torch.where(torch.rand(B, generator=gen)[:, None] < 0.5, n_px - 1 - cols, cols)
+    image = tokens.view(B, n_px, n_px)
+    return image[torch.arange(B)[:, None, None], rows[:, :, None], cols[:, None, :]].reshape(B, -1)
+
+
+def labelled(split: ShardSplit, name: str) -> ShardSplit:
+    if (split.labels < 0).any():
+        raise ConfigError(
+            f"split {name!r} has {int((split.labels < 0).sum())} unlabelled images; fine-tuning needs labels"
+        )
+    return split
+
+
+class Finetuner:
+    """Every rank builds one; `run()` trains with early stopping and returns the results (rank 0 logs)."""
+
+    def __init__(self, cfg: FinetuneConfig):
+        self.stop = StopSignal(cfg.train.stop_check_every)  # preemption, time limit, launcher gone: save, exit
+        self.cfg, t = cfg, cfg.train
+        self.rank, self.world = init_distributed(t.dist_timeout_s)
+        agree_on_config(to_dict(cfg))
+        policy = choose_policy(t, None, self.world)  # provisional: the model comes with its weights
+        ds_config = build_ds_config(t, cfg.optim, self.world, policy=policy)  # checks before work
+
+        def data_identity() -> dict[str, Any]:
+            try:
+                return resume.data_identity(ShardSplit(cfg.data.shards, cfg.data.train_split))
+            except ShardError as e:
+                raise ConfigError(str(e)) from None
+
+        self.data = on_rank0(data_identity)  # read once, for every rank
+        # One decision for every rank, by rank 0, checked against this run before anything is built.
+        plan = resume.resume_plan(t.run_dir, model=None, layout="zero", world=self.world, dp=self.world,
+                                         ds_config=ds_config, data=self.data, seed=t.seed,
+                                         reset_data_position=t.reset_data_position,
+                                         stage_from_checkpoint=policy.follows_checkpoint)  # fmt: skip
+        ckpt = plan.ckpt if plan is not None else None
+        if ckpt is None:
+            init = export.consolidated_for_ranks(t.init_from, t.run_dir / "init_weights")
+            self.model_cfg, state, palette = open_consolidated_shared(init)  # read by rank 0, shared
+        else:  # resuming: the weights come from the run's own checkpoint
+            self.model_cfg, state, palette = ds_checkpoint.model_config(ckpt), None, ds_checkpoint.palette(ckpt)
+        splits = (cfg.data.train_split, cfg.data.val_split, cfg.finetune.test_split)
+        self.train, self.val, self.test = (labelled(open_shards(self.model_cfg, cfg.data, s), s) for s in splits)
+        ds_checkpoint.check_palette(palette, self.train, ckpt or t.init_from)
+        self.palette = palette if palette is not None else self.train.palette
+        self.n_classes = len(self.train.class_names) or int(self.train.labels.max()) + 1
+        policy = choose_policy(t, self.model_cfg, self.world)
+        ds_config = build_ds_config(t, cfg.optim, self.world, model=self.model_cfg, policy=policy)
+        if plan is not None:
+            ds_config, policy = resumed_engine_config(plan, t, cfg.optim, self.world, self.model_cfg,
+                                                                    policy)  # fmt: skip
+        torch.manual_seed(t.seed)
+        with model_init_context(ds_config):
+            model = IGPTClassifier(self.model_cfg, self.n_classes, bias=cfg.finetune.head_bias)
+        model.activation_checkpointing = t.activation_checkpointing
+        head = [p for n, p in model.named_parameters() if n.startswith(weights.FINETUNE_HEAD)]
+        body = [p for n, p in model.named_parameters() if not n.startswith(weights.FINETUNE_HEAD)]
+        groups = [{"params": body}, {"params": head, "lr": cfg.optim.lr * cfg.finetune.head_lr_mult}]
+        self.engine = initialize(model, ds_config, cfg.optim, t.max_steps, groups, compile_model=t.compile)
+        if state is not None:  # the pretrained backbone; the head keeps its (zero) initialisation
+            weights.load_weights(self.engine, state, f"train.init_from={t.init_from}")
+        self.sampler = GlobalBatchSampler(len(self.train), t.global_batch, self.rank, self.world, t.seed)
+        self.reader = StepReader(self.read_step, self.sampler)
+        self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "start_val_acc": None, "done": False}
+        if plan is not None:
+            ds_checkpoint.load(self.engine, plan.ckpt, plan.universal)
+            apply_schedule(self.engine)
+            if not t.reset_data_position:
+                self.sampler.load_state_dict(plan.meta["sampler"])
+            self.state.update(plan.meta["finetune"], step=plan.meta["step"])
+        elif cfg.finetune.standardize_features:
+            self.state["feat_stats"] = self.feature_stats()
+        mean, std = self.state.get("feat_stats", ([0.0] * self.model_cfg.n_embd, [1.0] * self.model_cfg.n_embd))
+        self.engine.module.set_feature_stats(torch.tensor(mean), torch.tensor(std))  # identity unless standardising
+        self.files = run_folder.run_files({**to_dict(cfg), "model": asdict(self.model_cfg)}, ds_config)
+        run_folder.write_run_files(t.run_dir, self.files, self.rank)
+        header = describe(engine_facts(ds_config, t, self.world, policy))
+        self.writer = run_folder.open_tensorboard(t.run_dir, self.rank, self.state["step"], self.files, header)
+        if ckpt is not None:
+            self.log(f"resumed from {ckpt} at step {self.state['step']}")
+
+    def log(self, line: str, step: int | None = None, scalars: dict[str, float] | None = None) -> None:
+        if self.writer is None:
+            return
+        for k, v in (scalars or {}).items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+        print(line, flush=True)
+
+    def losses(self, tokens: Tensor, labels: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(L_CLF, L_GEN, correct count) of one micro-batch through the engine."""
+        logits, class_logits, _ = self.engine(tokens, mask)
+        clf = F.cross_entropy(class_logits.float(), labels)
+        return clf, objective_loss(logits, tokens, mask), (class_logits.argmax(dim=1) == labels).sum()
+
+    def frozen_batches(self, split: ShardSplit, n: int) -> Iterator[tuple[int, np.ndarray, Tensor, Tensor]]:
+        """(rows, image indices, tokens, labels) of this rank's slice of split[0:n], in eval mode without gradients,
+        read ahead on the host and copied without blocking. Every rank yields the same number of batches (ZeRO-3
+        gathers parameters collectively): a rank out of rows gets one repeated row with rows = 0, for the caller to
+        leave uncounted."""
+        mb = self.cfg.train.micro_batch
+        mine = rank_slice(n, self.rank, self.world)
+        n_batches = max(math.ceil(len(rank_slice(n, r, self.world)) / mb) for r in range(self.world))
+
+        def host() -> Iterator[HostBatch]:
+            for b in range(n_batches):
+                part = mine[b * mb : (b + 1) * mb]
+                idx = np.asarray(part) if len(part) else np.zeros(1, np.int64)
+                yield (len(part), idx, *map(torch.from_numpy, split.batch(idx)))
+
+        self.engine.eval()
+        with torch.no_grad():
+            for k, idx, tokens, labels in read_ahead(host(), pin_memory=self.pinned):
+                yield (k, idx, *to_device((tokens, labels), self.engine.device))
+        self.engine.train()
+
+    def eval_mask(self, idx: np.ndarray, j: int) -> Tensor | None:
+        """Mask j of evaluation images `idx` for a BERT model (keyed by image index: the same at any world size
+        and batching); None for AR or with finetune.eval_masks = 0."""
+        m = self.model_cfg
+        if m.objective != "bert" or self.cfg.finetune.eval_masks == 0:
+            return None
+        mask = (eval_bert_mask(m, idx, j),)
+        return to_device(pin(mask) if self.pinned else mask, self.engine.device)[0]
+
+    @property
+    def pinned(self) -> bool:
+        """Whether host batches are pinned: on a GPU, so that copies to it do not block."""
+        return self.engine.device.type != "cpu"
+
+    def feature_stats(self) -> tuple[list[float], list[float]]:
+        """Mean and std of the pretrained model's pooled features over the first train images."""
+        sums = torch.zeros(3, self.model_cfg.n_embd, dtype=torch.float64, device=self.engine.device)
+        n = min(len(self.train), self.cfg.finetune.stats_images)
+        for k, idx, tokens, _ in self.frozen_batches(self.train, n):
+            pooled = self.engine(tokens, self.eval_mask(idx, 0))[2].double()[:k]
+            sums += torch.stack([pooled.sum(0), (pooled * pooled).sum(0), pooled.new_full(pooled.shape[1:], k)])
+        dist.all_reduce(sums)
+        mean = sums[0] / sums[2]
+        std = (sums[1] / sums[2] - mean * mean).clamp_min(0).sqrt()
+        std = torch.where(std < 1e-6, 1.0, std)  # a constant feature stays at zero rather than blowing up
+        with host_sync.deliberate():
+            return mean.tolist(), std.tolist()
+
+    def read_step(self, indices: np.ndarray, step: int) -> list[HostBatch]:
+        """Step `step`'s micro-batches on the host (`StepReader` calls it a step ahead, in its thread): (tokens,
+        labels, BERT mask or None), augmented and masked from a generator keyed by (seed, step, rank), pinned on a
+        GPU."""
+        ft, n_px, m = self.cfg.finetune, self.model_cfg.n_px, self.model_cfg
+        gen = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + step) * 4096 + self.rank)
+        out = []
+        for chunk in np.split(np.asarray(indices), len(indices) // self.cfg.train.micro_batch):
+            tokens, labels = map(torch.from_numpy, self.train.batch(chunk))
+            tokens = augment(tokens, n_px, ft.flip, ft.shift, gen) if ft.flip or ft.shift else tokens
+            mask = bert_mask(tokens.shape, m.mask_prob, gen, kind=m.bert_mask) if m.objective == "bert" else None
+            out.append(pin((tokens, labels, mask)) if self.pinned else (tokens, labels, mask))
+        return out
+
+    def train_step(self, step: int) -> Tensor:
+        """One optimizer step; sums (L_CLF, L_GEN, correct, images) of this rank's micro-batches, on the device."""
+        sums = torch.zeros(4, device=self.engine.device)
+        for host in self.reader.take(step):
+            tokens, labels, mask = to_device(host, self.engine.device)
+            clf, lgen, correct = self.losses(tokens, labels, mask)
+            self.engine.backward(clf + self.cfg.finetune.gen_weight * lgen)
+            self.engine.step()
+            n = len(tokens)
+            sums += torch.stack([clf.detach() * n, lgen.detach() * n, correct.float(), clf.new_full((), n)])
+        return sums
+
+    def evaluate(self, split: ShardSplit) -> dict[str, float]:
+        """Accuracy and losses over a whole split, each rank a slice. A BERT model's inputs are masked as in
+        training, class probabilities averaged over finetune.eval_masks masks (`eval_mask`); unmasked with 0
+        (the gen loss is then over visible pixels, not comparable with training's)."""
+        n_masks = max(1, self.cfg.finetune.eval_masks) if self.model_cfg.objective == "bert" else 1
+        sums = torch.zeros(4, device=self.engine.device)
+        for k, idx, tokens, labels in self.frozen_batches(split, len(split)):
+            probs, lgen = 0.0, 0.0
+            for j in range(n_masks):
+                mask = self.eval_mask(idx, j)
+                logits, class_logits, _ = self.engine(tokens, mask)
+                probs = probs + class_logits.float().softmax(dim=1) / n_masks
+                lgen = lgen + objective_loss(logits, tokens, mask) / n_masks
+            clf = F.nll_loss(probs.clamp_min(1e-30).log(), labels)
+            correct = (probs.argmax(dim=1) == labels).sum()
+            sums += torch.stack([clf * k, lgen * k, correct.float() * (k > 0), clf.new_full((), k)])
+        dist.all_reduce(sums)
+        with host_sync.deliberate():
+            clf, lgen, correct, count = sums.tolist()
+        return {"clf_loss": clf / count, "gen_loss": lgen / count, "acc": 100.0 * correct / count}
+
+    def save(self, root: str, keep: int) -> None:
+        meta = {"sampler": self.sampler.state_dict(), "world_size": self.world, "dp_size": self.world,
+                "layout": "zero", "zero_stage": zero_stage(self.engine.config), "finetune": self.state,
+                "data": self.data}  # fmt: skip
+        with host_sync.deliberate():  # the states leave the device
+            ds_checkpoint.save(self.engine, self.cfg.train.run_dir / root, self.state["step"], meta, self.files,
+                            self.palette, keep)  # fmt: skip
+
+    def validate(self, step: int) -> bool:
+        """Evaluate on val; on a new best save it to best/ and score it on test. True = stop early."""
+        val, s = self.evaluate(self.val), self.state
+        scalars = {f"val/{k}": v for k, v in val.items()}
+        if s["start_val_acc"] is None:
+            s["start_val_acc"] = val["acc"]
+        improved = s["best"] is None or val["acc"] > s["best"]["val_acc"]
+        if improved:
+            test = self.evaluate(self.test)
+            s["bad_evals"], s["best"] = 0, {"step": step, "val_acc": val["acc"], "test_acc": test["acc"]}
+            scalars["test/acc_at_best_val"] = test["acc"]
+            self.save("best", keep=1)
+        else:
+            s["bad_evals"] += 1
+        best = s["best"]
+        line = f"step {step} val acc {val['acc']:.2f}% clf loss {val['clf_loss']:.4f} gen loss {val['gen_loss']:.4f}"
+        line += f" | best val {best['val_acc']:.2f}% (step {best['step']}, test {best['test_acc']:.2f}%)"
+        self.log(line, step, scalars)
+        patience = self.cfg.finetune.patience
+        return bool(patience) and s["bad_evals"] >= patience
+
+    def run(self) -> dict[str, Any]:
+        t, s = self.cfg.train, self.state
+        last_step = t.stop_at or t.max_steps
+        if s["start_val_acc"] is None:
+            self.validate(0)  # the starting point, so improvement is visible
+        window, stopped_by = torch.zeros(4, device=self.engine.device), 0
+        with host_sync.hot():
+            while not s["done"] and s["step"] < last_step:
+                lrs = self.engine.get_lr()  # the backbone's and the head's rates this step uses (host values)
+                window += self.train_step(s["step"])
+                s["step"] += 1
+                step = s["step"]
+                if step % t.log_every == 0:
+                    dist.all_reduce(window)
+                    with host_sync.deliberate():
+                        clf, lgen, correct, count = window.tolist()
+                    scalars = {"train/clf_loss": clf / count, "train/gen_loss": lgen / count,
+                               "train/acc": 100.0 * correct / count, "train/lr": lrs[0],
+                               "train/lr_head": lrs[-1]}  # fmt: skip
+                    line = (f"step {step}/{t.max_steps} clf loss {scalars['train/clf_loss']:.4f} gen loss "
+                            f"{scalars['train/gen_loss']:.4f} acc {scalars['train/acc']:.2f}%")  # fmt: skip
+                    self.log(line, step, scalars)
+                    window.zero_()
+                if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
+                    s["done"] = self.validate(step) or step == t.max_steps
+                stopped_by = self.stop.check(step)
+                if step % t.save_every == 0 or s["done"] or step == last_step or stopped_by:
+                    self.save("checkpoints", t.keep_checkpoints)
+                if stopped_by:
+                    name = signal.Signals(stopped_by).name
+                    self.log(f"stopped at step {step} on {name}; rerun the same command to resume")
+                    break
+        self.reader.close()
+        if not stopped_by:  # a stopped run leaves its pending deletions to the next run (its grace period is short)
+            ds_checkpoint.wait_for_deletions()
+        results = {"steps": s["step"], "finished": s["done"], "start_val_acc": s["start_val_acc"], "best": s["best"],
+                   "best_checkpoint": str(t.run_dir / "best"), "n_classes": self.n_classes,
+                   "stopped_by": stopped_by}  # fmt: skip
+        if self.writer is not None:
+            write_text(t.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+            b = s["best"]
+            self.log(f"fine-tuning {'done' if s['done'] else 'paused'} at step {s['step']}: validation "
+                     f"{s['start_val_acc']:.2f}% -> best {b['val_acc']:.2f}% at step {b['step']}, test "
+                     f"{b['test_acc']:.2f}%; {t.run_dir / 'results.json'}")  # fmt: skip
+            self.writer.close()
+        barrier()  # every rank's writes are done before any exits: a launcher may kill the rest when one exits non-zero
+        return results
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune per `cfg` on every rank, resuming from the run's latest checkpoint."""
+    return Finetuner(cfg).run()

@@ -46,7 +46,7 @@ setup(
             "igpt-sample=igpt_ds.cli:sample",
             "igpt-plan=igpt_ds.cli:plan",
             "igpt-plan-eval=igpt_ds.cli:plan_eval",
-            "igpt-export=igpt_ds.cli:export",
+            "igpt-export=igpt_ds.checkpoint.export:main",
         ]
     },
 )

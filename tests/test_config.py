@@ -121,12 +121,12 @@ def test_grad_accum_derives_and_must_divide():
 # The config class each entry point builds, so every preset is checked against its own schema.
 ENTRY_POINTS = {
     "pretrain": "igpt_ds.config:PretrainConfig",
-    "finetune": "igpt_ds.finetune:FinetuneConfig",
-    "linear_probe": "igpt_ds.probe:ProbeConfig",
-    "extract_features": "igpt_ds.features:ExtractConfig",
-    "sample": "igpt_ds.sampling:SampleConfig",
-    "plan": "igpt_ds.planner:PlanConfig",
-    "plan_eval": "igpt_ds.eval_planner:EvalPlanConfig",
+    "finetune": "igpt_ds.train.finetune:FinetuneConfig",
+    "linear_probe": "igpt_ds.eval.probe:ProbeConfig",
+    "extract_features": "igpt_ds.eval.features:ExtractConfig",
+    "sample": "igpt_ds.eval.sampling:SampleConfig",
+    "plan": "igpt_ds.plan.training:PlanConfig",
+    "plan_eval": "igpt_ds.plan.evaluation:EvalPlanConfig",
 }
 
 

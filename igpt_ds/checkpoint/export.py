@@ -1,14 +1,16 @@
 """Weights out of a run: consolidated fp32 folders from either layout, and models for evaluation.
 
-`export_consolidated` (or `python -m igpt_ds export --checkpoint RUN --out DIR`) writes a checkpoint's weights as a
-consolidated folder (`igpt_ds.checkpoint.weights`); `load_model_for_eval` accepts a run folder, a checkpoint folder
-of either layout, or a consolidated folder; `load_model_for_ranks` does so once for every rank of a job.
+`export_consolidated` (or `python -m igpt_ds.checkpoint RUN_OR_CHECKPOINT OUT_DIR`, igpt-export) writes a
+checkpoint's weights as a consolidated folder (`igpt_ds.checkpoint.weights`); `load_model_for_eval` accepts a run
+folder, a checkpoint folder of either layout, or a consolidated folder; `load_model_for_ranks` does so once for
+every rank of a job.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,22 +132,15 @@ def load_model_for_eval(
     return model.eval(), cfg, colours
 
 
-@dataclass
-class ExportConfig:
-    """Export a checkpoint's weights as a consolidated folder (`python -m igpt_ds export`, igpt-export)."""
-
-    checkpoint: str = ""
-    """Run folder, DeepSpeed checkpoint folder (ZeRO or pipeline) or checkpoints folder."""
-    out: str = ""
-    """Folder to write: model.safetensors, config.json, palette.npy (replaced atomically if present)."""
-
-    def __post_init__(self) -> None:
-        if not self.checkpoint or not self.out:
-            raise ConfigError("--checkpoint and --out must name the run (or checkpoint) and the folder to write")
-
-
-def export(cfg: ExportConfig) -> Path:
-    """Write `cfg.checkpoint`'s weights to `cfg.out` (one process); prints and returns the folder."""
-    out = export_consolidated(cfg.checkpoint, cfg.out)
-    print(out)
-    return out
+def main(argv: list[str] | None = None) -> int:
+    """`python -m igpt_ds.checkpoint RUN_OR_CHECKPOINT OUT_DIR` (igpt-export): export consolidated weights."""
+    parser = argparse.ArgumentParser(prog="igpt-export", description=main.__doc__)
+    parser.add_argument("source", help="run folder, checkpoints folder or DeepSpeed checkpoint folder (either layout)")
+    parser.add_argument("out_dir", help="folder to write (model.safetensors, config.json, palette.npy)")
+    args = parser.parse_args(argv)
+    try:
+        print(export_consolidated(args.source, args.out_dir))
+    except ConfigError as e:
+        print(f"igpt-export: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -81,7 +81,7 @@ def plan(
     if ckpt is None:
         return None
     meta = ds_checkpoint.read_meta(ckpt)
-    export = (f"to start a new run from its weights: python -m igpt_ds export --checkpoint {ckpt} --out WEIGHTS, then "
+    export = (f"to start a new run from its weights: python -m igpt_ds.checkpoint {ckpt} WEIGHTS, then "
               f"--train.name=NEW --train.init_from=WEIGHTS")  # fmt: skip
     then = ds_checkpoint.model_config(ckpt)
     changed = [f"model.{k}={getattr(then, k)} then, {getattr(model, k)} now" for k in MODEL_KEYS

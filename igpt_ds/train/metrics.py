@@ -112,7 +112,8 @@ class Metrics:
         if not self.enabled:
             return
         final = {f"hparam/{k.replace('/', '_')}": v for k, v in self.last.items() if k in ("train/loss", "val/loss")}
-        self.writer.add_hparams(flatten(hparams), final, run_name=".")
+        scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(hparams).items()}
+        self.writer.add_hparams(scalars, final, run_name=".")  # TensorBoard takes scalars and strings only
         self.writer.close()
         if self.bar is not None:
             self.bar.close()

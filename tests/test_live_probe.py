@@ -47,7 +47,6 @@ def test_the_live_probe_turns_itself_off_when_it_cannot_be_honest():
 
 def test_a_resumed_run_keeps_the_probes_up_to_its_checkpoint_and_adds_up_the_overhead(tmp_path):
     import json
-    from types import SimpleNamespace
 
     from igpt_ds.train.live_probe import LiveProbe
 
@@ -58,11 +57,11 @@ def test_a_resumed_run_keeps_the_probes_up_to_its_checkpoint_and_adds_up_the_ove
     (cfg.train.run_dir / "live_probe.json").write_text(json.dumps(saved))
     labelled = Split(np.arange(40) % 4)
     subset, _ = choose_subset(cfg, labelled, labelled)
-    probe = LiveProbe(SimpleNamespace(cfg=cfg, pipeline=False, dp=1), subset, start_step=5)  # resumed from step 5
+    probe = LiveProbe(None, cfg, (labelled, labelled), 0, 1, None, subset, start_step=5)  # resumed from step 5
     assert [h["step"] for h in probe.history] == [0, 5]  # the probe at step 9 came after the checkpoint: redone
     probe.seconds = 5.0
     probe.save(wall_s=50.0)
     report = json.loads((cfg.train.run_dir / "live_probe.json").read_text())
     assert report["overhead"] == {"probe_s": 15.0, "wall_s": 150.0, "share": 0.1}
-    fresh = LiveProbe(SimpleNamespace(cfg=cfg, pipeline=False, dp=1), subset, start_step=0)
+    fresh = LiveProbe(None, cfg, (labelled, labelled), 0, 1, None, subset, start_step=0)
     assert fresh.history == [] and fresh.before["wall_s"] == 0.0  # a new run does not inherit a stale file

@@ -16,7 +16,7 @@ from PIL import Image
 
 from data_tools.inspect_shards import main as inspect_main
 from igpt_ds.data import palette as P
-from igpt_ds.data.sampler import GlobalBatchSampler, rank_slice
+from igpt_ds.data.sampler import GlobalBatchSampler, rank_rows
 from igpt_ds.data.shards import ShardError, ShardSplit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -260,6 +260,6 @@ def test_sampler_rejects_bad_layouts():
 
 def test_rank_slices_are_contiguous_disjoint_and_covering():
     for n, world in ((10, 3), (2, 4), (0, 2), (1000, 7)):
-        slices = [rank_slice(n, r, world) for r in range(world)]
+        slices = [rank_rows(n, r, world) for r in range(world)]
         assert [i for s in slices for i in s] == list(range(n))
         assert max(map(len, slices)) - min(map(len, slices)) <= 1

@@ -5,6 +5,7 @@ numpy only.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,19 @@ class GlobalBatchSampler:
         return self._perms[epoch]
 
 
-def rank_slice(n: int, rank: int, world: int) -> range:
-    """Rank's contiguous, order-preserving share of range(n); shares are disjoint and cover it."""
-    return range(n * rank // world, n * (rank + 1) // world)
+def rank_rows(n: int, rank: int, world: int, block: int = 1) -> range:
+    """Rank's contiguous, order-preserving share of range(n) in whole blocks of `block` rows (the last block may be
+    short): the shares are disjoint and cover range(n). `block` 1 splits rows evenly; the probe's solver uses
+    256-row blocks, its unit of exact summation (`igpt_ds.eval.logreg.BLOCK_ROWS`)."""
+    blocks = math.ceil(n / block)
+    return range(min(n, blocks * rank // world * block), min(n, blocks * (rank + 1) // world * block))
+
+
+def padded_batches(n: int, rank: int, world: int, batch: int, block: int = 1) -> list[np.ndarray]:
+    """This rank's rows of range(n) (`rank_rows`) in batches of at most `batch`, as many batches on every rank: a
+    rank with fewer rows gets empty ones at the end. For collective forward passes (ZeRO-3 gathers parameters in
+    each; a pipeline stage sends to the next), which every rank must make the same number of times. O(world)."""
+    mine = rank_rows(n, rank, world, block)
+    count = max(math.ceil(len(rank_rows(n, r, world, block)) / batch) for r in range(world))
+    rows = np.arange(mine.start, mine.stop)
+    return [rows[i * batch : (i + 1) * batch] for i in range(count)]

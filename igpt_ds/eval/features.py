@@ -50,7 +50,7 @@ from igpt_ds.distributed.rank0 import on_rank0
 from igpt_ds.eval.feature_store import finish_split, missing_parts, part_writer, prepare_split, split_plan
 from igpt_ds.models.igpt import IGPT
 from igpt_ds.models.objectives import eval_bert_masks
-from igpt_ds.models.precision import autocast, compute_dtype
+from igpt_ds.models.precision import autocast, inference_dtype
 
 
 @dataclass
@@ -82,7 +82,7 @@ class ExtractConfig:
             raise ConfigError("checkpoint must name a run, checkpoint or consolidated folder")
         if self.batch_size < 1 or not self.splits or self.bert_masks < 0:
             raise ConfigError("batch_size must be >= 1, splits non-empty, bert_masks >= 0")
-        compute_dtype(torch.device("cpu"), self.precision)  # validates the name
+        inference_dtype(torch.device("cpu"), self.precision)  # validates the name
 
 
 def resolve_layers(layers: list[int], n_layer: int) -> list[int]:
@@ -201,7 +201,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Path]:
             "shards": str(cfg.shards),
             "n_layer": model_cfg.n_layer,
             "model": asdict(model_cfg),
-            "precision": str(compute_dtype(device, cfg.precision)).removeprefix("torch."),
+            "precision": str(inference_dtype(device, cfg.precision)).removeprefix("torch."),
             "world_size": world,
         }
         for name, (plan, state) in decisions.items():

@@ -1,6 +1,7 @@
 """Data-parallel multinomial L2 logistic regression: the linear probe's solver (docs/reference.md#evaluation).
 
-Each rank holds a disjoint range of the rows (`rank_rows`: its share of the train, val and test features);
+Each rank holds a disjoint range of the rows (`igpt_ds.data.sampler.rank_rows` in blocks of BLOCK_ROWS: its share of
+the train, val and test features);
 no rank ever holds all of them. The objective is scikit-learn's `LogisticRegression(C)` divided by C·N, so
 it has the same minimiser for the same C:
 
@@ -35,7 +36,7 @@ compute dtype (float32), plus one run of blocks' temporaries (`runs_of_blocks`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,12 +56,6 @@ Group = dist.ProcessGroup | None
 within that stage's data-parallel group."""
 BLOCK_ROWS = 256
 """Rows per block: the unit of exact summation and of the split of rows over ranks."""
-
-
-def rank_rows(n: int, rank: int, world: int) -> range:
-    """Rank's contiguous share of range(n) in whole blocks of BLOCK_ROWS (the last may be short)."""
-    blocks = math.ceil(n / BLOCK_ROWS)
-    return range(min(n, blocks * rank // world * BLOCK_ROWS), min(n, blocks * (rank + 1) // world * BLOCK_ROWS))
 
 
 def blocks(n_local: int) -> list[slice]:
@@ -137,7 +132,7 @@ def max_abs(x: Tensor, group: Group = None) -> float:
     return max_over_ranks(x, torch.abs, group)
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
+def solver_dtype(device: torch.device) -> torch.dtype:
     """float32 on every device. On the CPU float64 (scikit-learn's precision) reaches the same accuracy (to 0.02
     points on 54k x 128 features, bench/results/probe_speed.md) 1.7x slower: the sums that must be exact are
     the fixed-point ones, whatever the dtype of the partials."""
@@ -201,7 +196,7 @@ def fit(
     `x` (n_local, d) standardised features (fp32, on the compute device) starting at a block boundary;
     `target` (n_local,) class indices in [0, n_classes); `n_global` train rows over all ranks; `warm` starts
     from a previous solution (the previous C of an ascending sweep). Returns the same Fit on every rank."""
-    device, dtype = x.device, compute_dtype(x.device)
+    device, dtype = x.device, solver_dtype(x.device)
     d, K = x.shape[1], n_classes
     W = warm.W.clone() if warm is not None else torch.zeros(d, K, dtype=dtype, device=device)
     b = warm.b.clone() if warm is not None else torch.zeros(K, dtype=dtype, device=device)
@@ -267,5 +262,30 @@ def fit_sklearn(x: Tensor, target: Tensor, n_classes: int, C: float, max_iter: i
         W[:, clf.classes_[1]], b[clf.classes_[1]] = clf.coef_[0], clf.intercept_[0]
     else:
         W[:, clf.classes_], b[clf.classes_] = clf.coef_.T, clf.intercept_
-    to = lambda a: torch.as_tensor(a, dtype=compute_dtype(x.device), device=x.device)
+    to = lambda a: torch.as_tensor(a, dtype=solver_dtype(x.device), device=x.device)
     return Fit(to(W), to(b), converged, int(np.max(clf.n_iter_)))
+
+
+def sweep_c(
+    fit_at: Callable[[float, Fit | None], Fit],
+    c_grid: Sequence[float],
+    validate: Callable[[Fit], float],
+    patience: int = 0,
+) -> tuple[Fit, float, float]:
+    """The C sweep of a probe: `fit_at(C, warm)` for each C of `c_grid`, ascending, each warm-started from the last
+    fit; the fit with the best `validate(fit)` (validation accuracy) is kept, ties to the stronger L2. With
+    `patience`, stop after that many C in a row without a better one. Returns (fit, C, its validation accuracy).
+    Collective when the fits and `validate` are (the same accuracies, hence the same stop, on every rank)."""
+    best: tuple[Fit, float, float] | None = None
+    warm, worse = None, 0
+    for C in sorted(c_grid):
+        if patience and worse >= patience:
+            break
+        warm = fit_at(C, warm)
+        accuracy = validate(warm)
+        if best is None or accuracy > best[2]:
+            best, worse = (warm, C, accuracy), 0
+        else:
+            worse += 1
+    assert best is not None, "c_grid is empty"
+    return best

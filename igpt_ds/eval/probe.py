@@ -8,7 +8,7 @@ standardised with train statistics, which is each layer standardised on its own)
 baseline on the images' real channels, so one sees what pretraining bought. Layer n_layer is the final
 norm's output; the best layer should be mid-depth (the curve is unimodal).
 
-Data parallel (`igpt_ds.logreg`): rank r holds rows `logreg.rank_rows(n, r, world)` of each split, so memory
+Data parallel (`igpt_ds.eval.logreg`): rank r holds rows `rank_rows(n, r, world, BLOCK_ROWS)` of each split, so memory
 per rank is (N_train + N_val + N_test) / world × d × 4 B for the probe being fitted; the ranks fit every
 probe together, one probe at a time, each layer read once for its whole C sweep (ascending C, each fit
 warm-started from the last). With `--solver sklearn` one rank fits with scikit-learn instead (the
@@ -40,6 +40,7 @@ from deepspeed.accelerator import get_accelerator
 
 from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError
+from igpt_ds.data.sampler import rank_rows
 from igpt_ds.distributed.process_group import init_distributed
 from igpt_ds.distributed.rank0 import gather_objects, on_rank0
 from igpt_ds.eval import logreg
@@ -171,7 +172,7 @@ def run_task(
     device = probe_device()
     data = {}
     for k, s in splits.items():
-        mine = logreg.rank_rows(s.n, rank, world)
+        mine = rank_rows(s.n, rank, world, logreg.BLOCK_ROWS)
         x = torch.from_numpy(task.rows(s, mine)).to(device)
         target = torch.from_numpy(np.searchsorted(classes, s.labels[mine.start : mine.stop])).to(device)
         data[k] = (x, target, s.n)
@@ -180,21 +181,12 @@ def run_task(
         scaler.apply_(x)
     (x_tr, y_tr, n_tr), dim = data["train"], data["train"][0].shape[1]
     accuracy = lambda model, k: 100.0 * logreg.correct(data[k][0], data[k][1], model) / data[k][2]
-    best, warm, worse = None, None, 0
-    for C in sorted(c_grid):
-        if patience and worse >= patience:
-            break
-        if solver == "sklearn":
-            model = logreg.fit_sklearn(x_tr, y_tr, len(classes), C, max_iter)
-        else:
-            model = logreg.fit(x_tr, y_tr, len(classes), n_tr, C, max_iter, warm)
-        warm, val_acc = model, accuracy(model, "val")
-        if best is None or val_acc > best.val_acc:
-            # Test is scored for the candidate now (the next fit replaces it); it picks nothing.
-            best = ProbeResult(task.name, task.layers, dim, C, val_acc, accuracy(model, "test"), model.converged)
-            worse = 0
-        else:
-            worse += 1
+    if solver == "sklearn":
+        fit_at = lambda C, warm: logreg.fit_sklearn(x_tr, y_tr, len(classes), C, max_iter)
+    else:
+        fit_at = lambda C, warm: logreg.fit(x_tr, y_tr, len(classes), n_tr, C, max_iter, warm)
+    model, C, val_acc = logreg.sweep_c(fit_at, c_grid, lambda m: accuracy(m, "val"), patience)
+    best = ProbeResult(task.name, task.layers, dim, C, val_acc, accuracy(model, "test"), model.converged)
     best.seconds = time.perf_counter() - tic
     return best
 

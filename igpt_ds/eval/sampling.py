@@ -31,14 +31,14 @@ from igpt_ds.checkpoint.ds_checkpoint import check_palette
 from igpt_ds.checkpoint.export import load_model_for_ranks
 from igpt_ds.config import ConfigError, DataConfig
 from igpt_ds.data.palette import decode
-from igpt_ds.data.sampler import rank_slice
+from igpt_ds.data.sampler import rank_rows
 from igpt_ds.data.shards import open_shards
 from igpt_ds.distributed.process_group import barrier, init_distributed
 from igpt_ds.distributed.rank0 import gather_objects
 from igpt_ds.eval.plots import image_grid, save_png
 from igpt_ds.models.igpt import IGPT
 from igpt_ds.models.kv_cache import KVCache
-from igpt_ds.models.precision import autocast, compute_dtype
+from igpt_ds.models.precision import autocast, inference_dtype
 
 # Spreads per-image seeds apart so (seed, image) pairs do not collide across nearby seeds.
 _SEED_STRIDE = 1_000_003
@@ -96,7 +96,7 @@ def generate(
     uniforms = uniforms.to(device, non_blocking=True)  # once: a copy per generated pixel would wait for the device
     with autocast(device, precision), host_sync.hot():
         if use_cache:
-            cache = KVCache(cfg, B, device, compute_dtype(device, precision))
+            cache = KVCache(cfg, B, device, inference_dtype(device, precision))
             logits = model.step(out[:, :t0], cache)
         for t in range(t0, cfg.seq_len):
             if not use_cache:
@@ -169,7 +169,7 @@ class SampleConfig:
             raise ConfigError("temperature, top_k and scale must be >= 0 and batch_size >= 1")
         if min(self.n_images, self.n_completions, self.n_unconditional) < 0:
             raise ConfigError("n_images, n_completions and n_unconditional must be >= 0")
-        compute_dtype(torch.device("cpu"), self.precision)
+        inference_dtype(torch.device("cpu"), self.precision)
 
 
 def sample(cfg: SampleConfig) -> dict[str, Path]:
@@ -191,10 +191,10 @@ def sample(cfg: SampleConfig) -> dict[str, Path]:
         raise ConfigError(f"{cfg.checkpoint} has no palette to decode images with; pass shards=<folder>")
     n_jobs = len(originals) * cfg.n_completions
     # Completion k is image k // n_completions; unconditional samples take the image numbers after them.
-    mine = rank_slice(n_jobs, rank, world)
+    mine = rank_rows(n_jobs, rank, world)
     prefixes = originals.repeat_interleave(cfg.n_completions, dim=0)[mine.start : mine.stop, :half]
     completions = sample_images(model, mine, cfg.seed, cfg.batch_size, prefixes, **gen)
-    mine = rank_slice(cfg.n_unconditional, rank, world)
+    mine = rank_rows(cfg.n_unconditional, rank, world)
     unconditional = sample_images(
         model, range(n_jobs + mine.start, n_jobs + mine.stop), cfg.seed, cfg.batch_size, **gen
     )

@@ -12,7 +12,7 @@ from igpt_ds.config import ConfigError
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
+def inference_dtype(device: torch.device, precision: str) -> torch.dtype:
     """The dtype matmuls run in: `precision` on CUDA, always fp32 on CPU."""
     if precision not in _DTYPES:
         raise ConfigError(f"precision={precision!r} must be one of {list(_DTYPES)}")
@@ -21,5 +21,5 @@ def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Autocast to bf16/fp16 on CUDA with fp32 weights kept; a no-op in fp32 and on CPU."""
-    dtype = compute_dtype(device, precision)
+    dtype = inference_dtype(device, precision)
     return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast("cuda", dtype=dtype)

@@ -71,7 +71,7 @@ def probe_rows(n: int, world: int) -> int:
 
 def probe_bytes(n_train: int, n_val: int, n_test: int, dim: int, n_classes: int, world: int, gpu: bool) -> int:
     """Peak memory of one rank fitting one probe (see the module docstring), bytes."""
-    value = 4  # float32 solver state on either device (logreg.compute_dtype); `gpu` only names where it runs
+    value = 4  # float32 solver state on either device (logreg.solver_dtype); `gpu` only names where it runs
     rows = sum(probe_rows(n, world) for n in (n_train, n_val, n_test)) * dim * 4
     solver = logreg.SOLVER_COPIES * (dim * n_classes + n_classes) * value
     run = max(1, min(logreg.MAX_RUN_BLOCKS, logreg.RUN_VALUES // (dim * n_classes)))  # blocks computed at once

@@ -17,10 +17,10 @@ Layout: DeepSpeed ZeRO (any stage; ZeRO-3 partitions the model as it is built). 
 is refused: its engine returns only the last micro-batch's outputs from `eval_batch`, so validation
 and test accuracy would need a second path through the loss function; a pipeline-pretrained
 checkpoint fine-tunes here all the same (its weights are read in any layout). The pretrained weights are
-read tensor by tensor from a consolidated folder; a DeepSpeed checkpoint is first exported to one,
-`<run>/init_weights/`, by rank 0 alone (`export.consolidated_for_ranks`). Checkpoints, resume,
-resume at another world size (universal checkpoints), the save-and-exit on SIGTERM / SIGUSR1
-(`distributed.StopSignal`) and the run lifecycle are pretraining's (`igpt_ds.checkpoint`, `igpt_ds.run`).
+read once, by rank 0, from a consolidated folder and sent to every rank; a DeepSpeed checkpoint is first exported
+to one, `<run>/init_weights/`, by rank 0 alone (`export.consolidated_for_ranks`). The loop is pretraining's
+(`igpt_ds.train.loop`: batches read ahead, checkpoints, resume at any world size, the schedule applied on resume,
+the save-and-exit on SIGTERM / SIGUSR1); `Finetuner` is its Task.
 
     deepspeed --num_gpus 8 launcher/finetune.py --config launcher/configs/finetune_cifar10.yaml \\
         --train.init_from=runs/igpt-s-imagenet32
@@ -29,8 +29,6 @@ resume at another world size (universal checkpoints), the save-and-exit on SIGTE
 from __future__ import annotations
 
 import json
-import math
-import signal
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -45,18 +43,17 @@ from igpt_ds import host_sync
 from igpt_ds.atomic import write_text
 from igpt_ds.checkpoint import ds_checkpoint, export, resume, weights
 from igpt_ds.checkpoint.weights import open_consolidated_shared
-from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, to_dict, zero_stage
+from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
 from igpt_ds.data.prefetch import HostBatch, StepReader, pin, read_ahead, to_device
-from igpt_ds.data.sampler import GlobalBatchSampler, rank_slice
+from igpt_ds.data.sampler import GlobalBatchSampler, padded_batches
 from igpt_ds.data.shards import ShardError, ShardSplit, open_shards
 from igpt_ds.distributed.process_group import barrier, init_distributed
 from igpt_ds.distributed.rank0 import agree_on_config, on_rank0
 from igpt_ds.distributed.stop import StopSignal
 from igpt_ds.models.igpt import IGPT, Linear
 from igpt_ds.models.objectives import bert_mask, eval_bert_mask, objective_loss
-from igpt_ds.train import run_folder
+from igpt_ds.train import loop, run_folder
 from igpt_ds.train.engine import (
-    apply_schedule,
     build_ds_config,
     choose_policy,
     describe,
@@ -65,6 +62,7 @@ from igpt_ds.train.engine import (
     model_init_context,
     resumed_engine_config,
 )
+from igpt_ds.train.loop import Window, train_loop
 
 
 @dataclass
@@ -233,11 +231,8 @@ class Finetuner:
         self.reader = StepReader(self.read_step, self.sampler)
         self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "start_val_acc": None, "done": False}
         if plan is not None:
-            ds_checkpoint.load(self.engine, plan.ckpt, plan.universal)
-            apply_schedule(self.engine)
-            if not t.reset_data_position:
-                self.sampler.load_state_dict(plan.meta["sampler"])
-            self.state.update(plan.meta["finetune"], step=plan.meta["step"])
+            step = loop.resume(self.engine, plan, self.sampler, t.reset_data_position)
+            self.state.update(plan.meta["finetune"], step=step)
         elif cfg.finetune.standardize_features:
             self.state["feat_stats"] = self.feature_stats()
         mean, std = self.state.get("feat_stats", ([0.0] * self.model_cfg.n_embd, [1.0] * self.model_cfg.n_embd))
@@ -247,9 +242,10 @@ class Finetuner:
         header = describe(engine_facts(ds_config, t, self.world, policy))
         self.writer = run_folder.open_tensorboard(t.run_dir, self.rank, self.state["step"], self.files, header)
         if ckpt is not None:
-            self.log(f"resumed from {ckpt} at step {self.state['step']}")
+            self.log_line(f"resumed from {ckpt} at step {self.state['step']}")
 
-    def log(self, line: str, step: int | None = None, scalars: dict[str, float] | None = None) -> None:
+    def log_line(self, line: str, step: int | None = None, scalars: dict[str, float] | None = None) -> None:
+        """Rank 0: `scalars` to TensorBoard at `step`, and `line` to the console."""
         if self.writer is None:
             return
         for k, v in (scalars or {}).items():
@@ -268,14 +264,10 @@ class Finetuner:
         read ahead on the host and copied without blocking. Every rank yields the same number of batches (ZeRO-3
         gathers parameters collectively): a rank out of rows gets one repeated row with rows = 0, for the caller to
         leave uncounted."""
-        mb = self.cfg.train.micro_batch
-        mine = rank_slice(n, self.rank, self.world)
-        n_batches = max(math.ceil(len(rank_slice(n, r, self.world)) / mb) for r in range(self.world))
 
         def host() -> Iterator[HostBatch]:
-            for b in range(n_batches):
-                part = mine[b * mb : (b + 1) * mb]
-                idx = np.asarray(part) if len(part) else np.zeros(1, np.int64)
+            for part in padded_batches(n, self.rank, self.world, self.cfg.train.micro_batch):
+                idx = part if len(part) else np.zeros(1, np.int64)
                 yield (len(part), idx, *map(torch.from_numpy, split.batch(idx)))
 
         self.engine.eval()
@@ -326,10 +318,12 @@ class Finetuner:
             out.append(pin((tokens, labels, mask)) if self.pinned else (tokens, labels, mask))
         return out
 
-    def train_step(self, step: int) -> Tensor:
+    # The Task of train_loop -----------------------------------------------------------------------------------
+
+    def step(self, batches: list[HostBatch], step: int) -> Tensor:
         """One optimizer step; sums (L_CLF, L_GEN, correct, images) of this rank's micro-batches, on the device."""
         sums = torch.zeros(4, device=self.engine.device)
-        for host in self.reader.take(step):
+        for host in batches:
             tokens, labels, mask = to_device(host, self.engine.device)
             clf, lgen, correct = self.losses(tokens, labels, mask)
             self.engine.backward(clf + self.cfg.finetune.gen_weight * lgen)
@@ -359,13 +353,39 @@ class Finetuner:
             clf, lgen, correct, count = sums.tolist()
         return {"clf_loss": clf / count, "gen_loss": lgen / count, "acc": 100.0 * correct / count}
 
-    def save(self, root: str, keep: int) -> None:
-        meta = {"sampler": self.sampler.state_dict(), "world_size": self.world, "dp_size": self.world,
-                "layout": "zero", "zero_stage": zero_stage(self.engine.config), "finetune": self.state,
-                "data": self.data}  # fmt: skip
-        with host_sync.deliberate():  # the states leave the device
-            ds_checkpoint.save(self.engine, self.cfg.train.run_dir / root, self.state["step"], meta, self.files,
-                            self.palette, keep)  # fmt: skip
+    def log(self, step: int, sums: Tensor, lrs: list[float], window: Window) -> None:
+        """L_CLF, L_GEN and accuracy over the window and the ranks (one sync), the backbone's and the head's rates."""
+        dist.all_reduce(sums)
+        with host_sync.deliberate():
+            clf, lgen, correct, count = sums.tolist()
+        scalars = {"train/clf_loss": clf / count, "train/gen_loss": lgen / count, "train/acc": 100.0 * correct / count,
+                   "train/lr": lrs[0], "train/lr_head": lrs[-1]}  # fmt: skip
+        line = (f"step {step}/{self.cfg.train.max_steps} clf loss {scalars['train/clf_loss']:.4f} gen loss "
+                f"{scalars['train/gen_loss']:.4f} acc {scalars['train/acc']:.2f}%")  # fmt: skip
+        self.log_line(line, step, scalars)
+
+    def after_step(self, step: int) -> bool:
+        """Validation every train.eval_every steps and at train.max_steps; True when early stopping says so or the
+        schedule is over."""
+        t = self.cfg.train
+        self.state["step"] = step
+        if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
+            self.state["done"] = self.validate(step) or step == t.max_steps
+        return self.state["done"]
+
+    def save(self, step: int) -> None:
+        self.state["step"] = step
+        self.save_to("checkpoints", self.cfg.train.keep_checkpoints)
+
+    def say(self, line: str) -> None:
+        self.log_line(line)
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def save_to(self, root: str, keep: int) -> None:
+        """A checkpoint of the current step under `<run>/<root>`, keeping `keep` (`best/` keeps one)."""
+        loop.save(self.engine, self.cfg.train.run_dir / root, self.state["step"], self.sampler, self.data, "zero",
+                  self.world, self.files, self.palette, keep, finetune=self.state)  # fmt: skip
 
     def validate(self, step: int) -> bool:
         """Evaluate on val; on a new best save it to best/ and score it on test. True = stop early."""
@@ -378,60 +398,32 @@ class Finetuner:
             test = self.evaluate(self.test)
             s["bad_evals"], s["best"] = 0, {"step": step, "val_acc": val["acc"], "test_acc": test["acc"]}
             scalars["test/acc_at_best_val"] = test["acc"]
-            self.save("best", keep=1)
+            self.save_to("best", keep=1)
         else:
             s["bad_evals"] += 1
         best = s["best"]
         line = f"step {step} val acc {val['acc']:.2f}% clf loss {val['clf_loss']:.4f} gen loss {val['gen_loss']:.4f}"
         line += f" | best val {best['val_acc']:.2f}% (step {best['step']}, test {best['test_acc']:.2f}%)"
-        self.log(line, step, scalars)
+        self.log_line(line, step, scalars)
         patience = self.cfg.finetune.patience
         return bool(patience) and s["bad_evals"] >= patience
 
     def run(self) -> dict[str, Any]:
+        """Validate the starting point (once per run), then the shared loop; results.json and the summary line."""
         t, s = self.cfg.train, self.state
-        last_step = t.stop_at or t.max_steps
         if s["start_val_acc"] is None:
             self.validate(0)  # the starting point, so improvement is visible
-        window, stopped_by = torch.zeros(4, device=self.engine.device), 0
-        with host_sync.hot():
-            while not s["done"] and s["step"] < last_step:
-                lrs = self.engine.get_lr()  # the backbone's and the head's rates this step uses (host values)
-                window += self.train_step(s["step"])
-                s["step"] += 1
-                step = s["step"]
-                if step % t.log_every == 0:
-                    dist.all_reduce(window)
-                    with host_sync.deliberate():
-                        clf, lgen, correct, count = window.tolist()
-                    scalars = {"train/clf_loss": clf / count, "train/gen_loss": lgen / count,
-                               "train/acc": 100.0 * correct / count, "train/lr": lrs[0],
-                               "train/lr_head": lrs[-1]}  # fmt: skip
-                    line = (f"step {step}/{t.max_steps} clf loss {scalars['train/clf_loss']:.4f} gen loss "
-                            f"{scalars['train/gen_loss']:.4f} acc {scalars['train/acc']:.2f}%")  # fmt: skip
-                    self.log(line, step, scalars)
-                    window.zero_()
-                if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
-                    s["done"] = self.validate(step) or step == t.max_steps
-                stopped_by = self.stop.check(step)
-                if step % t.save_every == 0 or s["done"] or step == last_step or stopped_by:
-                    self.save("checkpoints", t.keep_checkpoints)
-                if stopped_by:
-                    name = signal.Signals(stopped_by).name
-                    self.log(f"stopped at step {step} on {name}; rerun the same command to resume")
-                    break
-        self.reader.close()
-        if not stopped_by:  # a stopped run leaves its pending deletions to the next run (its grace period is short)
-            ds_checkpoint.wait_for_deletions()
+        end = train_loop(self, self.engine, self.reader, self.stop, t, s["step"], done=s["done"])
+        s["step"] = end.step
         results = {"steps": s["step"], "finished": s["done"], "start_val_acc": s["start_val_acc"], "best": s["best"],
                    "best_checkpoint": str(t.run_dir / "best"), "n_classes": self.n_classes,
-                   "stopped_by": stopped_by}  # fmt: skip
+                   "stopped_by": end.stopped_by}  # fmt: skip
         if self.writer is not None:
             write_text(t.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
             b = s["best"]
-            self.log(f"fine-tuning {'done' if s['done'] else 'paused'} at step {s['step']}: validation "
-                     f"{s['start_val_acc']:.2f}% -> best {b['val_acc']:.2f}% at step {b['step']}, test "
-                     f"{b['test_acc']:.2f}%; {t.run_dir / 'results.json'}")  # fmt: skip
+            self.log_line(f"fine-tuning {'done' if s['done'] else 'paused'} at step {s['step']}: validation "
+                          f"{s['start_val_acc']:.2f}% -> best {b['val_acc']:.2f}% at step {b['step']}, test "
+                          f"{b['test_acc']:.2f}%; {t.run_dir / 'results.json'}")  # fmt: skip
             self.writer.close()
         barrier()  # every rank's writes are done before any exits: a launcher may kill the rest when one exits non-zero
         return results

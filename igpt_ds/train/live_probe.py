@@ -3,11 +3,11 @@
 Every `train.probe_every` steps (and at step 0 with `train.probe_at_start`), on a fixed labelled subset of the
 shards — `train.probe_images` train images to fit, `train.probe_val_images` validation images to score, evenly
 spaced over each split — every rank extracts the pooled features f^l = mean_t LN(h^l) of `train.probe_layers`
-(igpt_ds.model.IGPT.features; a BERT model's input masked as in training, `model.eval_bert_mask`) for its rows, and
-one multinomial logistic regression per layer is fitted by the ranks together with the linear probe's own solver
-(`igpt_ds.logreg`: standardised with the subset's train statistics, L-BFGS warm-started over `C_GRID`, C chosen on
-the subset's validation images, on the GPU where there is one). Rows are shared out with `logreg.rank_rows`, so the
-fit is the same bit for bit at any data-parallel size.
+(`IGPT.features`; a BERT model's input masked as in training, `objectives.eval_bert_mask`) for its rows, and one
+multinomial logistic regression per layer is fitted by the ranks together with the linear probe's own solver
+(`igpt_ds.eval.logreg`: standardised with the subset's train statistics, L-BFGS warm-started over `C_GRID` by
+`logreg.sweep_c`, C chosen on the subset's validation images, on the GPU where there is one). Rows are shared out in
+the solver's blocks (`igpt_ds.data.sampler.rank_rows`), so the fit is the same bit for bit at any data-parallel size.
 
 Layouts. ZeRO (any stage): each rank runs the whole model on its rows; every rank makes the same number of forward
 passes, as ZeRO-3 gathers parameters collectively; the root module's own parameter (the SOS vector) is gathered
@@ -30,7 +30,6 @@ sit on 12 ranks, the others hold none), plus the solver's state.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,11 +42,13 @@ from torch import Tensor
 
 from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError, PretrainConfig
+from igpt_ds.data.sampler import padded_batches, rank_rows
 from igpt_ds.data.shards import ShardSplit
 from igpt_ds.distributed.rank0 import gather_objects, on_rank0
 from igpt_ds.eval import logreg
 from igpt_ds.eval.features import eval_features
 from igpt_ds.models.objectives import eval_bert_mask, eval_bert_masks
+from igpt_ds.train.metrics import Metrics
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0)
 """Inverse L2 strengths tried, ascending, each fit warm-started from the last; the best on validation is kept.
@@ -87,20 +88,25 @@ def choose_subset(cfg: PretrainConfig, train: ShardSplit, val: ShardSplit) -> tu
 
 
 class LiveProbe:
-    """Built on every rank by the trainer; `run_probe(step, val_loss)` is collective."""
+    """Built on every rank by pretraining's setup; `run_probe(step, val_loss)` is collective."""
 
-    def __init__(self, run: Any, subset: Subset, start_step: int):
-        """`run`: the trainer's Run (engine, splits, layout, data-parallel coordinates, config)."""
-        self.run, self.subset = run, subset
-        cfg = run.cfg
+    def __init__(
+        self, engine: Any, cfg: PretrainConfig, splits: tuple[ShardSplit, ShardSplit], dp_rank: int, dp: int,
+        metrics: Metrics, subset: Subset, start_step: int,
+    ):  # fmt: skip
+        """`engine`: the run's DeepSpeed engine (either layout); `splits`: (train, val) shards; `dp_rank` / `dp`: this
+        rank's data-parallel coordinate and the data-parallel size; `metrics`: where rank 0 logs."""
+        self.engine, self.model_cfg, self.splits, self.metrics, self.subset = engine, cfg.model, splits, metrics, subset
+        self.dp_rank, self.dp, self.pipeline = dp_rank, dp, cfg.train.layout == "pipeline"
         self.n_layer = cfg.model.n_layer
         self.layers = sorted(set(cfg.train.probe_layers)) or list(range(self.n_layer + 1))
         if any(not 0 <= l <= self.n_layer for l in self.layers):
             raise ConfigError(f"train.probe_layers={cfg.train.probe_layers} must lie in 0..{self.n_layer}")
         self.path = cfg.train.run_dir / "live_probe.json"
+        self.plot = cfg.train.run_dir / "live_probe.png"
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         t = cfg.train
-        self.batch_size = min(t.global_batch // run.dp, 8 * t.micro_batch)
+        self.batch_size = min(t.global_batch // dp, 8 * t.micro_batch)
         """Images per forward pass: a training step's per-rank share (micro-batch x accumulation), at most 8
         micro-batches; without gradients a forward holds one layer's activations at a time, not every layer's,
         and under ZeRO-3 each pass gathers every parameter once, so larger batches cost fewer gathers."""
@@ -125,14 +131,14 @@ class LiveProbe:
     def run_probe(self, step: int, val_loss: float) -> dict[str, Any]:
         """Extract, fit and log one probe (every rank); returns {'acc': {layer: %}, 'best_layer', ...}."""
         tic = time.perf_counter()
-        engine = self.run.engine
+        engine = self.engine
         engine.eval()
         with torch.no_grad():
             feats = {k: self.features(split, *getattr(self.subset, k))
-                     for k, split in (("train", self.run.train), ("val", self.run.val))}  # fmt: skip
+                     for k, split in zip(("train", "val"), self.splits, strict=True)}  # fmt: skip
         engine.train()
         extract_s = time.perf_counter() - tic
-        group = engine.grid.get_data_parallel_group() if self.run.pipeline else None
+        group = engine.grid.get_data_parallel_group() if self.pipeline else None
         mine = {l: self.fit(feats, l, group) for l in self.local_layers()}
         acc: dict[int, float] = {}
         for part in gather_objects(mine):
@@ -150,7 +156,7 @@ class LiveProbe:
     def log(self, entry: dict, acc: dict[int, float]) -> None:
         from igpt_ds.eval.plots import live_probe_layers
 
-        writer, step = self.run.metrics.writer, entry["step"]
+        writer, step = self.metrics.writer, entry["step"]
         for l, a in acc.items():
             writer.add_scalar(f"probe/val_acc/layer_{l:02d}", a, step)
         for tag, value in (("best_val_acc", entry["best_acc"]), ("best_layer", entry["best_layer"]),
@@ -159,7 +165,7 @@ class LiveProbe:
         writer.add_figure("probe/acc_vs_layer", live_probe_layers(acc, self.chance, self.n_layer, step), step)
         writer.flush()
         self.save()
-        self.run.metrics.print(
+        self.metrics.print(
             f"step {step} live probe: best layer {entry['best_layer']} {entry['best_acc']:.1f}% on validation "
             f"(chance {self.chance:.1f}%; layers "
             + " ".join(f"{l}:{a:.0f}" for l, a in acc.items())
@@ -185,9 +191,9 @@ class LiveProbe:
         from igpt_ds.eval.plots import live_probe_history
 
         self.save(wall_s)
-        fig = live_probe_history(self.history, self.chance, self.run.cfg.train.run_dir / "live_probe.png")
-        self.run.metrics.writer.add_figure("probe/acc_vs_val_loss", fig, step)
-        self.run.metrics.print(
+        fig = live_probe_history(self.history, self.chance, self.plot)
+        self.metrics.writer.add_figure("probe/acc_vs_val_loss", fig, step)
+        self.metrics.print(
             f"live probe: {self.seconds:.1f} s of {wall_s:.1f} s ({self.seconds / wall_s:.1%} of this process's "
             f"wall time); {self.path}, {self.path.with_suffix('.png')}"
         )
@@ -196,25 +202,17 @@ class LiveProbe:
 
     def rows(self, n: int) -> range:
         """This data-parallel rank's rows of an n-image subset (whole blocks: the fit is world-size free)."""
-        return logreg.rank_rows(n, self.run.dp_rank, self.run.dp)
-
-    def batches(self, n: int) -> list[np.ndarray]:
-        """This rank's rows in batches of `batch_size`, padded to the same count on every rank (an empty batch =
-        none)."""
-        mb = self.batch_size
-        mine = self.rows(n)
-        count = max(math.ceil(len(logreg.rank_rows(n, r, self.run.dp)) / mb) for r in range(self.run.dp))
-        return [np.arange(mine.start, mine.stop)[i * mb : (i + 1) * mb] for i in range(count)]
+        return rank_rows(n, self.dp_rank, self.dp, logreg.BLOCK_ROWS)
 
     def features(self, split: ShardSplit, indices: np.ndarray, labels: np.ndarray) -> tuple[dict, Tensor, int]:
         """({layer: this rank's rows' features (n_local, C), fp32 on the engine's device} for the layers this
         rank computes, their class indices (n_local,), the subset's size)."""
-        device = self.run.engine.device
+        device = self.engine.device
         out: dict[int, list[Tensor]] = {l: [] for l in self.local_layers()}
-        for rows in self.batches(len(indices)):
+        for rows in padded_batches(len(indices), self.dp_rank, self.dp, self.batch_size, logreg.BLOCK_ROWS):
             idx = indices[rows] if len(rows) else indices[:1]  # a rank out of rows still takes part
             tokens = torch.from_numpy(split.batch(idx)[0]).to(device)
-            got = self.pipe_features(tokens, idx) if self.run.pipeline else self.zero_features(tokens, idx)
+            got = self.pipe_features(tokens, idx) if self.pipeline else self.zero_features(tokens, idx)
             for l, f in got.items():
                 out[l].append(f[: len(rows)].float())
         mine = self.rows(len(indices))
@@ -222,7 +220,7 @@ class LiveProbe:
         return feats, torch.from_numpy(labels[mine.start : mine.stop]).to(device), len(indices)
 
     def zero_features(self, tokens: Tensor, idx: np.ndarray) -> dict[int, Tensor]:
-        module = self.run.engine.module
+        module = self.engine.module
         # ZeRO-3 gathers a module's own parameters in that module's forward; features() is not IGPT's forward,
         # so the SOS vector is gathered here (a no-op for parameters ZeRO does not partition).
         with deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False))):
@@ -231,15 +229,15 @@ class LiveProbe:
 
     def local_layers(self) -> list[int]:
         """Probe layers whose features this rank computes."""
-        if not self.run.pipeline:
+        if not self.pipeline:
             return self.layers
-        held = {i for i, _ in self.run.engine.module.local_layers()}
+        held = {i for i, _ in self.engine.module.local_layers()}
         # Layer l < n_layer is read at block l (pipeline layer l + 1); the final norm at the head (n_layer + 1).
         return [l for l in self.layers if l + 1 in held]
 
     def pipe_features(self, tokens: Tensor, idx: np.ndarray) -> dict[int, Tensor]:
         """This stage's layers' pooled features of a batch that runs through the replica's stages in turn."""
-        engine, cfg = self.run.engine, self.run.cfg.model
+        engine, cfg = self.engine, self.model_cfg
         module, wanted = engine.module, set(self.layers)
         x = None
         if not engine.is_first_stage():
@@ -271,8 +269,6 @@ class LiveProbe:
         scaler = logreg.Scaler.fit(x_tr, n_tr, group)
         scaler.apply_(x_tr)
         scaler.apply_(x_va)
-        best, warm = 0.0, None
-        for C in C_GRID:
-            warm = logreg.fit(x_tr, y_tr, self.subset.n_classes, n_tr, C, MAX_ITER, warm, group=group)
-            best = max(best, 100.0 * logreg.correct(x_va, y_va, warm, group) / n_va)
-        return best
+        fit_at = lambda C, warm: logreg.fit(x_tr, y_tr, self.subset.n_classes, n_tr, C, MAX_ITER, warm, group=group)
+        validate = lambda model: 100.0 * logreg.correct(x_va, y_va, model, group) / n_va
+        return logreg.sweep_c(fit_at, C_GRID, validate)[2]

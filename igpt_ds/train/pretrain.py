@@ -1,22 +1,17 @@
-"""The pretraining loop: step, evaluate, log, checkpoint (docs/reference.md#objectives-and-recipe).
+"""Pretraining: the objective's step, validation, the live probe (docs/reference.md#objectives-and-recipe).
 
-`train(cfg)` runs on every rank. `setup` does everything that can fail (configuration, shards, the
-checkpoint to resume) before the first step; the loop in `train` is then the same collective path
-on every rank. Two layouts: ZeRO data parallel (`train.layout=zero`, stage from the DeepSpeed
-JSON) and pipeline x data parallel (`train.layout=pipeline`, igpt_ds.pipe).
-
-No host-device sync in the step (`host_sync.hot`; checked by tests/test_host_sync.py and, on a GPU, tests/gpu):
-the loss accumulates on the device and is read at log steps, the stop request (SIGTERM, SIGINT, SIGUSR1, the
-launcher gone: `distributed.StopSignal`) is agreed every `train.stop_check_every` steps, and evaluation, the live
-probe and checkpoints sync where they must (`host_sync.deliberate`). The next step's batches are read and pinned
-in a background thread (`StepReader`) and copied to the device without blocking.
+`train(cfg)` runs on every rank: `setup` does everything that can fail (configuration, shards, the checkpoint to
+resume, the engine) before the first step, then the shared loop (`igpt_ds.train.loop.train_loop`: batches read
+ahead, log lines, stop agreement, checkpoints, no host-device sync in the step) runs `Run`'s step: the mean loss of
+this rank's micro-batches, accumulated on the device and read at log steps. Two layouts: ZeRO data parallel
+(`train.layout=zero`, stage from the DeepSpeed JSON) and pipeline x data parallel (`train.layout=pipeline`,
+`igpt_ds.models.pipe`).
 
 Launch: `deepspeed --num_gpus 8 launcher/pretrain.py --config launcher/configs/igpt_s_imagenet32.yaml`.
 """
 
 from __future__ import annotations
 
-import signal
 import time
 import warnings
 from collections.abc import Mapping
@@ -31,7 +26,7 @@ from torch import Tensor
 from igpt_ds import host_sync
 from igpt_ds.checkpoint import ds_checkpoint, resume, weights
 from igpt_ds.checkpoint.weights import open_consolidated_shared
-from igpt_ds.config import ConfigError, PretrainConfig, to_dict, zero_stage
+from igpt_ds.config import ConfigError, PretrainConfig, to_dict
 from igpt_ds.data.prefetch import HostBatch, StepReader
 from igpt_ds.data.sampler import GlobalBatchSampler
 from igpt_ds.data.shards import ShardSplit, open_shards
@@ -41,10 +36,9 @@ from igpt_ds.distributed.stop import StopSignal
 from igpt_ds.models.igpt import IGPT
 from igpt_ds.models.objectives import keyed_bert_masks, objective_loss
 from igpt_ds.models.pipe import IGPTPipe, bert_pipe_batch
-from igpt_ds.train import run_folder
+from igpt_ds.train import loop, run_folder
 from igpt_ds.train.engine import (
     Policy,
-    apply_schedule,
     build_ds_config,
     choose_policy,
     describe,
@@ -55,6 +49,7 @@ from igpt_ds.train.engine import (
     resumed_engine_config,
 )
 from igpt_ds.train.live_probe import LiveProbe, choose_subset
+from igpt_ds.train.loop import Window, train_loop
 from igpt_ds.train.metrics import Metrics
 
 
@@ -102,7 +97,7 @@ def read_micro_batches(
 
 @dataclass
 class Run:
-    """Everything the loop needs, built and checked by `setup`."""
+    """A pretraining run: everything `train_loop` needs, built and checked by `setup`; its `Task`."""
 
     cfg: PretrainConfig
     engine: Any
@@ -118,9 +113,9 @@ class Run:
     """The training split's identity (resume.data_identity), saved with every checkpoint."""
     policy: Policy
     """The DeepSpeed JSON and why (`engine.choose_policy`)."""
+    probe: LiveProbe | None = None
+    """The live probe, when the shards have labels and train.probe_every asks for it."""
     reader: StepReader = field(init=False)
-    data_wait_s: float = field(init=False, default=0.0)
-    """Time the loop waited for training batches since the last log line."""
 
     def __post_init__(self) -> None:
         self.reader = StepReader(lambda indices, step: self.host_batches(self.train, indices, (0, step)), self.sampler)
@@ -148,11 +143,12 @@ class Run:
                 out.append((tokens, tokens) if mask is None else bert_pipe_batch(tokens, mask, self.cfg.model.n_vocab))
         return out
 
-    def train_step(self, step: int) -> Tensor:
+    # The Task of train_loop -----------------------------------------------------------------------------------
+
+    def step(self, batches: list[HostBatch], step: int) -> Tensor:
         """Optimizer step `step`; the mean loss over the global batch (pipeline) or this rank's share."""
-        tic = time.perf_counter()
-        batches = self.device_batches(self.reader.take(step))
-        self.data_wait_s += time.perf_counter() - tic
+        self.metrics.step()
+        batches = self.device_batches(batches)
         if self.pipeline:
             return self.engine.train_batch(iter(batches))
         total = torch.zeros((), device=self.engine.device)
@@ -162,6 +158,37 @@ class Run:
             self.engine.step()
             total += loss.detach()
         return total / len(batches)
+
+    def log(self, step: int, sums: Tensor, lrs: list[float], window: Window) -> None:
+        """The mean training loss over the window and the ranks, the gradient norm, throughput (two syncs)."""
+        with host_sync.deliberate():
+            grad_norm = self.engine.get_global_grad_norm()
+            grad_norm = None if grad_norm is None else float(grad_norm)
+        loss = self.mean_over_ranks(sums) / window.steps
+        self.metrics.train(step, loss, lrs[0], grad_norm, window.steps, window.seconds, window.data_wait_s)
+
+    def after_step(self, step: int) -> bool:
+        """Validation every train.eval_every steps, the live probe (after a validation) every train.probe_every."""
+        t = self.cfg.train
+        probe_due = self.probe is not None and step % t.probe_every == 0
+        if (t.eval_every and step % t.eval_every == 0) or probe_due:
+            val_loss = self.evaluate()
+            self.metrics.val(step, val_loss)
+            if probe_due:
+                with host_sync.deliberate():
+                    self.probe.run_probe(step, val_loss)
+        return False
+
+    def save(self, step: int) -> None:
+        root = self.cfg.train.run_dir / "checkpoints"
+        loop.save(self.engine, root, step, self.sampler, self.data, self.cfg.train.layout, self.dp, self.files,
+                  self.train.palette, self.cfg.train.keep_checkpoints)  # fmt: skip
+        self.metrics.print(f"step {step}: checkpoint {root / ds_checkpoint.tag_for(step)}")
+
+    def say(self, line: str) -> None:
+        self.metrics.print(line)
+
+    # ----------------------------------------------------------------------------------------------------------
 
     def mean_over_ranks(self, value: Tensor) -> float:
         """The pipeline engine already averages over data-parallel ranks; ZeRO ranks each hold a share. A sync."""
@@ -174,6 +201,7 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean validation loss over train.eval_batches global batches of the validation split (the same each time)."""
         sampler = GlobalBatchSampler(
             len(self.val), self.cfg.train.global_batch, self.dp_rank, self.dp, self.cfg.train.seed, shuffle=False
         )
@@ -188,22 +216,10 @@ class Run:
         self.engine.train()
         return self.mean_over_ranks(torch.stack(losses).float().mean())
 
-    def save(self, step: int) -> None:
-        meta = {
-            "sampler": self.sampler.state_dict(),
-            "world_size": dist.get_world_size(),
-            "dp_size": self.dp,
-            "layout": self.cfg.train.layout,
-            "zero_stage": zero_stage(self.engine.config),
-            "data": self.data,
-        }
-        root, keep = self.cfg.train.run_dir / "checkpoints", self.cfg.train.keep_checkpoints
-        with host_sync.deliberate():  # the states leave the device
-            ds_checkpoint.save(self.engine, root, step, meta, self.files, self.train.palette, keep)
-        self.metrics.print(f"step {step}: checkpoint {root / ds_checkpoint.tag_for(step)}")
-
 
 def setup(cfg: PretrainConfig) -> Run:
+    """Everything that can fail, before the first step: configuration, shards, the checkpoint to resume, the engine;
+    the same decisions on every rank."""
     # DeepSpeed's ZeRO calls torch collectives that warn of their deprecation on every step.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     rank, world = init_distributed(cfg.train.dist_timeout_s)
@@ -214,10 +230,9 @@ def setup(cfg: PretrainConfig) -> Run:
     dp, t = dp_size(cfg.train, world), cfg.train
     data = resume.data_identity(train_split)
     # One decision for every rank, by rank 0, checked against this run before anything is built.
-    plan = resume.resume_plan(t.run_dir, model=cfg.model, layout=t.layout, world=world, dp=dp,
-                                     ds_config=ds_config, data=data, seed=t.seed,
-                                     reset_data_position=t.reset_data_position,
-                                     stage_from_checkpoint=policy.follows_checkpoint)  # fmt: skip
+    plan = resume.resume_plan(t.run_dir, model=cfg.model, layout=t.layout, world=world, dp=dp, ds_config=ds_config,
+                              data=data, seed=t.seed, reset_data_position=t.reset_data_position,
+                              stage_from_checkpoint=policy.follows_checkpoint)  # fmt: skip
     if plan is not None:
         ds_config, policy = resumed_engine_config(plan, t, cfg.optim, world, cfg.model, policy)
     init = load_init(cfg) if cfg.train.init_from and plan is None else None
@@ -227,31 +242,25 @@ def setup(cfg: PretrainConfig) -> Run:
         weights.load_weights(engine, init, f"train.init_from={cfg.train.init_from}")
     dp_rank = model.topology().get_coord(rank).data if cfg.train.layout == "pipeline" else rank
     sampler = GlobalBatchSampler(len(train_split), cfg.train.global_batch, dp_rank, dp, cfg.train.seed)
-    start_step = 0
-    if plan is not None:
-        ds_checkpoint.load(engine, plan.ckpt, plan.universal)
-        apply_schedule(engine)
-        if not t.reset_data_position:
-            sampler.load_state_dict(plan.meta["sampler"])
-        start_step = plan.meta["step"]
+    start_step = loop.resume(engine, plan, sampler, t.reset_data_position) if plan is not None else 0
     files = run_folder.run_files(to_dict(cfg), ds_config)
     run_folder.write_run_files(t.run_dir, files, rank)
-    writer = run_folder.open_tensorboard(t.run_dir, rank, start_step, files,
-                                            describe(engine_facts(ds_config, cfg.train, world, policy)))  # fmt: skip
-    metrics = Metrics(
-        writer,
-        model_cfg=cfg.model,
-        world_size=world,
-        global_batch=cfg.train.global_batch,
-        max_steps=cfg.train.max_steps,
-        start_step=start_step,
-    )
+    header = describe(engine_facts(ds_config, cfg.train, world, policy))
+    writer = run_folder.open_tensorboard(t.run_dir, rank, start_step, files, header)
+    metrics = Metrics(writer, model_cfg=cfg.model, world_size=world, global_batch=cfg.train.global_batch,
+                      max_steps=cfg.train.max_steps, start_step=start_step)  # fmt: skip
     if plan is not None:
         how = (" (universal checkpoint)" if plan.universal else "") + (
             ", data order started afresh" if t.reset_data_position else ""
         )
         metrics.print(f"resumed from {plan.ckpt} at step {start_step}{how}")
-    return Run(cfg, engine, metrics, train_split, val_split, sampler, dp_rank, dp, start_step, files, data, policy)
+    run = Run(cfg, engine, metrics, train_split, val_split, sampler, dp_rank, dp, start_step, files, data, policy)
+    subset, why_off = on_rank0(lambda: choose_subset(cfg, train_split, val_split))  # one decision for every rank
+    if subset is not None:
+        run.probe = LiveProbe(engine, cfg, (train_split, val_split), dp_rank, dp, metrics, subset, start_step)
+    elif t.probe_every:
+        metrics.print(f"live probe off: {why_off}")
+    return run
 
 
 def train(cfg: PretrainConfig) -> dict[str, float]:
@@ -259,58 +268,15 @@ def train(cfg: PretrainConfig) -> dict[str, float]:
     `stopped_by`: the signal that stopped the run early after a checkpoint (0: it reached its last step)."""
     stop = StopSignal(cfg.train.stop_check_every)  # preemption, time limit, launcher gone: save, then exit
     run = setup(cfg)
-    t, m = cfg.train, run.metrics
     started = time.perf_counter()
-    subset, why_off = on_rank0(lambda: choose_subset(cfg, run.train, run.val))  # one decision for every rank
-    probe = LiveProbe(run, subset, run.start_step) if subset is not None else None
-    if probe is None and t.probe_every:
-        m.print(f"live probe off: {why_off}")
-    if probe is not None and run.start_step == 0 and t.probe_at_start:
+    if run.probe is not None and run.start_step == 0 and cfg.train.probe_at_start:
         val_loss = run.evaluate()
-        m.val(0, val_loss)
-        probe.run_probe(0, val_loss)
-    last_step = t.stop_at or t.max_steps
-    step, saved, window, stopped_by = run.start_step, run.start_step, 0, 0
-    loss_sum = torch.zeros((), device=run.engine.device)
-    tic = time.perf_counter()
-    with host_sync.hot():
-        while step < last_step:
-            lr = run.engine.get_lr()[0]  # the rate this step uses (a host value: no sync)
-            loss_sum += run.train_step(step)
-            step, window = step + 1, window + 1
-            m.step()
-            if step % t.log_every == 0 or step == last_step:
-                with host_sync.deliberate():
-                    grad_norm = run.engine.get_global_grad_norm()
-                    grad_norm = None if grad_norm is None else float(grad_norm)
-                loss = run.mean_over_ranks(loss_sum) / window
-                m.train(step, loss, lr, grad_norm, window, time.perf_counter() - tic, run.data_wait_s)
-                run.data_wait_s = 0.0
-                loss_sum.zero_()
-                window, tic = 0, time.perf_counter()
-            probe_due = probe is not None and step % t.probe_every == 0
-            if (t.eval_every and step % t.eval_every == 0) or probe_due:
-                val_loss = run.evaluate()
-                m.val(step, val_loss)
-                if probe_due:
-                    with host_sync.deliberate():
-                        probe.run_probe(step, val_loss)
-            stopped_by = stop.check(step)
-            if step % t.save_every == 0 or stopped_by:
-                run.save(step)
-                saved = step
-            if stopped_by:
-                name = signal.Signals(stopped_by).name
-                m.print(f"stopped at step {step} on {name}; rerun the same command to resume")
-                break
-    if saved != step:
-        run.save(step)
-    if not stopped_by:  # a stopped run leaves its pending deletions to the next run: it has a grace period to keep
-        ds_checkpoint.wait_for_deletions()
-    run.reader.close()
-    if probe is not None:
-        probe.finish(step, time.perf_counter() - started)
+        run.metrics.val(0, val_loss)
+        run.probe.run_probe(0, val_loss)
+    end = train_loop(run, run.engine, run.reader, stop, cfg.train, run.start_step)
+    if run.probe is not None:
+        run.probe.finish(end.step, time.perf_counter() - started)
     world = torch.distributed.get_world_size()
-    m.close({**to_dict(cfg), "engine": engine_facts(run.engine.config, t, world, run.policy)})
+    run.metrics.close({**to_dict(cfg), "engine": engine_facts(run.engine.config, cfg.train, world, run.policy)})
     barrier()  # every rank's writes are done before any exits: a launcher may kill the rest when one exits non-zero
-    return {**m.last, "stopped_by": stopped_by}
+    return {**run.metrics.last, "stopped_by": end.stopped_by}

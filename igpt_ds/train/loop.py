@@ -1,0 +1,159 @@
+"""The one training loop, shared by pretraining (`igpt_ds.train.pretrain`) and fine-tuning (`igpt_ds.train.finetune`).
+
+What the two share lives here: each step's batches read one step ahead in a background thread (`StepReader`), a
+checkpoint resumed with the run config's schedule (`resume`), the stop agreement (`StopSignal`), the cadence of log
+lines, evaluations and checkpoints, the last checkpoint, and no host-device sync in between (`host_sync.hot`).
+What differs is the `Task`: its optimizer step (pretraining's objective, fine-tuning's L_CLF + L_GEN), what its
+log line reads, what it does after a step (validation, the live probe, early stopping) and what its checkpoint
+holds beside the engine's state.
+
+    run = setup(cfg)                                  # the job's Task, its engine and reader built and checked
+    end = train_loop(run, run.engine, run.reader, stop, cfg.train, run.start_step)
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch.distributed as dist
+from torch import Tensor
+
+from igpt_ds import host_sync
+from igpt_ds.checkpoint import ds_checkpoint
+from igpt_ds.checkpoint.resume import Resume
+from igpt_ds.config import TrainConfig, zero_stage
+from igpt_ds.data.prefetch import HostBatch, StepReader
+from igpt_ds.data.sampler import GlobalBatchSampler
+from igpt_ds.distributed.stop import StopSignal
+from igpt_ds.train.engine import apply_schedule
+
+
+@dataclass
+class Window:
+    """The steps since the last log line."""
+
+    steps: int
+    seconds: float
+    """Wall time they took."""
+    data_wait_s: float
+    """Of which the loop waited for their batches."""
+
+
+class Task(Protocol):
+    """What a training job plugs into `train_loop`. Every method runs on every rank."""
+
+    def step(self, batches: list[HostBatch], step: int) -> Tensor:
+        """Optimizer step `step` (0-based) on this rank's micro-batches (on the host, pinned on a GPU): forward,
+        backward, the engine's step. Returns this rank's figures to log (the loss, ...), on the device: summed over
+        the steps of a log window, read only at the log step."""
+        ...
+
+    def log(self, step: int, sums: Tensor, lrs: list[float], window: Window) -> None:
+        """At a log step: `sums` of `step`'s returns over the window, `lrs` the param groups' rates of its last step."""
+        ...
+
+    def after_step(self, step: int) -> bool:
+        """After optimizer step `step` (1-based count of steps done): evaluation, the live probe; True when the run is
+        done (early stopping)."""
+        ...
+
+    def save(self, step: int) -> None:
+        """A checkpoint after `step` steps (collective)."""
+        ...
+
+    def say(self, line: str) -> None:
+        """One console line, printed by rank 0."""
+        ...
+
+
+@dataclass
+class LoopEnd:
+    step: int
+    """Steps done."""
+    stopped_by: int
+    """The signal that stopped the run after its checkpoint (0: it reached its last step or was done)."""
+    done: bool
+    """The task said it was done (early stopping)."""
+
+
+def train_loop(
+    task: Task,
+    engine: Any,
+    reader: StepReader,
+    stop: StopSignal,
+    train: TrainConfig,
+    start_step: int,
+    done: bool = False,
+) -> LoopEnd:
+    """Train from `start_step` to train.stop_at or train.max_steps, or until the task is done or a stop is agreed.
+
+    Each step: its batches from `reader`, `task.step`; every train.log_every steps and at the last, `task.log`; then
+    `task.after_step`; the stop agreement (every train.stop_check_every steps); a checkpoint every train.save_every
+    steps, at the last step, when the task is done and when a stop was agreed. The same collective path on every
+    rank. A run stopped by a signal leaves its pending checkpoint deletions to the next run (its scheduler's grace
+    period is short); otherwise they are waited for."""
+    last_step = train.stop_at or train.max_steps
+    step, stopped_by = start_step, 0
+    sums, steps, waited, tic = None, 0, 0.0, time.perf_counter()
+    with host_sync.hot():
+        while not done and step < last_step:
+            lrs = engine.get_lr()  # the rates this step uses (host values: no sync)
+            before = time.perf_counter()
+            batches = reader.take(step)
+            waited += time.perf_counter() - before
+            out = task.step(batches, step)
+            sums = out if sums is None else sums + out
+            step, steps = step + 1, steps + 1
+            if step % train.log_every == 0 or step == last_step:
+                task.log(step, sums, lrs, Window(steps, time.perf_counter() - tic, waited))
+                sums, steps, waited, tic = None, 0, 0.0, time.perf_counter()
+            done = task.after_step(step)
+            stopped_by = stop.check(step)
+            if step % train.save_every == 0 or stopped_by or done or step == last_step:
+                task.save(step)
+            if stopped_by:
+                name = signal.Signals(stopped_by).name
+                task.say(f"stopped at step {step} on {name}; rerun the same command to resume")
+                break
+    if not stopped_by:
+        ds_checkpoint.wait_for_deletions()
+    reader.close()
+    return LoopEnd(step, stopped_by, done)
+
+
+def resume(engine: Any, plan: Resume, sampler: GlobalBatchSampler, reset_data_position: bool) -> int:
+    """Restore `plan`'s checkpoint into `engine` (weights, optimizer, RNG; its universal form at another topology),
+    the run config's optimizer hyperparameters and schedule at its step (`apply_schedule`: never the saving run's),
+    and `sampler`'s position unless the data order starts afresh. Returns the steps done. Collective."""
+    ds_checkpoint.load(engine, plan.ckpt, plan.universal)
+    apply_schedule(engine)
+    if not reset_data_position:
+        sampler.load_state_dict(plan.meta["sampler"])
+    return plan.meta["step"]
+
+
+def save(
+    engine: Any,
+    root: Path,
+    step: int,
+    sampler: GlobalBatchSampler,
+    data: dict[str, Any],
+    layout: str,
+    dp: int,
+    files: dict[str, str],
+    palette: np.ndarray | None,
+    keep: int,
+    **extra: Any,
+) -> Path:
+    """Checkpoint `step` under `root` with what a resume needs besides the engine's state: the sampler's position,
+    the topology (world, data-parallel size, layout, ZeRO stage), the training data's identity and `extra` (a task's
+    own state). Collective; a deliberate host-device sync (the states leave the device)."""
+    meta = {"sampler": sampler.state_dict(), "world_size": dist.get_world_size(), "dp_size": dp, "layout": layout,
+            "zero_stage": zero_stage(engine.config), "data": data, **extra}  # fmt: skip
+    with host_sync.deliberate():
+        return ds_checkpoint.save(engine, root, step, meta, files, palette, keep)

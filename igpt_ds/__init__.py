@@ -1,26 +1,22 @@
 """igpt-ds: distributed Image GPT pretraining, probing, fine-tuning and sampling on DeepSpeed.
 
-The modules by stage (arrows point down this list: a stage imports the ones above it, never one below;
-tests/test_architecture.py checks it):
+The package by stage, lowest first; a stage imports its own modules and the stages above it in this list, never
+one below (tests/test_architecture.py checks it, and that no module sits outside a stage):
 
-    foundation   config (one dataclass per run, presets), atomic (atomic writes), host_sync (no host-device sync in
-                 hot loops), launchers, distributed (process group, rank-0 decisions, stop agreement), supervisor
-    data         palette (k-means colours), shards (memory-mapped pixel shards, samplers, open_shards), prefetch
-                 (host batches read ahead, pinned, copied without blocking)
-    model        model (IGPT, KV cache, inference precision), pipe (pipeline layout), weights (consolidated
-                 safetensors), flops, memory (bytes per GPU of a layout), hf_interop (HF ImageGPT / OpenAI weights)
-    run          engine (DeepSpeed JSON, optimizer, schedule), checkpoint, resume (what a checkpoint may resume),
-                 run (the run lifecycle both loops share), metrics (TensorBoard), logreg (the probe's data-parallel
-                 solver), plots (PNG figures)
-    train        trainer (pretraining loop), live_probe (probes during pretraining), finetune (classification
-                 fine-tuning), planner (capacity)
-    evaluate     features + feature_store (extraction), probe (linear probes), sampling, eval_planner (evaluation
-                 capacity)
-    entry        cli (every entry point's command line, console scripts), __main__ (python -m igpt_ds JOB)
+    config.py, atomic.py, host_sync.py   one typed config per run and the DeepSpeed JSON read; atomic writes; host-device
+                                         syncs marked and recorded
+    distributed/   the process group and each rank's device, the rank environment of every launcher, the supervisor,
+                   the stop agreement, work done once by rank 0 and shared
+    data/          the palette, memory-mapped shards, the sampler and row splits, batches read ahead
+    models/        the Transformer, its objectives and masks, the KV cache, the pipeline layout, FLOPs, precision
+    checkpoint/    DeepSpeed checkpoints, resume decisions, consolidated weights (in and out), HF/OpenAI interop
+    eval/          features and their store, the probe's solver, linear probes, sampling, plots (never imports train/)
+    plan/          memory per GPU (and the default engine policy it implies), training and evaluation capacity
+    train/         the DeepSpeed engine, the one training loop, pretraining, fine-tuning, the live probe, metrics,
+                   the run folder
+    cli.py, __main__.py                  every entry point's command line; `python -m igpt_ds JOB`
 
-One flat package on purpose: config, distributed and checkpoint serve every stage, so subpackages would make
-most imports cross package lines, and module paths are part of documented commands
-(`python -m igpt_ds.checkpoint`, `python -m igpt_ds JOB`).
+`python -m igpt_ds.checkpoint RUN OUT` exports a run's weights (igpt_ds/checkpoint/__main__.py).
 """
 
 __version__ = "0.1.0"

@@ -1,11 +1,11 @@
 """Data-path throughput: tokens/s one data-parallel rank's shard reader and sampler deliver.
 
-Issue 6, part 1. The pretraining loop (igpt_ds.trainer) reads this rank's share of each global batch
+Issue 6, part 1. The pretraining loop (igpt_ds.train.pretrain) reads this rank's share of each global batch
 with `read_micro_batches` (memory-mapped uint16 rows -> int64 tensors, the BERT objective's keyed masks,
 pinned on a GPU) in a background thread one step ahead (`StepReader`), then copies it to the device
 without blocking. Peers in the same run, each reading one step at a time on the calling thread:
 
-  reader     sampler + igpt_ds.trainer.read_micro_batches (+ a non-blocking device copy on CUDA)
+  reader     sampler + igpt_ds.train.pretrain.read_micro_batches (+ a non-blocking device copy on CUDA)
   in-memory  the same indices gathered from the whole split held in RAM, no masks: the ceiling for any reader
 
 With --objective bert the reader also draws the masks, which cost more than the rows at 1024 tokens.

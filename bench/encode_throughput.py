@@ -1,8 +1,8 @@
 """Palette throughput: table encode vs brute-force argmin, table build time, k-means fit time.
 
 Peers measured in the same process (ratios hold on a busy machine):
-  - table: igpt_ds.palette.encode with the 2^24-entry table (exact),
-  - brute force: igpt_ds.palette.encode_bruteforce, chunked float64 numpy argmin (the definition),
+  - table: igpt_ds.data.palette.encode with the 2^24-entry table (exact),
+  - brute force: igpt_ds.data.palette.encode_bruteforce, chunked float64 numpy argmin (the definition),
   - matmul: float32 ||x||² - 2x·c + ||c||² argmin through BLAS, the usual fast brute force (HF's
     processor does this; not exact at near-ties, shown for scale only).
 Fit: 1M pixels sampled from scikit-learn's two photos (~140k distinct colours) and 1M uniformly

@@ -72,14 +72,14 @@ group() {
 # 1. The anchor of docs/reference.md#measured-anchor, in one run: peers and DeepSpeed's stages at the policies' defaults
 #    (zero1_bf16.json is the iGPT-S preset's policy).
 group s_headline 120 hf eager compile ds ds:stage=2 "ds:config=$ZERO3" -- "${S[@]}"
-# 1b. The pretraining entry point itself (igpt_ds.trainer.train: reader thread, logging, stop flag) on
+# 1b. The pretraining entry point itself (igpt_ds.train.pretrain.train: reader thread, logging, stop flag) on
 #     shards of random 32x32 images over a 512-colour palette, against compiled plain PyTorch.
 if (( SECONDS + 90 <= BUDGET_S )); then
     python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); from data_throughput import \
 synthetic_shards; synthetic_shards(2000, $PX, Path('$SCRATCH'), k=512)" >/dev/null || echo "building shards failed"
     group s_trainer 90 compile trainer trainer:compile=1,fused=1 -- "${S[@]}" --shards "$SCRATCH/shards"
 fi
-# 1c. The default engine policy (a run naming no JSON: igpt_ds.engine.choose_policy, the lowest ZeRO stage whose
+# 1c. The default engine policy (a run naming no JSON: igpt_ds.train.engine.choose_policy, the lowest ZeRO stage whose
 #     memory estimate fits the GPU) against the stages it could have chosen, through the same entry point.
 if (( SECONDS + 120 <= BUDGET_S )) && [[ -d "$SCRATCH/shards" ]]; then
     group s_policy 120 trainer:config=default "trainer:config=$ZERO1" "trainer:config=ds_configs/zero2_bf16.json" \

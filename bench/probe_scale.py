@@ -4,13 +4,13 @@ and world size, with scikit-learn in the same run at the sizes it can take. Issu
 Synthetic features with known structure: class k has mean mu_k ~ N(0, s²·I_d), s = 4 / sqrt(2·d), so any two
 means lie ~4 apart, and x = mu_y + N(0, I_d). For these isotropic Gaussians with equal priors the nearest-mean
 rule with the true means is Bayes-optimal, so `bayes_acc` (on the test rows) is the ceiling any probe can
-reach. Features are written in the extracted layout (igpt_ds.features.write_features), part by part from a
+reach. Features are written in the extracted layout (igpt_ds.eval.features.write_features), part by part from a
 seeded generator, never whole; val and test hold N/8 rows each.
 
 Each case runs the real entry point (launcher/linear_probe.py) as 1 and as 2 ranks (env:// like torchrun),
 one core each (OMP_NUM_THREADS=1: a rank stands for one device; two OpenMP threads on a shared 2-core machine
 spin on each other), one C and a fixed max_iter so that time per L-BFGS pass is comparable. Peak RSS per
-rank comes from the probe's own report; `predicted_gb` is igpt_ds.eval_planner.probe_bytes for the same
+rank comes from the probe's own report; `predicted_gb` is igpt_ds.plan.evaluation.probe_bytes for the same
 case, and `rss_over_idle_gb` subtracts the peak of the same run on a tiny set (the process's fixed cost:
 Python, torch, DeepSpeed).
 scikit-learn (LogisticRegression, L-BFGS, the same C and max_iter) runs in a subprocess of its own where

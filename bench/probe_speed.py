@@ -2,12 +2,12 @@
 same features. Issue 15, item 3 (a user probed 9 layers of 54k x 128 features with scikit-learn in ~20 minutes).
 
 Features: 9 synthetic "layers" of 54,000 train / 6,000 val / 10,000 test rows, d = 128, 10 classes, in the
-extracted layout (igpt_ds.feature_store). Layer l has class means of separation s_l rising to the middle layer
+extracted layout (igpt_ds.eval.feature_store). Layer l has class means of separation s_l rising to the middle layer
 and falling after it (an iGPT-like unimodal curve), x = (mu_y + N(0, I)) · M with M a rotation whose singular
 values spread over `--condition` (correlated features, as a network's are); or real extracted features.
 Both probes run through the real entry point, launcher/linear_probe.py, one process, on `--threads` cores:
   before  --solver sklearn: scikit-learn's LogisticRegression (L-BFGS, tol 1e-6), one fit per C of the grid;
-  after   --solver torch:   the data-parallel solver (igpt_ds.logreg; float32, runs of blocks, warm starts, the
+  after   --solver torch:   the data-parallel solver (igpt_ds.eval.logreg; float32, runs of blocks, warm starts, the
           sweep stopped after 2 C values without a better validation accuracy: the probe's defaults).
 The C grid, max_iter and standardisation (train statistics) are the same; accuracy is compared per layer.
 

@@ -1,7 +1,7 @@
 """Sampling throughput: our KV-cache decoder vs full recomputation vs HF transformers' ImageGPT `generate`.
 
 All three sample whole images of the same model (HF's copy gets our weights through
-`igpt_ds.hf_interop`; randomly initialised locally, nothing downloaded), same batch, measured in the
+`igpt_ds.checkpoint.hf_interop`; randomly initialised locally, nothing downloaded), same batch, measured in the
 same process so the ratios hold on a noisy machine. A greedy run also checks that our sampler and
 HF's agree token for token, so the timings compare the same computation.
 

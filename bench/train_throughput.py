@@ -3,30 +3,30 @@
 Issue 6, part 1. Every peer trains the same shape (preset, n_px, micro-batch, precision) on the same
 token batches with the same recipe (AdamW β=(0.9, 0.95), no weight decay, gradient clipping, loss
 = mean cross-entropy over all n_px² pixels; the plain loops keep the learning rate constant where
-DeepSpeed follows igpt_ds.engine's warmup, which costs nothing), so peers measured in one run compare
+DeepSpeed follows igpt_ds.train.engine's warmup, which costs nothing), so peers measured in one run compare
 like with like:
 
   hf        HF transformers ImageGPTForCausalImageModeling, randomly initialised locally (config from
-            igpt_ds.hf_interop: no dropout, as iGPT trains; HF attention is eager), plain PyTorch loop
-  eager     igpt_ds.model.IGPT, plain PyTorch loop (bf16: torch.autocast over fp32 weights)
+            igpt_ds.checkpoint.hf_interop: no dropout, as iGPT trains; HF attention is eager), plain PyTorch loop
+  eager     igpt_ds.models.igpt.IGPT, plain PyTorch loop (bf16: torch.autocast over fp32 weights)
   compile   the same, model.loss under torch.compile
-  ds        IGPT through igpt_ds.trainer.build_model + igpt_ds.engine: the pretraining path
+  ds        IGPT through igpt_ds.train.pretrain.build_model + igpt_ds.train.engine: the pretraining path
   pipe      IGPTPipe through DeepSpeed's pipeline engine (one stage per process here)
-  trainer   the pretraining entry point itself, igpt_ds.trainer.train, on --shards (reader thread,
+  trainer   the pretraining entry point itself, igpt_ds.train.pretrain.train, on --shards (reader thread,
             logging, stop flag; ZeRO layout); its figures are the last log window's, read from its
             metrics, which starts after at least --warmup steps
 
 A peer is `NAME[:key=value,...]`. Keys: `ckpt=1` activation checkpointing, `fused=1` fused AdamW,
 `sdpa=flash|efficient|cudnn|math` pin the attention kernel; for ds/pipe/trainer also `config=PATH` (policy
 JSON, default --ds-config; `config=default` for the trainer: no JSON named, the engine policy a run gets by
-itself, igpt_ds.engine.choose_policy), `stage=N`, `compile=1` (DeepSpeed's engine.compile()), and any other key
+itself, igpt_ds.train.engine.choose_policy), `stage=N`, `compile=1` (DeepSpeed's engine.compile()), and any other key
 (ds, pipe, trainer) as a zero_optimization override (`stage3_param_persistence_threshold=1e5`, `overlap_comm=false`).
 Each peer runs in its own child process: its peak memory, DeepSpeed state and compile caches are its
 own, and one failure (out of memory, say) is recorded without losing the others.
 
 Reported per peer (the best of `--repeats` round-robin runs), over `--steps` timed steps after
 `--warmup` untimed ones (compilation and allocation happen there): tokens/s, samples/s, achieved
-TFLOP/s and MFU (igpt_ds.flops: 6·N + 12·L·T·d per token against the device's peak bf16 rate; none on
+TFLOP/s and MFU (igpt_ds.models.flops: 6·N + 12·L·T·d per token against the device's peak bf16 rate; none on
 CPU), peak memory (CUDA: max allocated; CPU: peak RSS growth of the child), and the share of wall time
 the host spent fetching and copying batches (an upper bound on data stalls: the GPU runs ahead of
 the host when the host is fast enough).
@@ -159,7 +159,7 @@ def plain_step(peer: Peer, cfg: ModelConfig, args: argparse.Namespace, device: t
 
 
 def deepspeed_step(peer: Peer, cfg: ModelConfig, args: argparse.Namespace, device: torch.device):
-    """The pretraining path: igpt_ds.trainer.build_model + igpt_ds.engine, ZeRO or pipeline engine."""
+    """The pretraining path: igpt_ds.train.pretrain.build_model + igpt_ds.train.engine, ZeRO or pipeline engine."""
     from igpt_ds.distributed.process_group import init_distributed
     from igpt_ds.train.engine import initialize
     from igpt_ds.train.pretrain import build_model
@@ -199,7 +199,7 @@ def pretrain_config(
     )  # fmt: skip
     run = PretrainConfig(model=cfg, optim=OptimConfig(fused=bool(opts.pop("fused", False))), train=train)
     ds_config = build_ds_config(train, run.optim, world, model=cfg)
-    if config == "default":  # the engine policy a run naming no JSON gets (igpt_ds.engine.choose_policy), as is
+    if config == "default":  # the engine policy a run naming no JSON gets (igpt_ds.train.engine.choose_policy), as is
         return run, ds_config
     # Bench-time levers, applied to this run's copy only: the policy files in ds_configs/ stay as they are.
     ds_config["bf16"] = {"enabled": args.precision == "bf16"}
@@ -212,7 +212,7 @@ def pretrain_config(
 
 
 def measure_trainer(peer: Peer, cfg: ModelConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """Run igpt_ds.trainer.train on --shards and report its last log window (whole steps, no warmup)."""
+    """Run igpt_ds.train.pretrain.train on --shards and report its last log window (whole steps, no warmup)."""
     from igpt_ds.config import DataConfig
     from igpt_ds.data.shards import ShardSplit
     from igpt_ds.train.engine import OWNED_KEYS
@@ -250,7 +250,7 @@ class Batches:
     """Token batches on the host (pinned on CUDA), copied to the device without blocking.
 
     Synthetic uniform tokens by default; with --shards, the pretraining reader and sampler
-    (igpt_ds.shards), so the data-wait share measures the real data path.
+    (igpt_ds.data.shards), so the data-wait share measures the real data path.
     """
 
     def __init__(self, args: argparse.Namespace, cfg: ModelConfig, device: torch.device):
@@ -424,7 +424,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers", nargs="+", default=["hf", "eager", "ds"], help="NAME[:key=value,...] (see above)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation, allocation)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--shards", help="shard folder: feed batches through igpt_ds.shards instead of synthetic tokens")
+    p.add_argument(
+        "--shards", help="shard folder: feed batches through igpt_ds.data.shards instead of synthetic tokens"
+    )
     p.add_argument("--repeats", type=int, default=1, help="runs of each peer, round robin; the fastest is reported")
     p.add_argument("--peer-timeout", type=int, default=900, help="seconds one peer may take")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")

@@ -10,7 +10,7 @@ Launch:
 SOURCE: an image folder (class-per-subfolder or flat, optionally train/val/test subfolders), a
 CIFAR-10/100 python folder or .tar.gz, a .npz/.npy of uint8 images, or `digits`.
 
-Output (read by igpt_ds.shards.ShardSplit; format_version 1):
+Output (read by igpt_ds.data.shards.ShardSplit; format_version 1):
     DIR/manifest.json                    counts, checksums, palette, classes, source, arguments
     DIR/palette.npy                      (k, 3) float32 in [-1, 1]
     DIR/<split>/shard-00000.tokens       raw little-endian uint16 (n, n_px²), row-major (y, x)

@@ -8,7 +8,7 @@
 preprocessor_config.json / config.json. import-palette reads kmeans_centers.npy, an HF JSON file or
 an HF directory. An existing output is replaced only with --overwrite. User errors print one line
 on stderr and exit 2; outputs are written to a temporary path and renamed, never left half-written.
-Conversion rules and the HF/igpt-ds loss alignment: igpt_ds/hf_interop.py.
+Conversion rules and the HF/igpt-ds loss alignment: igpt_ds/checkpoint/hf_interop.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Print a shard folder's summary and draw a PNG grid of decoded samples with their labels.
 
-Reference: docs/reference.md#preprocessing (decode = rint(127.5·(c + 1)), igpt_ds.palette.decode).
+Reference: docs/reference.md#preprocessing (decode = rint(127.5·(c + 1)), igpt_ds.data.palette.decode).
 
 Launch:
     python -m data_tools.inspect_shards DIR [--split train] [--n 64] [--out grid.png] [--verify]

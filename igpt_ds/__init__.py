@@ -3,8 +3,8 @@
 The package by stage, lowest first; a stage imports its own modules and the stages above it in this list, never
 one below (tests/test_architecture.py checks it, and that no module sits outside a stage):
 
-    config.py, atomic.py, host_sync.py   one typed config per run and the DeepSpeed JSON read; atomic writes; host-device
-                                         syncs marked and recorded
+    config.py, atomic.py, host_sync.py   one typed config per run and the DeepSpeed JSON read; atomic writes;
+                                         host-device syncs marked and recorded
     distributed/   the process group and each rank's device, the rank environment of every launcher, the supervisor,
                    the stop agreement, work done once by rank 0 and shared
     data/          the palette, memory-mapped shards, the sampler and row splits, batches read ahead

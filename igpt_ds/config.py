@@ -167,7 +167,7 @@ class TrainConfig:
     probe_every: int = 1000
     """Live linear probe every this many steps (0 = never; off by itself when the shards have no
     labels): pooled features of `probe_layers` on a fixed labelled subset, a probe per layer fitted by all ranks,
-    validation accuracy per layer in TensorBoard (igpt_ds.live_probe)."""
+    validation accuracy per layer in TensorBoard (igpt_ds.train.live_probe)."""
     probe_at_start: bool = False
     """Also probe at step 0 (the curve from initialisation; one more probe per run, which in a short run of short
     steps is most of the probe's cost)."""
@@ -474,8 +474,10 @@ def load_policy(path: str | Path) -> dict[str, Any]:
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
+    """The ZeRO stage a DeepSpeed JSON sets (0 when it sets none)."""
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def precision(ds_config: dict[str, Any]) -> str:
+    """The training precision a DeepSpeed JSON sets: 'bf16', 'fp16' or 'fp32'."""
     return next((p for p in ("bf16", "fp16") if ds_config.get(p, {}).get("enabled")), "fp32")

@@ -1,4 +1,4 @@
-"""Extract frozen iGPT features (mean-pooled LN(h^l) of every layer) for linear probes; see igpt_ds.features.
+"""Extract frozen iGPT features (mean-pooled LN(h^l) of every layer) for linear probes; see igpt_ds.eval.features.
 
     python launcher/extract_features.py --checkpoint runs/digits --shards demo_out/shards --out demo_out/features
     deepspeed --num_gpus 8 launcher/extract_features.py --checkpoint runs/igpt_l --shards data/cifar10 \\
@@ -6,7 +6,7 @@
 
 `--checkpoint` takes a run folder, a DeepSpeed checkpoint of either layout or a consolidated folder.
 Writes <out>/<split>/: each rank's parts (parts/NNNNN/features.npy, pixels.npy), labels.npy, and index.json
-once complete (layout: igpt_ds.features, docs/evaluation.md). A rerun keeps finished parts. Errors: one line,
+once complete (layout: igpt_ds.eval.features, docs/evaluation.md). A rerun keeps finished parts. Errors: one line,
 exit 2.
 """
 

@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained iGPT classifier (L_CLF + λ·L_GEN, early stopping) on DeepSpeed; see igpt_ds.finetune.
+"""Fine-tune a pretrained iGPT classifier (L_CLF + λ·L_GEN, early stopping) on DeepSpeed; see igpt_ds.train.finetune.
 
     deepspeed --num_gpus 8 launcher/finetune.py --config launcher/configs/finetune_cifar10.yaml \\
         --train.init_from=runs/igpt_s

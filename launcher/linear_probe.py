@@ -1,4 +1,4 @@
-"""Linear probes per layer + k-layer concatenation + raw-pixel baseline on extracted features; see igpt_ds.probe.
+"""Linear probes per layer + k-layer concatenation + raw-pixel baseline on extracted features; see igpt_ds.eval.probe.
 
     python launcher/linear_probe.py --features demo_out/features
     deepspeed --num_gpus 8 launcher/linear_probe.py --features runs/igpt_l/features

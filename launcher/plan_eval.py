@@ -1,5 +1,5 @@
 """What evaluating a model costs: feature bytes on disk, per-rank memory of extraction and of the probe, probe
-FLOPs; for iGPT-S/M/L/XL on CIFAR-10 and ImageNet at any rank count (igpt_ds.eval_planner has the formulas).
+FLOPs; for iGPT-S/M/L/XL on CIFAR-10 and ImageNet at any rank count (igpt_ds.plan.evaluation has the formulas).
 
     python launcher/plan_eval.py
     python launcher/plan_eval.py --sizes '[igpt-l]' --datasets '[imagenet]' --ranks '[1, 8, 64, 1024]' --gpu false

@@ -1,4 +1,4 @@
-"""Pretrain an iGPT with DeepSpeed (ZeRO-3 data parallel or pipeline parallel); see igpt_ds.trainer.
+"""Pretrain an iGPT with DeepSpeed (ZeRO-3 data parallel or pipeline parallel); see igpt_ds.train.pretrain.
 
     deepspeed --num_gpus 8 launcher/pretrain.py --config launcher/configs/igpt_s_imagenet32.yaml
     deepspeed --hostfile hosts launcher/pretrain.py --config launcher/configs/igpt_l_pipeline.yaml

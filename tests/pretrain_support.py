@@ -98,7 +98,7 @@ def run_ranks(
     config: Path, *overrides: str, nprocs: int = 2, log_dir: Path, timeout: float = 300, script: str = "pretrain"
 ) -> str:
     """Run ranks to completion; rank 0's log. Fails the test on a nonzero exit, and if the run left DeepSpeed's CPU
-    shared-memory buffers behind (igpt_ds.distributed.without_cpu_shm_allreduce)."""
+    shared-memory buffers behind (igpt_ds.distributed.process_group.without_cpu_shm_allreduce)."""
     port = free_port()
     procs = start_ranks(config, *overrides, nprocs=nprocs, log_dir=log_dir, script=script, port=port)
     codes = [p.wait(timeout=timeout) for p in procs]
@@ -136,7 +136,7 @@ def losses(run_dir: Path) -> list[float]:
 
 def worker_of(supervisor_pid: int, timeout: float = 120):
     """The worker process (psutil.Process) that the entry point started as `supervisor_pid` runs the job in
-    (igpt_ds.supervisor: found by the supervisor pid in its environment)."""
+    (igpt_ds.distributed.supervisor: found by the supervisor pid in its environment)."""
     import time
 
     import psutil

@@ -79,7 +79,7 @@ def slow_consolidation(root: str, delay: float, timeout: int) -> None:
 
 
 def device_binding(visible: int) -> None:
-    """`igpt_ds.distributed.init_distributed` through DeepSpeed's real start-up under a fake CUDA accelerator that
+    """`process_group.init_distributed` through DeepSpeed's real start-up under a fake CUDA accelerator that
     shows `visible` devices; prints the device DeepSpeed handed to init_process_group (its eager NCCL start-up), the
     device bound and LOCAL_RANK after. gloo carries the collectives."""
     import deepspeed

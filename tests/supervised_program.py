@@ -1,4 +1,4 @@
-"""A stand-in entry point for tests/test_supervisor.py: runs `work` under igpt_ds.supervisor.supervised.
+"""A stand-in entry point for tests/test_supervisor.py: runs `work` under igpt_ds.distributed.supervisor.supervised.
 
     python tests/supervised_program.py OUT_DIR EXIT_CODE
 

@@ -369,7 +369,7 @@ def long_config(tmp_path: Path, shards: Path, n_vocab: int) -> Path:
 
 def test_deepspeed_pdsh_sigterm_to_the_command(two_hosts, shards, n_vocab, tmp_path):
     """DeepSpeed's runner answers SIGTERM by killing pdsh and pkill-ing its agents, which SIGKILL the ranks 30 s
-    later and cut their ssh consoles: every rank still saves (igpt_ds.supervisor) and nothing stays behind."""
+    later and cut their ssh consoles: every rank still saves (distributed.supervisor) and nothing stays behind."""
     config = long_config(tmp_path, shards, n_vocab)
     log = tmp_path / "deepspeed.log"
     launcher = ["--hostfile", str(two_hosts), "--master_addr", HOSTS[0], "--master_port", str(free_port())]

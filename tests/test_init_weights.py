@@ -1,4 +1,4 @@
-"""Initial weights arrive exactly, and once: `checkpoint.load_weights` after `deepspeed.initialize`.
+"""Initial weights arrive exactly, and once: `checkpoint.weights.load_weights` after `deepspeed.initialize`.
 
 `train.init_from` and a fine-tuning backbone used to be copied into bf16 parameters before the engine was built, so
 DeepSpeed made the fp32 master weights from the rounded copy: "export, then init_from" into a bf16 run lost the low

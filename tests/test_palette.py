@@ -1,4 +1,4 @@
-"""igpt_ds.palette: exact fast encoding, round trip, deterministic fit, file validation, table cache."""
+"""igpt_ds.data.palette: exact fast encoding, round trip, deterministic fit, file validation, table cache."""
 
 import numpy as np
 import pytest

@@ -297,7 +297,7 @@ def test_rank_killed_during_save_leaves_the_previous_checkpoint(work, config):
         done = ds_checkpoint.latest(root) if root.is_dir() else None
         partial = [p for p in root.glob("step_*") if not (p / ds_checkpoint.COMPLETE).exists()] if done else []
         if partial and any(partial[0].iterdir()):  # DeepSpeed is writing into it
-            rank1.kill()  # the process that trains (igpt_ds.supervisor), not its supervisor
+            rank1.kill()  # the process that trains (igpt_ds.distributed.supervisor), not its supervisor
             caught = partial[0]
         time.sleep(0.001)
     assert caught is not None, "no save in progress was caught"

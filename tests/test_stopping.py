@@ -1,4 +1,4 @@
-"""Every way of stopping a run ends in a checkpoint and a clean exit (igpt_ds.supervisor, igpt_ds.distributed).
+"""Every way of stopping a run ends in a checkpoint and a clean exit (igpt_ds.distributed.supervisor and .stop).
 
 The signal goes to the command a user launched, nothing else: `python launcher/pretrain.py` alone (SIGTERM,
 SIGINT), `deepspeed --num_gpus 2` (whose runner does not forward SIGTERM), and `mpirun` (Open MPI 5 kills the

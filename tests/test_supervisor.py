@@ -1,4 +1,4 @@
-"""The supervisor and its detached worker (igpt_ds.supervisor), with a stand-in job that waits for SIGTERM:
+"""The supervisor and its detached worker (igpt_ds.distributed.supervisor), with a stand-in job that waits for SIGTERM:
 signals reach the worker, its exit status comes back, a SIGKILLed supervisor still lets the worker finish,
 a closed console does not kill it; launcher processes are recognised by name."""
 

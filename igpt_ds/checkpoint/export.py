@@ -29,7 +29,7 @@ from igpt_ds.checkpoint.weights import (
     save_consolidated,
     tensor_shapes,
 )
-from igpt_ds.config import ConfigError, ModelConfig
+from igpt_ds.config import ConfigError, ModelConfig, precision
 from igpt_ds.distributed.rank0 import on_rank0
 from igpt_ds.models.igpt import IGPT
 
@@ -41,7 +41,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         from igpt_ds.models.pipe import state_dict_from_layer_files, state_dict_from_universal
 
         ds_config = json.loads((ckpt / "ds_config.json").read_text())
-        if any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
+        if precision(ds_config) != "fp32":
             # The layer files hold the 16-bit weights; the fp32 masters are in the ZeRO-1 shards.
             return state_dict_from_universal(to_universal(ckpt), model_config(ckpt).n_layer)
         return state_dict_from_layer_files(ckpt, model_config(ckpt).n_layer)
@@ -53,7 +53,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def export_consolidated(path: str | Path, out_dir: str | Path) -> Path:
-    """Write the weights of a run / checkpoint folder as a consolidated fp32 folder (igpt_ds.weights)."""
+    """Write the weights of a run / checkpoint folder as a consolidated fp32 folder (igpt_ds.checkpoint.weights)."""
     ckpt = resolve(path)
     extra = {"source": str(ckpt.resolve()), "step": read_meta(ckpt)["step"]}
     return save_consolidated(out_dir, model_config(ckpt), consolidated_state_dict(ckpt), palette(ckpt), extra)

@@ -24,7 +24,7 @@ skips the last pixel, which no HF position predicts; our loss averages all T pix
 Per pixel the cross-entropies are identical wherever both are defined (tests/test_hf_interop.py).
 
 Palettes: HF's `clusters` and OpenAI's `kmeans_centers.npy` are the same (k, 3) array in the space
-x/127.5 - 1 that `igpt_ds.palette` uses, so our tokens agree id for id with an `ImageGPTImageProcessor`
+x/127.5 - 1 that `igpt_ds.data.palette` uses, so our tokens agree id for id with an `ImageGPTImageProcessor`
 loaded from a preprocessor_config.json (ties to the lowest index in both), and `palette.decode` is
 HF's documented inverse rint(127.5·(clusters[id] + 1)). One caveat, HF's: it normalises pixels in
 float32 (and, given float32 clusters or with its torchvision backend, takes distances as a² - 2ab + b²

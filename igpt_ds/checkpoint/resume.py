@@ -12,7 +12,7 @@ What a checkpoint depends on, and what happens when it changed since it was writ
 |-------------------------------------------|------------------------------------------------------------------|
 | world size, data-parallel size, stages    | supported: converted to DeepSpeed's universal form and loaded     |
 | LR, warmup, schedule, max_steps, stop_at, | supported: the schedule of the new config from the restored step |
-| betas, eps, weight decay                  | (`engine.apply_schedule`)                                        |
+| betas, eps, weight decay                  | (`train.engine.apply_schedule`)                                  |
 | log / eval / save cadence, keep, timeouts | supported                                                        |
 | training images (shards rebuilt), seed    | refused; `train.reset_data_position=true` continues from the     |
 |                                           | weights, optimizer and step with the data order started afresh   |
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from igpt_ds.checkpoint import ds_checkpoint
-from igpt_ds.config import ConfigError, ModelConfig, precision
+from igpt_ds.config import ConfigError, ModelConfig, precision, zero_stage
 from igpt_ds.data.shards import ShardSplit
 from igpt_ds.distributed.rank0 import on_rank0
 
@@ -75,7 +75,7 @@ def plan(
     """Rank 0's answer for every rank: the checkpoint to resume from `root` (None: start fresh), after checking
     that it fits this run (see the module docstring); ConfigError otherwise. `model` None: the run takes its
     model from the checkpoint (fine-tuning), nothing to compare. `stage_from_checkpoint`: the run named no JSON and
-    its default policy follows the checkpoint's ZeRO stage (1-3; `engine.choose_policy`), so a stage chosen
+    its default policy follows the checkpoint's ZeRO stage (1-3; `train.engine.choose_policy`), so a stage chosen
     otherwise at another GPU count is no reason to refuse."""
     ckpt = ds_checkpoint.latest(root)
     if ckpt is None:
@@ -93,7 +93,7 @@ def plan(
             f"{ckpt} does not fit this run ({'; '.join(changed)}); resume with the same model, or {export}"
         )
     saved_ds = json.loads((ckpt / "ds_config.json").read_text())
-    stage_now = ds_config.get("zero_optimization", {}).get("stage", 0)
+    stage_now = zero_stage(ds_config)
     pairs = [("precision", precision(saved_ds), precision(ds_config))]
     if not (stage_from_checkpoint and meta.get("zero_stage", 0) in (1, 2, 3)):
         pairs.insert(0, ("ZeRO stage", meta.get("zero_stage", 0), stage_now))

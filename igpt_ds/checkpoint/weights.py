@@ -122,7 +122,7 @@ def open_consolidated(path: str | Path) -> tuple[ModelConfig, TensorFile, np.nda
 def open_consolidated_shared(path: str | Path) -> tuple[ModelConfig, Mapping[str, torch.Tensor], np.ndarray | None]:
     """`open_consolidated` for a distributed job: rank 0 opens the folder and every rank receives the model config,
     the palette and the tensors' shapes; rank 0's state is the TensorFile, the others' a `RemoteTensors`. Pass it
-    to `checkpoint.load_weights`, which reads each tensor once and broadcasts it: the folder is read from shared
+    to `load_weights`, which reads each tensor once and broadcasts it: the folder is read from shared
     storage once per job (its config and header included), not once per rank. Collective; a ConfigError (not a
     consolidated folder) is raised on every rank. Without a process group, `open_consolidated`."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -157,7 +157,7 @@ def read_consolidated_meta(path: Path) -> tuple[ModelConfig, np.ndarray | None]:
 
 
 FINETUNE_HEAD = "clf_head."
-"""Parameter-name prefix of the fine-tuned classifier's head (igpt_ds.finetune.IGPTClassifier)."""
+"""Parameter-name prefix of the fine-tuned classifier's head (igpt_ds.train.finetune.IGPTClassifier)."""
 
 
 def check_weights(expected: dict[str, torch.Size], found: dict[str, torch.Size], source: str) -> None:

@@ -209,7 +209,7 @@ def verify_checksums(shards: ShardSplit) -> None:
     """Hash every file of the split against the manifest, the files shared out among the ranks by size (the
     largest first, each to the least loaded rank: sizes from the manifest, no stat), each file hashed once and the
     dataset read once, in parallel; ranks wait for each other by polling, never inside a long collective
-    (`distributed.on_every_rank`). The same ConfigError on every rank, naming the first damaged file."""
+    (`distributed.rank0.on_every_rank`). The same ConfigError on every rank, naming the first damaged file."""
     import torch.distributed as dist
 
     from igpt_ds.distributed.rank0 import on_every_rank

@@ -104,7 +104,7 @@ def device_index(local_rank: int, visible: int) -> int:
 
 local_rank_rewritten = False
 """Whether `bind_device` changed LOCAL_RANK (a task bound to fewer devices than its node has): DeepSpeed features
-that name files by LOCAL_RANK (node-local checkpoint storage) would then collide, `engine.build_ds_config` refuses
+that name files by LOCAL_RANK (node-local checkpoint storage) would then collide, `train.engine.build_ds_config` refuses
 them."""
 
 

@@ -10,7 +10,7 @@
 - nothing at all (`python launcher/pretrain.py ...`): a world of one on this machine, on a free port.
 
 `launcher_processes()` finds the launcher processes above this one (the `deepspeed` command and its per-node
-agent, torchrun, mpirun and Open MPI's daemons, slurmstepd), which `igpt_ds.supervisor` watches: the
+agent, torchrun, mpirun and Open MPI's daemons, slurmstepd), which `igpt_ds.distributed.supervisor` watches: the
 exit of any of them means the run is being stopped.
 
 Standard library only (mpi4py and psutil imported when needed): the supervisor process imports this, and it

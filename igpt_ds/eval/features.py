@@ -2,9 +2,9 @@
 
 The feature of layer l is f^l = mean over positions of LN(h^l), block l's normalised input; l = n_layer
 is the final norm's output. One forward pass yields every requested layer (`IGPT.features`); a BERT model's
-input is masked as in training, features averaged over `bert_masks` masks per image (`model.eval_features`).
+input is masked as in training, features averaged over `bert_masks` masks per image (`eval_features`).
 
-Features are sharded by rank, on any filesystem (layout: `igpt_ds.feature_store`). Each rank computes the
+Features are sharded by rank, on any filesystem (layout: `igpt_ds.eval.feature_store`). Each rank computes the
 parts p of a split with p mod world = rank and writes them into files of its own; batches start at
 multiples of the batch size inside every part, so the features are bit for bit the same at any world size.
 Rank 0 then waits, polling the filesystem rather than a collective, until every part exists, and writes
@@ -15,8 +15,8 @@ nothing.
 Memory per rank: the model (every rank holds it: data-parallel inference; igpt-xl's 6.8B fp32 weights
 take 27 GB, within one 80 GB GPU) plus one batch of activations and of features
 (batch × n_extracted_layers × n_embd × 4 B), whatever the dataset's size. Weights are read once for every rank:
-a DeepSpeed checkpoint is first consolidated by rank 0 into `<out>/weights/` (`checkpoint.consolidated_for_ranks`),
-then rank 0 reads each tensor and broadcasts it (`checkpoint.load_model_for_ranks`). The loop takes no host-device
+a DeepSpeed checkpoint is first consolidated by rank 0 into `<out>/weights/`, then rank 0 reads each tensor and
+broadcasts it (`checkpoint.export.consolidated_for_ranks`, `load_model_for_ranks`). The loop takes no host-device
 sync but one per batch, when its features leave the device, overlapped with the next batch (`prefetch.HostCopy`).
 
     python launcher/extract_features.py --checkpoint runs/digits --shards demo_out/shards --out demo_out/features

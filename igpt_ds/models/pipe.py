@@ -1,4 +1,4 @@
-"""The iGPT of `igpt_ds.model` as DeepSpeed pipeline stages (pipeline x data parallel, ZeRO-1).
+"""The iGPT of `igpt_ds.models.igpt` as DeepSpeed pipeline stages (pipeline x data parallel, ZeRO-1).
 
 Layers, in order: `EmbedPipe` (SOS + token + position embeddings) -> n_layer x `model.Block` ->
 `HeadPipe` (final norm + output head); `pipe_loss` runs on the last stage. DeepSpeed splits the list
@@ -12,7 +12,7 @@ unmasked positions. `bert_pipe_batch` builds that encoding.
 
 Layer idx of the pipeline saves `layer_{idx:02d}-model_states.pt` holding that layer's own
 state dict; `igpt_name(idx, key, n_layer)` maps it to the IGPT name (block i+1 <-> `h.i.`), so the
-same consolidated weights (igpt_ds.weights) load into and export from both layouts.
+same consolidated weights (igpt_ds.checkpoint.weights) load into and export from both layouts.
 
 Launch: `deepspeed --num_gpus 8 launcher/pretrain.py --config launcher/configs/igpt_l_pipeline.yaml`.
 """
@@ -61,7 +61,7 @@ class HeadPipe(nn.Module):
 
 
 def pipe_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """`model.objective_loss` from the labels alone (nats/pixel, fp32): the mean over images of each image's mean
+    """`objectives.objective_loss` from the labels alone (nats/pixel, fp32): the mean over images of each image's mean
     cross-entropy over its labelled positions (AR: all of them; BERT: the masked ones)."""
     return per_image_loss(logits, labels.clamp_min(0), labels != IGNORE_INDEX)
 

@@ -8,8 +8,8 @@ ZeRO-3 working set of one gathered layer, DeepSpeed's communication buckets, act
 token`) and the transient fp32 gradient copy of the optimizer step. Peak = states + buckets + max(activations, step
 transient).
 
-`igpt_ds.engine.default_policy` picks the lowest ZeRO stage whose peak fits USABLE_FRACTION of the device;
-`igpt_ds.planner` adds communication and step time over every layout. Checked in tests/test_planner.py against
+`igpt_ds.train.engine.default_policy` picks the lowest ZeRO stage whose peak fits USABLE_FRACTION of the device;
+`igpt_ds.plan.training` adds communication and step time over every layout. Checked in tests/test_planner.py against
 DeepSpeed's own estimators and bytes measured on a real engine (bench/results/README.md, "Capacity planner
 checks").
 """
@@ -53,7 +53,7 @@ class Knobs:
     overlap_comm: bool | None = None
     """None: DeepSpeed's default, on for ZeRO-3 only. ZeRO-1/2 then double-buffer the reduction."""
     fused_optimizer: bool = False
-    """igpt_ds.engine steps with torch.optim.AdamW (foreach: two fp32 temporaries); True for a fused Adam."""
+    """igpt_ds.train.engine steps with torch.optim.AdamW (foreach: two fp32 temporaries); True for a fused Adam."""
 
     @classmethod
     def from_policy(cls, policy: dict[str, Any]) -> Knobs:
@@ -203,7 +203,7 @@ def default_policy(
     model: ModelConfig, train: TrainConfig, dp: int, device_bytes: float, usable: float = USABLE_FRACTION
 ) -> tuple[str, str]:
     """(shipped JSON, why) of a GPU run in the ZeRO layout that names no JSON: the lowest stage of DEFAULT_STAGES
-    whose estimated peak memory per GPU (`igpt_ds.memory`, with that JSON's buckets, at train.micro_batch and
+    whose estimated peak memory per GPU (`igpt_ds.plan.memory`, with that JSON's buckets, at train.micro_batch and
     train.activation_checkpointing, over `dp` data-parallel ranks) fits `usable` (memory.USABLE_FRACTION) of
     `device_bytes`; ZeRO-3 when none does, saying so. The same estimate `launcher/plan.py` prints."""
     limit = usable * device_bytes
@@ -219,7 +219,7 @@ def default_policy(
 
 
 def estimated_peak(model: ModelConfig, train: TrainConfig, dp: int, stage: int) -> float:
-    """Peak bytes a GPU of the ZeRO layout at `stage` with the shipped zero{stage}_bf16.json (`igpt_ds.memory`)."""
+    """Peak bytes a GPU of the ZeRO layout at `stage` with the shipped zero{stage}_bf16.json (`igpt_ds.plan.memory`)."""
     layout = Layout(stage, 1, "none", train.activation_checkpointing, train.micro_batch)
     knobs = Knobs.from_policy(load_policy(DS_CONFIGS_DIR / f"zero{stage}_bf16.json"))
     return memory(Shape.of(model), layout, dp, train.grad_accum(dp), knobs)["peak"]

@@ -224,7 +224,7 @@ def configured_layout(cfg: PlanConfig, policy: dict) -> Layout:
 
 def planned_policy(cfg: PlanConfig, n_gpus: int | None) -> tuple[Path, dict, str]:
     """(JSON, its contents, why) of the planned run on `n_gpus`: train.ds_config when named, else what the run would
-    choose on a GPU of cluster.gpu_mem_gib (`engine.default_policy`, the same estimate; the planner plans GPU runs,
+    choose on a GPU of cluster.gpu_mem_gib (`memory.default_policy`, the same estimate; the planner plans GPU runs,
     whatever machine it runs on). `n_gpus` None: the configured layout does not fit that count, and ZeRO-3's JSON
     supplies the buckets of the layouts listed."""
     from igpt_ds.config import load_policy

@@ -46,6 +46,7 @@ from igpt_ds.config import (
     find_shipped,
     load_policy,
     origin_of,
+    precision,
     zero_stage,
 )
 from igpt_ds.distributed import process_group
@@ -298,7 +299,7 @@ def engine_facts(ds_config: dict[str, Any], train: TrainConfig, world_size: int,
         "layout": f"pipeline x{train.pipeline_stages}" if train.layout == "pipeline" else "zero",
         "data_parallel": dp_size(train, world_size),
         "zero_stage": zero_stage(ds_config),
-        "precision": next((p for p in ("bf16", "fp16") if ds_config.get(p, {}).get("enabled")), "fp32"),
+        "precision": precision(ds_config),
         "micro_batch": ds_config["train_micro_batch_size_per_gpu"],
         "grad_accum": ds_config["gradient_accumulation_steps"],
         "global_batch": ds_config["train_batch_size"],
@@ -397,7 +398,7 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
 
 def apply_schedule(engine: deepspeed.DeepSpeedEngine) -> None:
     """After a checkpoint is loaded: the optimizer's hyperparameters from the run config (`Schedule`) and its rates
-    from the schedule at the restored step. Called by `igpt_ds.checkpoint.load`."""
+    from the schedule at the restored step. Called by `igpt_ds.train.loop.resume`."""
     sched: Schedule = engine.lr_scheduler
     sched.base_lrs = list(sched.config_lrs)
     optim = sched.optim

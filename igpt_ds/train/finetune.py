@@ -121,7 +121,9 @@ class FinetuneConfig:
         if not self.train.init_from:
             raise ConfigError("train.init_from must name the pretrained checkpoint to fine-tune")
         if self.train.layout != "zero":
-            raise ConfigError("train.layout=pipeline is not supported for fine-tuning (see igpt_ds.finetune); use zero")
+            raise ConfigError(
+                "train.layout=pipeline is not supported for fine-tuning (see igpt_ds.train.finetune); use zero"
+            )
 
 
 class IGPTClassifier(IGPT):

@@ -246,7 +246,7 @@ class LiveProbe:
             dist.recv(x, engine.grid.stage_to_global(engine.prev_stage))
         out: dict[int, Tensor] = {}
         for i, layer in module.local_layers():
-            if i == 0:  # the embedding; a BERT mask travels as the out-of-vocabulary id (igpt_ds.pipe)
+            if i == 0:  # the embedding; a BERT mask travels as the out-of-vocabulary id (igpt_ds.models.pipe)
                 if cfg.objective == "bert":
                     tokens = tokens.masked_fill(eval_bert_mask(cfg, idx).to(tokens.device), cfg.n_vocab)
                 x = layer(tokens)

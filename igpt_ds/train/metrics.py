@@ -4,7 +4,7 @@ when stdout is a terminal.
 Scalars: train/loss (nats/pixel), train/bits_per_pixel, train/lr, train/grad_norm,
 perf/tokens_per_s, perf/samples_per_s, perf/step_time_s, perf/data_wait_frac (the share of the time the
 loop waited for batches), perf/tflops_per_device and perf/mfu (GPU only: model FLOPs per token and
-device peak from `igpt_ds.flops`), memory/max_allocated_gib (GPU) or memory/max_rss_gib (CPU),
+device peak from `igpt_ds.models.flops`), memory/max_allocated_gib (GPU) or memory/max_rss_gib (CPU),
 val/loss, val/bits_per_pixel; the resolved config as text, and hparams with the final losses at the
 end of a run. DeepSpeed's own monitor logs the training loss only under the pipeline engine
 (docs/reference.md#deepspeed); these are logged the same way for both layouts.
@@ -44,7 +44,7 @@ class Metrics:
         max_steps: int,
         start_step: int,
     ):
-        """`writer`: rank 0's SummaryWriter (`run.open_tensorboard`), None on the other ranks."""
+        """`writer`: rank 0's SummaryWriter (`run_folder.open_tensorboard`), None on the other ranks."""
         self.enabled, self.writer = writer is not None, writer
         self.world_size, self.global_batch, self.max_steps = world_size, global_batch, max_steps
         self.seq_len = model_cfg.seq_len

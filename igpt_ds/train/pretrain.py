@@ -55,7 +55,7 @@ from igpt_ds.train.metrics import Metrics
 
 def build_model(cfg: PretrainConfig, ds_config: dict[str, Any]) -> torch.nn.Module:
     """IGPT (ZeRO layout, built inside zero.Init under ZeRO-3) or IGPTPipe, initialised from train.seed.
-    train.init_from's weights are loaded into the engine afterwards (`weights.load_weights`: exact masters)."""
+    train.init_from's weights go into the engine afterwards (`checkpoint.weights.load_weights`: exact masters)."""
     # Initial weights from (train.seed, layer index): identical on every rank, in both layouts and at any
     # stage count.
     if cfg.train.layout == "pipeline":

@@ -41,7 +41,7 @@ def write_run_files(run_dir: Path, files: dict[str, str], rank: int) -> None:
 
 def open_tensorboard(run_dir: Path, rank: int, step: int, files: dict[str, str], engine_line: str):
     """Rank 0's SummaryWriter on `<run_dir>/tensorboard` (None elsewhere), holding the config and the engine header
-    as text at `step`; the header is also printed: one line per run saying how it runs (`engine.describe`)."""
+    as text at `step`; the header is also printed: one line per run saying how it runs (`train.engine.describe`)."""
     if rank != 0:
         return None
     from torch.utils.tensorboard import SummaryWriter

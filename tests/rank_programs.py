@@ -65,7 +65,7 @@ def config_error_on_rank0(timeout: int) -> None:
 def slow_consolidation(root: str, delay: float, timeout: int) -> None:
     """consolidated_for_ranks on a DeepSpeed-style checkpoint folder whose export takes `delay` seconds."""
     init_distributed(timeout)
-    ckpt, export = Path(root) / "step_00000003", Path(root) / "export"
+    ckpt, out = Path(root) / "step_00000003", Path(root) / "export"
 
     def export_consolidated(path, out_dir):
         time.sleep(delay)
@@ -74,8 +74,8 @@ def slow_consolidation(root: str, delay: float, timeout: int) -> None:
         return save_consolidated(out_dir, model.cfg, model.state_dict(), None, meta)
 
     export.export_consolidated = export_consolidated
-    model, cfg, _ = export.load_model_for_ranks(ckpt, export)
-    print(f"loaded {cfg.n_layer} layers from {json.loads((export / 'config.json').read_text())['source']}", flush=True)
+    model, cfg, _ = export.load_model_for_ranks(ckpt, out)
+    print(f"loaded {cfg.n_layer} layers from {json.loads((out / 'config.json').read_text())['source']}", flush=True)
 
 
 def device_binding(visible: int) -> None:

@@ -1,4 +1,4 @@
-"""The engine policy a GPU run gets when it names no DeepSpeed JSON (`igpt_ds.train.engine.default_policy`), per model
+"""The engine policy a GPU run gets when it names no DeepSpeed JSON (`igpt_ds.plan.memory.default_policy`), per model
 size, GPU memory and GPU count: the lowest ZeRO stage whose estimated peak memory per GPU (`igpt_ds.plan.memory`, the
 estimate `launcher/plan.py` prints) fits 90% of the device. An estimate, not a measurement: bench/gpu_matrix.sh
 measures the chosen policy against the others (group s_policy) the first time a GPU runs it.

@@ -4,7 +4,7 @@ and world size, with scikit-learn in the same run at the sizes it can take. Issu
 Synthetic features with known structure: class k has mean mu_k ~ N(0, s²·I_d), s = 4 / sqrt(2·d), so any two
 means lie ~4 apart, and x = mu_y + N(0, I_d). For these isotropic Gaussians with equal priors the nearest-mean
 rule with the true means is Bayes-optimal, so `bayes_acc` (on the test rows) is the ceiling any probe can
-reach. Features are written in the extracted layout (igpt_ds.eval.features.write_features), part by part from a
+reach. Features are written in the extracted layout (igpt_ds.eval.feature_store.write_features), part by part from a
 seeded generator, never whole; val and test hold N/8 rows each.
 
 Each case runs the real entry point (launcher/linear_probe.py) as 1 and as 2 ranks (env:// like torchrun),

@@ -6,7 +6,7 @@ Peers, each timing the same stand-in step (--reps matrix products of side --size
   none         the step alone
   gloo_async   before: a one-element all-reduce started every step on a gloo group of its own and read one
                step later (the former distributed.StopSignal.agreed, copied here)
-  check_10     after: distributed.StopSignal.check, one one-element all-reduce over the main group every
+  check_10     after: distributed.stop.StopSignal.check, one one-element all-reduce over the main group every
                10 steps (train.stop_check_every's default)
 
 Per peer: the step time (best of --repeats), and the time spent inside the check itself per step (median): the

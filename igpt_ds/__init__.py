@@ -8,7 +8,8 @@ one below (tests/test_architecture.py checks it, and that no module sits outside
     distributed/   the process group and each rank's device, the rank environment of every launcher, the supervisor,
                    the stop agreement, work done once by rank 0 and shared
     data/          the palette, memory-mapped shards, the sampler and row splits, batches read ahead
-    models/        the Transformer, its objectives and masks, the KV cache, the pipeline layout, FLOPs, precision
+    models/        the Transformer, its objectives and masks, the KV cache, the pipeline layout, FLOPs, inference
+                   precision
     checkpoint/    DeepSpeed checkpoints, resume decisions, consolidated weights (in and out), HF/OpenAI interop
     eval/          features and their store, the probe's solver, linear probes, sampling, plots (never imports train/)
     plan/          memory per GPU (and the default engine policy it implies), training and evaluation capacity

@@ -4,7 +4,7 @@
     deepspeed --num_gpus 8 --module igpt_ds pretrain --config igpt_s_imagenet32
     python -m igpt_ds linear_probe --help
 
-JOB: pretrain, finetune, extract_features, linear_probe, sample, plan, plan_eval, export (the scripts of the same names
+JOB: pretrain, finetune, extract_features, linear_probe, sample, plan, plan_eval (the scripts of the same names
 in a checkout's launcher/, and the igpt-* console scripts, run the same code).
 """
 

@@ -92,7 +92,7 @@ def run_entry(module: str, config: str, job: str, description: str, error_prefix
 
 
 # Every entry point: (module, config class, job function, description). A distributed job runs supervised
-# (igpt_ds.distributed.supervisor); the planners and the export run in the launched process. Errors read
+# (igpt_ds.distributed.supervisor); the planners run in the launched process. Errors read
 # "igpt-<job>: error: ...", as the console script is named (and as igpt-build-shards writes them).
 JOBS = {
     "pretrain": ("igpt_ds.train.pretrain", "PretrainConfig", "train", "iGPT pretraining on DeepSpeed"),
@@ -107,10 +107,8 @@ JOBS = {
              "iGPT capacity planner: memory, communication, step time"),
     "plan_eval": ("igpt_ds.plan.evaluation", "EvalPlanConfig", "report",
                   "Cost of evaluating iGPT models: disk, memory per rank, probe FLOPs"),
-    "export": ("igpt_ds.checkpoint.export", "ExportConfig", "export",
-               "Export a run's or checkpoint's weights as a consolidated fp32 folder"),
 }  # fmt: skip
-UNSUPERVISED = {"plan", "plan_eval", "export"}
+UNSUPERVISED = {"plan", "plan_eval"}
 
 
 def run_job(name: str, argv: list[str] | None = None) -> None:
@@ -137,4 +135,3 @@ linear_probe = functools.partial(run_job, "linear_probe")
 sample = functools.partial(run_job, "sample")
 plan = functools.partial(run_job, "plan")
 plan_eval = functools.partial(run_job, "plan_eval")
-export = functools.partial(run_job, "export")

@@ -478,6 +478,12 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def offloaded(ds_config: dict[str, Any]) -> set[str]:
+    """What a DeepSpeed JSON's ZeRO section offloads to the host: a subset of {'optimizer', 'param'}."""
+    zero = ds_config.get("zero_optimization", {})
+    return {k for k in ("optimizer", "param") if zero.get(f"offload_{k}", {}).get("device", "none") != "none"}
+
+
 def precision(ds_config: dict[str, Any]) -> str:
     """The training precision a DeepSpeed JSON sets: 'bf16', 'fp16' or 'fp32'."""
     return next((p for p in ("bf16", "fp16") if ds_config.get(p, {}).get("enabled")), "fp32")

@@ -6,7 +6,7 @@
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launcher/pretrain.py \\
         --config launcher/configs/demo_digits_cpu.yaml --train.max_steps=50
 
-Configuration: dataclass defaults < `--config` YAML < dotted overrides (`--train.lr=3e-4`).
+Configuration: dataclass defaults < `--config` YAML < dotted overrides (`--optim.lr=3e-4`).
 A configuration error prints one line and exits with status 2. SIGTERM, SIGINT or SIGUSR1 to the launched
 command (or the launcher's exit) saves a checkpoint on every rank and exits with 128 + the signal number.
 Rerunning a command resumes the run from its latest complete checkpoint.

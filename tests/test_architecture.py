@@ -48,6 +48,8 @@ def imported(path: Path) -> set[str]:
     """igpt_ds modules `path` imports anywhere in it (module level or inside functions), dotted below igpt_ds."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}: a relative import; name igpt_ds.<stage>... so the stage rule can see it")
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("igpt_ds"):
             base = node.module.removeprefix("igpt_ds").lstrip(".")
             for alias in node.names:  # `from igpt_ds.checkpoint import weights` imports a module of the folder

@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from igpt_ds.config import ConfigError
 from igpt_ds.eval import logreg, probe
 from igpt_ds.eval.feature_store import FeatureSplit
-from igpt_ds.eval.probe import ProbeConfig, Task, check_labels, format_table, linear_probe, run_task, window
+from igpt_ds.eval.probe import ProbeConfig, ProbeTask, check_labels, format_table, linear_probe, run_task, window
 
 C_GRID = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
 
@@ -63,13 +63,13 @@ def test_probe_on_synthetic_features_agrees_with_sklearn(tmp_path):
                               separation=0.5)  # fmt: skip
     splits = {k: FeatureSplit(root / k) for k in ("train", "val", "test")}
     classes = check_labels(splits, {"train": "train", "val": "val", "test": "test"})
-    ours = run_task(Task([0], 1), splits, classes, C_GRID, "torch", 1000)
+    ours = run_task(ProbeTask([0], 1), splits, classes, C_GRID, "torch", 1000)
     data = [(s.read(0, range(s.n)), s.labels) for s in splits.values()]
     refs = {C: sklearn_reference(*data, C) for C in C_GRID}
     best_c = max(C_GRID, key=lambda C: (refs[C][0], -C))
     assert ours.C == best_c and abs(ours.test_acc - refs[best_c][1]) <= 0.5, (ours, refs)
     assert 40 < ours.test_acc < 95  # structured but not trivial: the comparison can tell solvers apart
-    sk = run_task(Task([0], 1), splits, classes, C_GRID, "sklearn", 1000)
+    sk = run_task(ProbeTask([0], 1), splits, classes, C_GRID, "sklearn", 1000)
     assert abs(sk.test_acc - ours.test_acc) <= 0.5
 
 
@@ -88,7 +88,7 @@ def test_scalers_come_from_train_only(tmp_path, monkeypatch):
     real_fit = logreg.Scaler.fit.__func__
     monkeypatch.setattr(logreg.Scaler, "fit", classmethod(lambda cls, x, n: fitted.append(real_fit(cls, x, n))
                                                           or fitted[-1]))  # fmt: skip
-    for task in (Task([0], 1), Task([0, 1], 1)):
+    for task in (ProbeTask([0], 1), ProbeTask([0, 1], 1)):
         fitted.clear()
         ours = run_task(task, splits, classes, [1.0], "torch", 1000)
         data = [(task.rows(s, range(s.n)), s.labels) for s in splits.values()]
@@ -109,9 +109,9 @@ def test_c_is_chosen_on_validation(tmp_path):
     root = synthetic_features(tmp_path / "f", dim=20, n_classes=5, separation=0.4)
     splits = {k: FeatureSplit(root / k) for k in ("train", "val", "test")}
     classes = check_labels(splits, {"train": "train", "val": "val", "test": "test"})
-    best = run_task(Task([0], 1), splits, classes, C_GRID, "torch", 1000)
+    best = run_task(ProbeTask([0], 1), splits, classes, C_GRID, "torch", 1000)
     for C in C_GRID:
-        assert run_task(Task([0], 1), splits, classes, [C], "torch", 1000).val_acc <= best.val_acc
+        assert run_task(ProbeTask([0], 1), splits, classes, [C], "torch", 1000).val_acc <= best.val_acc
     with pytest.raises(ConfigError):
         ProbeConfig(solver="newton")
 

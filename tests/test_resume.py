@@ -70,13 +70,13 @@ def test_ranks_with_different_configurations_stop_before_training(work, stopped)
 
 
 def plan_for(run: Path, **changes):
-    """resume.plan for `run` as the fixture's config would call it, with `changes` applied."""
+    """resume.decide for `run` as the fixture's config would call it, with `changes` applied."""
     split = changes.pop("split", None) or ShardSplit(run.parent.parent / "shards", "train")
     args = dict(model=ModelConfig(size="igpt-tiny", n_px=8, n_vocab=split.n_vocab), layout="zero", world=2, dp=2,
                 ds_config=json.loads((REPO / "ds_configs" / "cpu_zero3.json").read_text()),
                 data=resume.data_identity(split), seed=0, reset_data_position=False)  # fmt: skip
     args.update(changes)
-    return resume.plan(run / "checkpoints", **args)
+    return resume.decide(run / "checkpoints", **args)
 
 
 def test_the_plan_of_an_unchanged_run_and_of_another_topology(stopped):

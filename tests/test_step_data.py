@@ -1,5 +1,5 @@
-"""The pretraining loop's data path and stop flag, in one process: keyed BERT masks, the read-ahead
-StepReader, the asynchronous stop-signal reduction."""
+"""The training loop's data path and stop flag, in one process: keyed BERT masks, the read-ahead
+StepReader, the stop agreement every train.stop_check_every steps."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from igpt_ds.data.prefetch import StepReader
 from igpt_ds.data.sampler import GlobalBatchSampler
 from igpt_ds.distributed.stop import StopSignal
 from igpt_ds.models.objectives import keyed_bert_masks
-from igpt_ds.train.pretrain import StepReader
 
 
 def test_keyed_masks_depend_only_on_the_key():

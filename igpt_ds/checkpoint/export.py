@@ -20,14 +20,11 @@ import torch.distributed as dist
 from igpt_ds.checkpoint.ds_checkpoint import model_config, palette, read_meta, resolve, to_universal
 from igpt_ds.checkpoint.weights import (
     CONFIG_FILE,
-    FINETUNE_HEAD,
-    check_weights,
     is_consolidated,
     load_weights,
     open_consolidated,
     open_consolidated_shared,
     save_consolidated,
-    tensor_shapes,
 )
 from igpt_ds.config import ConfigError, ModelConfig, precision
 from igpt_ds.distributed.rank0 import on_rank0
@@ -123,12 +120,8 @@ def load_model_for_eval(
         cfg, state, colours = model_config(ckpt), consolidated_state_dict(ckpt), palette(ckpt)
     with torch.device("meta"):  # no memory until to_empty, no initialisation to overwrite
         model = IGPT(cfg)
-    found = {k: shape for k, shape in tensor_shapes(state).items() if not k.startswith(FINETUNE_HEAD)}
-    check_weights({k: v.shape for k, v in model.state_dict().items()}, found, str(path))
     model.to_empty(device=device)
-    with torch.no_grad():
-        for name, target in model.state_dict().items():  # IGPT has no non-persistent buffers to fill
-            target.copy_(state[name])
+    load_weights(model, state, str(path), shared=False)  # this process reads every tensor: no other rank is here
     return model.eval(), cfg, colours
 
 

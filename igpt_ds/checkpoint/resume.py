@@ -1,7 +1,7 @@
 """Whether and how a run resumes: decided once, by rank 0, and refused in one line when the checkpoint no longer
 fits the run.
 
-`plan(...)` runs on rank 0 (through `distributed.on_rank0`) and every rank receives its answer: which
+`decide(...)` runs on rank 0 (through `distributed.rank0.on_rank0`) and every rank receives its answer: which
 checkpoint (or none), its run.json, and whether it must go through DeepSpeed's universal form. Ranks never
 read `latest` or the `complete` markers themselves, so a stale directory listing on a network filesystem
 cannot send one rank into a resume and another into a fresh start (a hang at scale).
@@ -60,7 +60,7 @@ def data_identity(split: ShardSplit) -> dict[str, Any]:
     return {"split": split.split, "n": len(split), "shards_sha256": digest, "palette_sha256": palette}
 
 
-def plan(
+def decide(
     root: Path,
     model: ModelConfig | None,
     layout: str,
@@ -127,12 +127,12 @@ def plan(
 def resume_plan(run_dir: Path, **check: Any) -> Resume | None:
     """The checkpoint this run resumes from (None: a fresh start), decided by rank 0 for every rank.
 
-    `check` goes to `plan` (model, layout, world, dp, ds_config, data, seed, reset_data_position), which
+    `check` goes to `decide` (model, layout, world, dp, ds_config, data, seed, reset_data_position), which
     raises ConfigError for a checkpoint that does not fit the run. A checkpoint saved at another data-parallel
     size is converted to DeepSpeed's universal format first (minutes for a large model: on rank 0, outside any
     timed collective); the caller then builds its DeepSpeed config with `load_universal=True`.
     """
-    found = on_rank0(lambda: plan(run_dir / "checkpoints", **check))
+    found = on_rank0(lambda: decide(run_dir / "checkpoints", **check))
     if found is not None and found.universal:
         on_rank0(lambda: ds_checkpoint.to_universal(found.ckpt))
     return found

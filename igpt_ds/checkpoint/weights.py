@@ -89,7 +89,7 @@ class TensorFile(Mapping[str, torch.Tensor]):
 
 class RemoteTensors(Mapping[str, torch.Tensor]):
     """What a rank other than 0 holds of a consolidated file that rank 0 reads for everyone (`open_consolidated_
-    shared`): the tensors' names and shapes, no tensor. `igpt_ds.checkpoint.load_weights` receives each tensor by
+    shared`): the tensors' names and shapes, no tensor. `load_weights` receives each tensor by
     broadcast instead."""
 
     def __init__(self, shapes: dict[str, torch.Size]):
@@ -177,7 +177,11 @@ def check_weights(expected: dict[str, torch.Size], found: dict[str, torch.Size],
 
 
 def load_weights(
-    target: Any, state: Mapping[str, torch.Tensor], source: str, keep_init: tuple[str, ...] = (FINETUNE_HEAD,)
+    target: Any,
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    keep_init: tuple[str, ...] = (FINETUNE_HEAD,),
+    shared: bool = True,
 ) -> None:
     """Copy consolidated fp32 weights `state` (a TensorFile: read tensor by tensor) into a model: a DeepSpeed
     engine's after `deepspeed.initialize`, or a plain module. Collective on every rank of the engine's world.
@@ -189,7 +193,8 @@ def load_weights(
     job reads the file from shared storage once, not once per rank; memory: one tensor at a time. Any layout: IGPT,
     the classifier (parameters named with a prefix in `keep_init`, a new head, keep their initialisation and such
     weights in `state` are ignored), or this rank's pipeline stages (IGPT names through `pipe.igpt_name`).
-    Weights that do not fit the model are a ConfigError naming `source`, on every rank."""
+    Weights that do not fit the model are a ConfigError naming `source`, on every rank. `shared=False`: this process
+    alone loads a model, reading every tensor itself (evaluation in one process); not collective."""
     engine = target if hasattr(target, "module") else None
     module = engine.module if engine is not None else target
     local = igpt_parameters(module)
@@ -202,7 +207,7 @@ def load_weights(
     check_weights(expected, found, source)
     masters = fp32_masters(engine)
     for name in sorted(expected):  # the same order on every rank: each tensor is one broadcast
-        value = tensor_from_rank0(expected[name], lambda name=name: state[name])
+        value = tensor_from_rank0(expected[name], lambda name=name: state[name]) if shared else state[name].float()
         param = local.get(name)
         if param is None:  # held by another pipeline stage
             continue

@@ -28,6 +28,12 @@ HostBatch = tuple[Any, ...]
 """A micro-batch on the host: tensors (tokens, labels, a BERT mask, ...), None where absent, and any plain values."""
 
 
+def pins(device: torch.device) -> bool:
+    """Whether host batches bound for `device` are pinned: a GPU's (a copy from pinned memory runs asynchronously);
+    on a CPU pinning would only cost a copy."""
+    return device.type != "cpu"
+
+
 def pin(batch: HostBatch) -> HostBatch:
     """`batch` with its tensors in page-locked memory, from which a copy to a GPU is asynchronous."""
     return tuple(x.pin_memory() if isinstance(x, Tensor) else x for x in batch)

@@ -210,12 +210,10 @@ def verify_checksums(shards: ShardSplit) -> None:
     largest first, each to the least loaded rank: sizes from the manifest, no stat), each file hashed once and the
     dataset read once, in parallel; ranks wait for each other by polling, never inside a long collective
     (`distributed.rank0.on_every_rank`). The same ConfigError on every rank, naming the first damaged file."""
-    import torch.distributed as dist
-
+    from igpt_ds.distributed.process_group import rank_and_world
     from igpt_ds.distributed.rank0 import on_every_rank
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world = rank_and_world()
     sizes = {s["tokens"]: s["n"] * shards.seq_len * TOKEN_DTYPE.itemsize for s in shards._shards}
     sizes.update({s["labels"]: 8 * s["n"] for s in shards._shards})
     load, owner = [0] * world, {}

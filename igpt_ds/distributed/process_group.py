@@ -142,6 +142,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default group; (0, 1) without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def device() -> torch.device:
+    """This rank's accelerator device (`bind_device` chose it), or the CPU on the CPU accelerator."""
+    return torch.device(get_accelerator().current_device_name())
+
+
 def collective_device() -> torch.device:
     """Where the default group's collectives take their tensors: the accelerator under NCCL (and the like),
     the CPU under gloo."""

@@ -9,12 +9,12 @@ Launchers stop ranks in ways a training process cannot survive on its own:
   large model takes to write;
 - over ssh (pdsh), the ranks' stdout goes away with the launcher, and the next print would end the rank.
 
-So the process a launcher starts is only a *supervisor*. It works out its rank (`launchers.rank_env`: the
+So the process a launcher starts is only a *supervisor*. It works out its rank (`rank_env.rank_env`: the
 launcher's variables, Slurm's, or Open MPI's through mpi4py), starts the *worker* — the same command — in a
 new session, reparented away from the launcher's process tree (a double fork), forwards SIGTERM, SIGINT,
 SIGUSR1 and SIGUSR2 to it (SIGHUP as SIGTERM; SIGUSR2 makes the worker print every thread's stack and go on,
 `dump_stacks_on`), and exits with the worker's status. It also watches the launcher processes above it
-(`launchers.launcher_processes`) and turns the exit of any of them into a SIGTERM for the worker. The supervisor
+(`rank_env.launcher_processes`) and turns the exit of any of them into a SIGTERM for the worker. The supervisor
 imports neither torch nor DeepSpeed and holds no device.
 
 The worker treats the loss of its supervisor (a pipe it holds reaches end-of-file, whatever killed the

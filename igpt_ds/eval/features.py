@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from deepspeed.accelerator import get_accelerator
 from torch import Tensor
 from tqdm import tqdm
 
@@ -43,14 +42,15 @@ from igpt_ds.checkpoint.export import load_model_for_ranks
 from igpt_ds.checkpoint.weights import is_consolidated
 from igpt_ds.config import ConfigError, DataConfig
 from igpt_ds.data.palette import decode
-from igpt_ds.data.prefetch import HostBatch, HostCopy, read_ahead, to_device
+from igpt_ds.data.prefetch import HostBatch, HostCopy, pins, read_ahead, to_device
 from igpt_ds.data.shards import ShardSplit, open_shards
+from igpt_ds.distributed import process_group
 from igpt_ds.distributed.process_group import init_distributed
 from igpt_ds.distributed.rank0 import on_rank0
 from igpt_ds.eval.feature_store import finish_split, missing_parts, part_writer, prepare_split, split_plan
 from igpt_ds.models.igpt import IGPT
+from igpt_ds.models.inference import autocast, inference_dtype
 from igpt_ds.models.objectives import eval_bert_masks
-from igpt_ds.models.precision import autocast, inference_dtype
 
 
 @dataclass
@@ -138,7 +138,7 @@ def extract_parts(
             start, stop = p * part_rows, min(n, (p + 1) * part_rows)
             with part_writer(out_dir, p, plan) as (feats, pixels):
                 pending = None  # (row in the part, its tokens, its features on their way to the host)
-                for a, numpy_tokens, tokens, *masks in read_ahead(host(start, stop), pin_memory=device.type != "cpu"):
+                for a, numpy_tokens, tokens, *masks in read_ahead(host(start, stop), pin_memory=pins(device)):
                     tokens, *masks = to_device((tokens, *masks), device)
                     out = eval_features(model, tokens, layers, masks)
                     copy = HostCopy(torch.stack([out[l].float() for l in layers]))  # (layers, B, C)
@@ -168,7 +168,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Path]:
     Every rank first computes its parts of every split; rank 0 alone then waits for the others' parts and
     writes the indexes, while the other ranks are free to exit."""
     rank, world = init_distributed(cfg.dist_timeout_s)
-    device = torch.device(get_accelerator().current_device_name())
+    device = process_group.device()
     model, model_cfg, palette = load_model_for_ranks(cfg.checkpoint, Path(cfg.out) / "weights", device)
     layers = resolve_layers(cfg.layers, model_cfg.n_layer)
     splits = {name: open_shards(model_cfg, DataConfig(shards=cfg.shards), name) for name in cfg.splits}

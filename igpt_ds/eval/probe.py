@@ -35,13 +35,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 
 from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError
 from igpt_ds.data.sampler import rank_rows
-from igpt_ds.distributed.process_group import init_distributed
+from igpt_ds.distributed import process_group
+from igpt_ds.distributed.process_group import init_distributed, rank_and_world
 from igpt_ds.distributed.rank0 import gather_objects, on_rank0
 from igpt_ds.eval import logreg
 from igpt_ds.eval.feature_store import FeatureSplit
@@ -135,7 +134,7 @@ def check_layers(splits: Splits, layers: list[int]) -> list[int]:
     return layers
 
 
-class Task:
+class ProbeTask:
     """One probe: the feature columns it reads (layers side by side, or 'pixels'), and its name."""
 
     def __init__(self, what: list[int] | str, n_layer: int):
@@ -160,7 +159,7 @@ class Task:
 
 
 def run_task(
-    task: Task, splits: Splits, classes: np.ndarray, c_grid: list[float], solver: str, max_iter: int,
+    task: ProbeTask, splits: Splits, classes: np.ndarray, c_grid: list[float], solver: str, max_iter: int,
     patience: int = 0,
 ) -> ProbeResult:  # fmt: skip
     """Fit the task's probe on every rank's rows for each C (ascending, warm-started); keep the C with the best
@@ -168,8 +167,8 @@ def run_task(
     C values in a row without a better validation accuracy. Collective (the accuracies, hence the stop, are the
     same on every rank)."""
     tic = time.perf_counter()
-    rank, world = dist_rank_world()
-    device = probe_device()
+    rank, world = rank_and_world()
+    device = process_group.device()  # the GPU of this rank where there is one, else the CPU
     data = {}
     for k, s in splits.items():
         mine = rank_rows(s.n, rank, world, logreg.BLOCK_ROWS)
@@ -189,16 +188,6 @@ def run_task(
     best = ProbeResult(task.name, task.layers, dim, C, val_acc, accuracy(model, "test"), model.converged)
     best.seconds = time.perf_counter() - tic
     return best
-
-
-def dist_rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def probe_device() -> torch.device:
-    """The GPU of this rank where there is one, else the CPU."""
-    name = get_accelerator().current_device_name()
-    return torch.device(name) if name.startswith("cuda") else torch.device("cpu")
 
 
 def make_report(splits: Splits, rows: list[ProbeResult], settings: dict, complete: bool) -> dict:
@@ -299,7 +288,7 @@ def linear_probe(cfg: ProbeConfig) -> dict:
     rows = [ProbeResult(**r) for r in done_rows]
     n_layer = splits["train"].meta["n_layer"]
 
-    def run(task: Task) -> None:
+    def run(task: ProbeTask) -> None:
         if any(r.name == task.name for r in rows):
             return
         result = run_task(task, splits, classes, cfg.c_grid, solver, cfg.max_iter, cfg.c_patience)
@@ -314,13 +303,13 @@ def linear_probe(cfg: ProbeConfig) -> dict:
         if rows:
             print(f"resuming: {len(rows)} probes already in {out / 'probe.json'}", flush=True)
     for l in layers:
-        run(Task([l], n_layer))
+        run(ProbeTask([l], n_layer))
     best = max((r for r in rows if len(r.layers) == 1), key=lambda r: r.val_acc).layers[0]
     group = window(layers, best, cfg.concat_k)
     if len(group) > 1:
-        run(Task(group, n_layer))
+        run(ProbeTask(group, n_layer))
     if cfg.pixels:
-        run(Task("pixels", n_layer))
+        run(ProbeTask("pixels", n_layer))
     peak = gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     if rank != 0:
         return {}

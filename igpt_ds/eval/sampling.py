@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from deepspeed.accelerator import get_accelerator
 from torch import Tensor
 
 from igpt_ds import host_sync
@@ -33,12 +32,13 @@ from igpt_ds.config import ConfigError, DataConfig
 from igpt_ds.data.palette import decode
 from igpt_ds.data.sampler import rank_rows
 from igpt_ds.data.shards import open_shards
+from igpt_ds.distributed import process_group
 from igpt_ds.distributed.process_group import barrier, init_distributed
 from igpt_ds.distributed.rank0 import gather_objects
 from igpt_ds.eval.plots import image_grid, save_png
 from igpt_ds.models.igpt import IGPT
+from igpt_ds.models.inference import autocast, inference_dtype
 from igpt_ds.models.kv_cache import KVCache
-from igpt_ds.models.precision import autocast, inference_dtype
 
 # Spreads per-image seeds apart so (seed, image) pairs do not collide across nearby seeds.
 _SEED_STRIDE = 1_000_003
@@ -176,7 +176,7 @@ def sample(cfg: SampleConfig) -> dict[str, Path]:
     """Completions of real images and unconditional samples (every rank samples a slice); rank 0 writes
     the PNG grids, the tokens and TensorBoard images. Returns the paths written (rank 0)."""
     rank, world = init_distributed(cfg.dist_timeout_s)
-    device = torch.device(get_accelerator().current_device_name())
+    device = process_group.device()
     model, model_cfg, palette = load_model_for_ranks(cfg.checkpoint, Path(cfg.out) / "weights", device)
     gen = dict(temperature=cfg.temperature, top_k=cfg.top_k, precision=cfg.precision)
     half = model_cfg.seq_len // 2  # the top n_px/2 rows in raster order

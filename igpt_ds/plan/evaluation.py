@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 
 from igpt_ds.config import MODEL_SIZES, ConfigError, ModelConfig
+from igpt_ds.data.sampler import rank_rows
 from igpt_ds.eval import logreg
 from igpt_ds.models.igpt import count_parameters
 
@@ -64,9 +65,8 @@ def feature_disk_bytes(n: int, dim: int, n_layers: int, seq_len: int, channels: 
 
 
 def probe_rows(n: int, world: int) -> int:
-    """Rows the busiest rank holds of a split of n rows (whole blocks)."""
-    blocks = math.ceil(n / logreg.BLOCK_ROWS)
-    return min(n, math.ceil(blocks / world) * logreg.BLOCK_ROWS)
+    """Rows the busiest rank holds of a split of n rows (`sampler.rank_rows` in the solver's blocks). O(world)."""
+    return max(len(rank_rows(n, r, world, logreg.BLOCK_ROWS)) for r in range(world))
 
 
 def probe_bytes(n_train: int, n_val: int, n_test: int, dim: int, n_classes: int, world: int, gpu: bool) -> int:

@@ -8,10 +8,10 @@ ZeRO-3 working set of one gathered layer, DeepSpeed's communication buckets, act
 token`) and the transient fp32 gradient copy of the optimizer step. Peak = states + buckets + max(activations, step
 transient).
 
-`igpt_ds.train.engine.default_policy` picks the lowest ZeRO stage whose peak fits USABLE_FRACTION of the device;
-`igpt_ds.plan.training` adds communication and step time over every layout. Checked in tests/test_planner.py against
-DeepSpeed's own estimators and bytes measured on a real engine (bench/results/README.md, "Capacity planner
-checks").
+`default_policy` (applied by `igpt_ds.train.engine.choose_policy`) picks the lowest ZeRO stage whose peak fits
+USABLE_FRACTION of the device; `igpt_ds.plan.training` adds communication and step time over every layout. Checked
+in tests/test_planner.py against DeepSpeed's own estimators and bytes measured on a real engine
+(bench/results/README.md, "Capacity planner checks").
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from igpt_ds.config import DS_CONFIGS_DIR, ConfigError, ModelConfig, TrainConfig, load_policy
+from igpt_ds.config import DS_CONFIGS_DIR, ConfigError, ModelConfig, TrainConfig, load_policy, precision
 from igpt_ds.models.flops import train_flops_per_token
 from igpt_ds.models.igpt import IGPT
 
@@ -59,10 +59,10 @@ class Knobs:
     def from_policy(cls, policy: dict[str, Any]) -> Knobs:
         zero = policy.get("zero_optimization", {})
         # DeepSpeed accumulates in the model's dtype unless data_types.grad_accum_dtype says otherwise.
-        model_dtype = "bf16" if policy.get("bf16", {}).get("enabled") else "fp32"
+        model_dtype = precision(policy)
         accum = policy.get("data_types", {}).get("grad_accum_dtype", model_dtype)
         return cls(
-            grad_accum_bytes=FP32 if accum in ("fp32", "float32") else BF16,
+            grad_accum_bytes=FP32 if accum in ("fp32", "float32") else BF16,  # bf16 and fp16: 2 bytes
             reduce_bucket=float(zero.get("reduce_bucket_size", DS_DEFAULTS["reduce_bucket_size"])),
             prefetch_bucket=float(zero.get("stage3_prefetch_bucket_size", DS_DEFAULTS["stage3_prefetch_bucket_size"])),
             contiguous_gradients=bool(zero.get("contiguous_gradients", DS_DEFAULTS["contiguous_gradients"])),

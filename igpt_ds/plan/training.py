@@ -38,8 +38,28 @@ from pathlib import Path
 from typing import Any
 
 from igpt_ds.atomic import write_text
-from igpt_ds.config import DS_CONFIGS_DIR, ConfigError, PretrainConfig, find_shipped, to_dict
-from igpt_ds.plan.memory import ADAM_STATES, BF16, GIB, OFFLOADS, USABLE_FRACTION, Knobs, Layout, Shape, memory
+from igpt_ds.config import (
+    DS_CONFIGS_DIR,
+    ConfigError,
+    PretrainConfig,
+    find_shipped,
+    load_policy,
+    offloaded,
+    to_dict,
+    zero_stage,
+)
+from igpt_ds.plan.memory import (
+    ADAM_STATES,
+    BF16,
+    GIB,
+    OFFLOADS,
+    USABLE_FRACTION,
+    Knobs,
+    Layout,
+    Shape,
+    default_policy,
+    memory,
+)
 
 
 @dataclass
@@ -212,12 +232,8 @@ def format_table(rows: list[Estimate]) -> str:
 
 def configured_layout(cfg: PlanConfig, policy: dict) -> Layout:
     """The layout the pretraining config itself would run."""
-    from igpt_ds.config import zero_stage
-
-    zero = policy.get("zero_optimization", {})
-    offload = "param" if zero.get("offload_param", {}).get("device", "none") != "none" else "none"
-    if offload == "none" and zero.get("offload_optimizer", {}).get("device", "none") != "none":
-        offload = "optimizer"
+    moved = offloaded(policy)
+    offload = "param" if "param" in moved else "optimizer" if "optimizer" in moved else "none"
     pp = cfg.train.pipeline_stages if cfg.train.layout == "pipeline" else 1
     return Layout(zero_stage(policy), pp, offload, cfg.train.activation_checkpointing, cfg.train.micro_batch)
 
@@ -227,9 +243,6 @@ def planned_policy(cfg: PlanConfig, n_gpus: int | None) -> tuple[Path, dict, str
     choose on a GPU of cluster.gpu_mem_gib (`memory.default_policy`, the same estimate; the planner plans GPU runs,
     whatever machine it runs on). `n_gpus` None: the configured layout does not fit that count, and ZeRO-3's JSON
     supplies the buckets of the layouts listed."""
-    from igpt_ds.config import load_policy
-    from igpt_ds.plan.memory import default_policy
-
     if cfg.train.ds_config:
         path = find_shipped(cfg.train.ds_config, DS_CONFIGS_DIR, "ds_configs", "train.ds_config")
         why = "named by train.ds_config"

@@ -45,6 +45,7 @@ from igpt_ds.config import (
     TrainConfig,
     find_shipped,
     load_policy,
+    offloaded,
     origin_of,
     precision,
     zero_stage,
@@ -269,7 +270,7 @@ def build_ds_config(
             "LOCAL_RANK, which is each task's device index here (0 on every task of a node), so the node's ranks would "
             "write the same files; remove the key, or let every task see all of its node's GPUs"
         )
-    offload = policy.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    offload = "optimizer" in offloaded(policy)
     if offload and optim.fused:
         raise ConfigError(
             f"optim.fused=true with ZeRO optimizer offload ({source}): DeepSpeed's CPU Adam steps the "
@@ -398,7 +399,7 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
 
 def apply_schedule(engine: deepspeed.DeepSpeedEngine) -> None:
     """After a checkpoint is loaded: the optimizer's hyperparameters from the run config (`Schedule`) and its rates
-    from the schedule at the restored step. Called by `igpt_ds.train.loop.resume`."""
+    from the schedule at the restored step. Called by `igpt_ds.train.loop.restore`."""
     sched: Schedule = engine.lr_scheduler
     sched.base_lrs = list(sched.config_lrs)
     optim = sched.optim
@@ -409,12 +410,13 @@ def apply_schedule(engine: deepspeed.DeepSpeedEngine) -> None:
 
 
 def resumed_engine_config(
-    plan: resume.Resume, train: TrainConfig, optim: OptimConfig, world: int, model: ModelConfig | None, policy: Policy
-) -> tuple[dict[str, Any], Policy]:
-    """(DeepSpeed config, policy) of a run resuming `plan`: the checkpoint's ZeRO stage when the run named no JSON
-    and its default policy follows the checkpoint (`engine.choose_policy`; the memory estimate may pick another
-    stage at another GPU count, and a ZeRO checkpoint loads at its own stage only), and DeepSpeed's universal
-    loader when the topology changed."""
-    if policy.follows_checkpoint and plan.meta.get("zero_stage") in DEFAULT_STAGES:
-        policy = choose_policy(train, model, world, stage=plan.meta["zero_stage"])
-    return build_ds_config(train, optim, world, plan.universal, model, policy), policy
+    resuming: resume.Resume, train: TrainConfig, optim: OptimConfig, world: int, model: ModelConfig | None,
+    policy: Policy,
+) -> tuple[dict[str, Any], Policy]:  # fmt: skip
+    """(DeepSpeed config, policy) of a run resuming from `resuming`: the checkpoint's ZeRO stage when the run named no
+    JSON and its default policy follows the checkpoint (`choose_policy`; the memory estimate may pick another stage at
+    another GPU count, and a ZeRO checkpoint loads at its own stage only), and DeepSpeed's universal loader when the
+    topology changed."""
+    if policy.follows_checkpoint and resuming.meta.get("zero_stage") in DEFAULT_STAGES:
+        policy = choose_policy(train, model, world, stage=resuming.meta["zero_stage"])
+    return build_ds_config(train, optim, world, resuming.universal, model, policy), policy

@@ -44,7 +44,7 @@ from igpt_ds.atomic import write_text
 from igpt_ds.checkpoint import ds_checkpoint, export, resume, weights
 from igpt_ds.checkpoint.weights import open_consolidated_shared
 from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
-from igpt_ds.data.prefetch import HostBatch, StepReader, pin, read_ahead, to_device
+from igpt_ds.data.prefetch import HostBatch, StepReader, pin, pins, read_ahead, to_device
 from igpt_ds.data.sampler import GlobalBatchSampler, padded_batches
 from igpt_ds.data.shards import ShardError, ShardSplit, open_shards
 from igpt_ds.distributed.process_group import barrier, init_distributed
@@ -199,11 +199,11 @@ class Finetuner:
 
         self.data = on_rank0(data_identity)  # read once, for every rank
         # One decision for every rank, by rank 0, checked against this run before anything is built.
-        plan = resume.resume_plan(t.run_dir, model=None, layout="zero", world=self.world, dp=self.world,
+        resuming = resume.resume_plan(t.run_dir, model=None, layout="zero", world=self.world, dp=self.world,
                                          ds_config=ds_config, data=self.data, seed=t.seed,
                                          reset_data_position=t.reset_data_position,
                                          stage_from_checkpoint=policy.follows_checkpoint)  # fmt: skip
-        ckpt = plan.ckpt if plan is not None else None
+        ckpt = resuming.ckpt if resuming is not None else None
         if ckpt is None:
             init = export.consolidated_for_ranks(t.init_from, t.run_dir / "init_weights")
             self.model_cfg, state, palette = open_consolidated_shared(init)  # read by rank 0, shared
@@ -216,8 +216,8 @@ class Finetuner:
         self.n_classes = len(self.train.class_names) or int(self.train.labels.max()) + 1
         policy = choose_policy(t, self.model_cfg, self.world)
         ds_config = build_ds_config(t, cfg.optim, self.world, model=self.model_cfg, policy=policy)
-        if plan is not None:
-            ds_config, policy = resumed_engine_config(plan, t, cfg.optim, self.world, self.model_cfg,
+        if resuming is not None:
+            ds_config, policy = resumed_engine_config(resuming, t, cfg.optim, self.world, self.model_cfg,
                                                                     policy)  # fmt: skip
         torch.manual_seed(t.seed)
         with model_init_context(ds_config):
@@ -232,19 +232,19 @@ class Finetuner:
         self.sampler = GlobalBatchSampler(len(self.train), t.global_batch, self.rank, self.world, t.seed)
         self.reader = StepReader(self.read_step, self.sampler)
         self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "start_val_acc": None, "done": False}
-        if plan is not None:
-            step = loop.resume(self.engine, plan, self.sampler, t.reset_data_position)
-            self.state.update(plan.meta["finetune"], step=step)
+        if resuming is not None:
+            step = loop.restore(self.engine, resuming, self.sampler, t.reset_data_position)
+            self.state.update(resuming.meta["finetune"], step=step)
         elif cfg.finetune.standardize_features:
             self.state["feat_stats"] = self.feature_stats()
         mean, std = self.state.get("feat_stats", ([0.0] * self.model_cfg.n_embd, [1.0] * self.model_cfg.n_embd))
         self.engine.module.set_feature_stats(torch.tensor(mean), torch.tensor(std))  # identity unless standardising
-        self.files = run_folder.run_files({**to_dict(cfg), "model": asdict(self.model_cfg)}, ds_config)
-        run_folder.write_run_files(t.run_dir, self.files, self.rank)
         header = describe(engine_facts(ds_config, t, self.world, policy))
-        self.writer = run_folder.open_tensorboard(t.run_dir, self.rank, self.state["step"], self.files, header)
-        if ckpt is not None:
-            self.log_line(f"resumed from {ckpt} at step {self.state['step']}")
+        resolved = {**to_dict(cfg), "model": asdict(self.model_cfg)}
+        self.files, self.writer = run_folder.open_run(t.run_dir, resolved, ds_config, self.rank, self.state["step"],
+                                                      header)  # fmt: skip
+        if resuming is not None:
+            self.log_line(run_folder.resumed_line(resuming, self.state["step"], t.reset_data_position))
 
     def log_line(self, line: str, step: int | None = None, scalars: dict[str, float] | None = None) -> None:
         """Rank 0: `scalars` to TensorBoard at `step`, and `line` to the console."""
@@ -290,7 +290,7 @@ class Finetuner:
     @property
     def pinned(self) -> bool:
         """Whether host batches are pinned: on a GPU, so that copies to it do not block."""
-        return self.engine.device.type != "cpu"
+        return pins(self.engine.device)
 
     def feature_stats(self) -> tuple[list[float], list[float]]:
         """Mean and std of the pretrained model's pooled features over the first train images."""
@@ -386,8 +386,8 @@ class Finetuner:
 
     def save_to(self, root: str, keep: int) -> None:
         """A checkpoint of the current step under `<run>/<root>`, keeping `keep` (`best/` keeps one)."""
-        loop.save(self.engine, self.cfg.train.run_dir / root, self.state["step"], self.sampler, self.data, "zero",
-                  self.world, self.files, self.palette, keep, finetune=self.state)  # fmt: skip
+        loop.save_checkpoint(self.engine, self.cfg.train.run_dir / root, self.state["step"], self.sampler, self.data,
+                             "zero", self.world, self.files, self.palette, keep, finetune=self.state)  # fmt: skip
 
     def validate(self, step: int) -> bool:
         """Evaluate on val; on a new best save it to best/ and score it on test. True = stop early."""

@@ -44,6 +44,7 @@ from igpt_ds.atomic import write_text
 from igpt_ds.config import ConfigError, PretrainConfig
 from igpt_ds.data.sampler import padded_batches, rank_rows
 from igpt_ds.data.shards import ShardSplit
+from igpt_ds.distributed.process_group import rank_and_world
 from igpt_ds.distributed.rank0 import gather_objects, on_rank0
 from igpt_ds.eval import logreg
 from igpt_ds.eval.features import eval_features
@@ -104,7 +105,7 @@ class LiveProbe:
             raise ConfigError(f"train.probe_layers={cfg.train.probe_layers} must lie in 0..{self.n_layer}")
         self.path = cfg.train.run_dir / "live_probe.json"
         self.plot = cfg.train.run_dir / "live_probe.png"
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.rank = rank_and_world()[0]
         t = cfg.train
         self.batch_size = min(t.global_batch // dp, 8 * t.micro_batch)
         """Images per forward pass: a training step's per-rank share (micro-batch x accumulation), at most 8
@@ -265,7 +266,7 @@ class LiveProbe:
     def fit(self, feats: dict[str, tuple[dict[int, Tensor], Tensor, int]], layer: int, group: Any) -> float:
         """Validation accuracy (%) of the best-C probe on `layer`; collective over `group`."""
         (f_tr, y_tr, n_tr), (f_va, y_va, n_va) = feats["train"], feats["val"]
-        x_tr, x_va = f_tr[layer], f_va[layer]  # on the engine's device: float32 solver on a GPU, float64 on a CPU
+        x_tr, x_va = f_tr[layer], f_va[layer]  # on the engine's device; solved in float32 (logreg.solver_dtype)
         scaler = logreg.Scaler.fit(x_tr, n_tr, group)
         scaler.apply_(x_tr)
         scaler.apply_(x_va)

@@ -126,18 +126,18 @@ def train_loop(
     return LoopEnd(step, stopped_by, done)
 
 
-def resume(engine: Any, plan: Resume, sampler: GlobalBatchSampler, reset_data_position: bool) -> int:
-    """Restore `plan`'s checkpoint into `engine` (weights, optimizer, RNG; its universal form at another topology),
+def restore(engine: Any, resuming: Resume, sampler: GlobalBatchSampler, reset_data_position: bool) -> int:
+    """Restore `resuming`'s checkpoint into `engine` (weights, optimizer, RNG; its universal form at another topology),
     the run config's optimizer hyperparameters and schedule at its step (`apply_schedule`: never the saving run's),
     and `sampler`'s position unless the data order starts afresh. Returns the steps done. Collective."""
-    ds_checkpoint.load(engine, plan.ckpt, plan.universal)
+    ds_checkpoint.load(engine, resuming.ckpt, resuming.universal)
     apply_schedule(engine)
     if not reset_data_position:
-        sampler.load_state_dict(plan.meta["sampler"])
-    return plan.meta["step"]
+        sampler.load_state_dict(resuming.meta["sampler"])
+    return resuming.meta["step"]
 
 
-def save(
+def save_checkpoint(
     engine: Any,
     root: Path,
     step: int,

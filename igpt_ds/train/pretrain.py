@@ -27,7 +27,8 @@ from igpt_ds import host_sync
 from igpt_ds.checkpoint import ds_checkpoint, resume, weights
 from igpt_ds.checkpoint.weights import open_consolidated_shared
 from igpt_ds.config import ConfigError, PretrainConfig, to_dict
-from igpt_ds.data.prefetch import HostBatch, StepReader
+from igpt_ds.data.prefetch import HostBatch, StepReader, pins, to_device
+from igpt_ds.data.prefetch import pin as pin_batch
 from igpt_ds.data.sampler import GlobalBatchSampler
 from igpt_ds.data.shards import ShardSplit, open_shards
 from igpt_ds.distributed.process_group import barrier, init_distributed
@@ -91,7 +92,7 @@ def read_micro_batches(
     for chunk in np.split(np.asarray(indices), len(indices) // micro_batch):
         tokens = torch.from_numpy(split.batch(chunk)[0])
         mask = None if mask_key is None else keyed_bert_masks(*mask_key, chunk, split.seq_len, mask_prob, mask_kind)
-        out.append((tokens.pin_memory(), None if mask is None else mask.pin_memory()) if pin else (tokens, mask))
+        out.append(pin_batch((tokens, mask)) if pin else (tokens, mask))
     return out
 
 
@@ -127,16 +128,15 @@ class Run:
     def host_batches(self, split: ShardSplit, indices: np.ndarray, key: tuple[int, int]) -> list[HostBatch]:
         """This rank's micro-batches on the host: `read_micro_batches` with BERT masks keyed by (seed, *key)."""
         mask_key = (self.cfg.train.seed, *key) if self.cfg.model.objective == "bert" else None
-        pin = self.engine.device.type != "cpu"
+        pin = pins(self.engine.device)
         m = self.cfg.model
         return read_micro_batches(split, indices, self.cfg.train.micro_batch, m.mask_prob, mask_key, pin, m.bert_mask)
 
     def device_batches(self, host: list[HostBatch]) -> list[tuple[Tensor, Tensor | None]]:
         """`host` on the engine's device, copied without blocking; (inputs, labels) for the pipeline."""
         out = []
-        for tokens, mask in host:
-            tokens = tokens.to(self.engine.device, non_blocking=True)
-            mask = None if mask is None else mask.to(self.engine.device, non_blocking=True)
+        for batch in host:
+            tokens, mask = to_device(batch, self.engine.device)
             if not self.pipeline:
                 out.append((tokens, mask))
             else:
@@ -181,8 +181,8 @@ class Run:
 
     def save(self, step: int) -> None:
         root = self.cfg.train.run_dir / "checkpoints"
-        loop.save(self.engine, root, step, self.sampler, self.data, self.cfg.train.layout, self.dp, self.files,
-                  self.train.palette, self.cfg.train.keep_checkpoints)  # fmt: skip
+        loop.save_checkpoint(self.engine, root, step, self.sampler, self.data, self.cfg.train.layout, self.dp,
+                             self.files, self.train.palette, self.cfg.train.keep_checkpoints)  # fmt: skip
         self.metrics.print(f"step {step}: checkpoint {root / ds_checkpoint.tag_for(step)}")
 
     def say(self, line: str) -> None:
@@ -230,30 +230,25 @@ def setup(cfg: PretrainConfig) -> Run:
     dp, t = dp_size(cfg.train, world), cfg.train
     data = resume.data_identity(train_split)
     # One decision for every rank, by rank 0, checked against this run before anything is built.
-    plan = resume.resume_plan(t.run_dir, model=cfg.model, layout=t.layout, world=world, dp=dp, ds_config=ds_config,
+    resuming = resume.resume_plan(t.run_dir, model=cfg.model, layout=t.layout, world=world, dp=dp, ds_config=ds_config,
                               data=data, seed=t.seed, reset_data_position=t.reset_data_position,
                               stage_from_checkpoint=policy.follows_checkpoint)  # fmt: skip
-    if plan is not None:
-        ds_config, policy = resumed_engine_config(plan, t, cfg.optim, world, cfg.model, policy)
-    init = load_init(cfg) if cfg.train.init_from and plan is None else None
+    if resuming is not None:
+        ds_config, policy = resumed_engine_config(resuming, t, cfg.optim, world, cfg.model, policy)
+    init = load_init(cfg) if cfg.train.init_from and resuming is None else None
     model = build_model(cfg, ds_config)
     engine = initialize(model, ds_config, cfg.optim, cfg.train.max_steps, compile_model=cfg.train.compile)
     if init is not None:
         weights.load_weights(engine, init, f"train.init_from={cfg.train.init_from}")
     dp_rank = model.topology().get_coord(rank).data if cfg.train.layout == "pipeline" else rank
     sampler = GlobalBatchSampler(len(train_split), cfg.train.global_batch, dp_rank, dp, cfg.train.seed)
-    start_step = loop.resume(engine, plan, sampler, t.reset_data_position) if plan is not None else 0
-    files = run_folder.run_files(to_dict(cfg), ds_config)
-    run_folder.write_run_files(t.run_dir, files, rank)
+    start_step = loop.restore(engine, resuming, sampler, t.reset_data_position) if resuming is not None else 0
     header = describe(engine_facts(ds_config, cfg.train, world, policy))
-    writer = run_folder.open_tensorboard(t.run_dir, rank, start_step, files, header)
+    files, writer = run_folder.open_run(t.run_dir, to_dict(cfg), ds_config, rank, start_step, header)
     metrics = Metrics(writer, model_cfg=cfg.model, world_size=world, global_batch=cfg.train.global_batch,
                       max_steps=cfg.train.max_steps, start_step=start_step)  # fmt: skip
-    if plan is not None:
-        how = (" (universal checkpoint)" if plan.universal else "") + (
-            ", data order started afresh" if t.reset_data_position else ""
-        )
-        metrics.print(f"resumed from {plan.ckpt} at step {start_step}{how}")
+    if resuming is not None:
+        metrics.print(run_folder.resumed_line(resuming, start_step, t.reset_data_position))
     run = Run(cfg, engine, metrics, train_split, val_split, sampler, dp_rank, dp, start_step, files, data, policy)
     subset, why_off = on_rank0(lambda: choose_subset(cfg, train_split, val_split))  # one decision for every rank
     if subset is not None:

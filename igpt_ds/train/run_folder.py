@@ -54,6 +54,25 @@ def open_tensorboard(run_dir: Path, rank: int, step: int, files: dict[str, str],
     return writer
 
 
+def open_run(
+    run_dir: Path, resolved: dict[str, Any], ds_config: dict[str, Any], rank: int, step: int, header: str
+) -> tuple[dict[str, str], Any]:
+    """(files, writer) of a run starting or resuming at `step`: the files that say what ran (`run_files`), written into
+    the run folder by rank 0, and rank 0's TensorBoard writer holding them and the engine `header` (None elsewhere).
+    Collective (git is asked by rank 0)."""
+    files = run_files(resolved, ds_config)
+    write_run_files(run_dir, files, rank)
+    return files, open_tensorboard(run_dir, rank, step, files, header)
+
+
+def resumed_line(resuming: Any, step: int, reset_data_position: bool) -> str:
+    """The console line of a run resuming checkpoint `resuming` (a `checkpoint.resume.Resume`) at `step`."""
+    how = (" (universal checkpoint)" if resuming.universal else "") + (
+        ", data order started afresh" if reset_data_position else ""
+    )
+    return f"resumed from {resuming.ckpt} at step {step}{how}"
+
+
 def git_revision() -> str:
     """The commit of the code that ran, '+dirty' when the tree had changes; 'unknown' outside a git checkout."""
     here = Path(__file__).resolve().parent

@@ -8,7 +8,12 @@ another palette than the checkpoint's, split without labels, layers out of range
 missing split, damaged shard) prints one line on stderr ("igpt-<job>: error: ...") and exits with status 2, on
 every rank.
 
-Exit status: 0 when the job finished; 2 for a configuration or input error; 128 + the signal number when
+A run that cannot go on (`RunError`: training diverged, a disk filled up, a rank stopped answering within
+train.dist_timeout_s) prints one line saying what happened and what to do, and exits with status 3; nothing good
+was overwritten, and rerunning resumes from the last good checkpoint once the cause is fixed.
+
+Exit status: 0 when the job finished; 2 for a configuration or input error; 3 for a run that could not go on;
+128 + the signal number when
 SIGTERM / SIGINT / SIGUSR1 (or the launcher's exit) stopped a training run after it saved a checkpoint
 (143, 130, 138: what a process ended by that signal reports), so schedulers see a run that is not done;
 rerunning the command resumes it.
@@ -40,7 +45,7 @@ def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str
     the same as `--train.ds_config FILE`, and `--deepspeed`, accepted and implied (the engine is always
     DeepSpeed's).
     """
-    from igpt_ds.config import ConfigError, TrainConfig, instantiate, make_parser, parse_args, record_origins
+    from igpt_ds.config import ConfigError, RunError, TrainConfig, instantiate, make_parser, parse_args, record_origins
     from igpt_ds.data.shards import ShardError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -70,6 +75,15 @@ def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str
         except (ConfigError, ShardError) as e:
             print(f"{error_prefix}: {e}", file=sys.stderr)
             return 2
+        except RunError as e:
+            print(f"{error_prefix}: {e}", file=sys.stderr)
+            return 3
+        except Exception as e:
+            line = stalled_line(e)
+            if line is None:
+                raise
+            print(f"{error_prefix}: {line}", file=sys.stderr)
+            return 3
     finally:
         if "torch.distributed" in sys.modules:  # not imported when parsing failed
             from igpt_ds.distributed.process_group import shutdown
@@ -77,6 +91,25 @@ def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str
             shutdown()
     stopped_by = result.get("stopped_by", 0) if isinstance(result, dict) else 0
     return 128 + int(stopped_by) if stopped_by else 0
+
+
+def stalled_line(error: BaseException) -> str | None:
+    """The one line of a job whose collective timed out (train.dist_timeout_s), naming the ranks that do not answer
+    a roll call (`distributed.process_group.unanswering_ranks`); None for any other error."""
+    import torch.distributed as dist
+
+    from igpt_ds.distributed.process_group import is_collective_timeout, unanswering_ranks
+
+    if not (dist.is_initialized() and is_collective_timeout(error)):
+        return None
+    missing = unanswering_ranks()
+    who = ("rank 0, the rendezvous host, stopped answering" if missing is None
+           else f"rank(s) {', '.join(map(str, missing))} stopped answering" if missing
+           else "every rank answers now (a transient stall)")  # fmt: skip
+    return (
+        f"a collective waited longer than train.dist_timeout_s; {who}; check that rank's node (hung process, "
+        "lost network, out of memory), then rerun the same command to resume from the last checkpoint"
+    )
 
 
 def run_entry(module: str, config: str, job: str, description: str, error_prefix: str = "error",

@@ -26,6 +26,11 @@ class ConfigError(ValueError):
     """A configuration or input the user must fix; entry points print it as one line, exit 2."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on (training diverged, a disk filled up, a rank stopped answering): entry points print it
+    as one line saying what happened and what to do, and exit 3. Nothing good was overwritten."""
+
+
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "igpt-tiny": dict(n_layer=2, n_head=2, n_embd=32),
     "igpt-mini": dict(n_layer=4, n_head=4, n_embd=64),

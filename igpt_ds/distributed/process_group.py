@@ -45,11 +45,15 @@ def _no_shm_op() -> None:
 
 def init_distributed(timeout_s: int) -> tuple[int, int]:
     """Start the process group (idempotent); returns (rank, world_size). The rank's device is chosen first
-    (`bind_device`): DeepSpeed's start-up already initialises NCCL on it."""
+    (`bind_device`): DeepSpeed's start-up already initialises NCCL on it. Every group made later (DeepSpeed's) has
+    the same collective timeout (`bound_new_groups`). ConfigError when the rendezvous port rank 0 is to open is in
+    use (`check_master_port`), at once rather than after torch's retries."""
     without_cpu_shm_allreduce()
     if not dist.is_initialized():
         os.environ.update(rank_env())
         bind_device()
+        check_master_port()
+        bound_new_groups(timedelta(seconds=timeout_s))
         deepspeed.init_distributed(
             dist_backend=get_accelerator().communication_backend_name(),
             auto_mpi_discovery=False,  # rank_env did it
@@ -61,6 +65,63 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     else:
         bind_device()
     return dist.get_rank(), dist.get_world_size()
+
+
+def bound_new_groups(timeout: timedelta) -> None:
+    """Give every process group created from now on `timeout` for its collectives when its creator names none.
+
+    DeepSpeed makes its own groups (ZeRO's data-parallel group, the pipeline's stage groups) with `dist.new_group`
+    and no timeout, and torch then takes its backend default (`distributed_c10d._get_default_timeout`: 30 minutes
+    for gloo; NCCL's watchdog default), not the world group's: a stalled rank held ZeRO-1's gradient all-reduce for
+    11+ minutes under train.dist_timeout_s=30. Under NCCL the timeout is enforced by torch's watchdog, which tears
+    the process down (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d._get_default_timeout = lambda backend: timeout
+
+
+def check_master_port() -> None:
+    """ConfigError when rank 0 is to open the rendezvous store on MASTER_PORT and something holds that port: torch
+    retries for ~30 s and ends in a traceback (EADDRINUSE). Not under torchrun, whose agent holds the store."""
+    if os.environ.get("RANK") != "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    port = int(os.environ["MASTER_PORT"])
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            raise ConfigError(f"MASTER_PORT {port} on {socket.gethostname()} is in use ({e.strerror}): another job "
+                              "holds it; pick a free port (--master_port with the deepspeed launcher, MASTER_PORT "
+                              "elsewhere)") from None  # fmt: skip
+
+
+def unanswering_ranks(wait_s: float = 15.0) -> list[int] | None:
+    """After a collective timed out: the ranks that do not answer a roll call in the rendezvous store within `wait_s`
+    (each live rank writes its name, then waits for everyone's); None when the store itself does not answer (its
+    host, rank 0 outside torchrun, is the one that stopped). Costs nothing until a failure."""
+    import time
+
+    store = dist.distributed_c10d._get_default_store()
+    store.set_timeout(timedelta(seconds=wait_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        store.set(f"igpt/roll_call/{rank}", "here")
+        deadline = time.monotonic() + wait_s
+        while True:
+            present = {r for r in range(world) if store.check([f"igpt/roll_call/{r}"])}
+            if len(present) == world or time.monotonic() > deadline:
+                return sorted(set(range(world)) - present)
+            time.sleep(0.2)
+    except Exception:  # noqa: BLE001 - the store's host is gone or frozen: that is the answer
+        return None
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """Whether `error` is a collective that timed out (gloo: 'Timed out waiting ...'; NCCL's watchdog: 'Watchdog
+    caught collective operation timeout')."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text and "collective" in text)
 
 
 def check_distinct_devices() -> None:

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from igpt_ds import host_sync
 from igpt_ds.checkpoint import ds_checkpoint
 from igpt_ds.checkpoint.resume import Resume
-from igpt_ds.config import TrainConfig, zero_stage
+from igpt_ds.config import RunError, TrainConfig, precision, zero_stage
 from igpt_ds.data.prefetch import HostBatch, StepReader
 from igpt_ds.data.sampler import GlobalBatchSampler
 from igpt_ds.distributed.stop import StopSignal
@@ -93,13 +94,21 @@ def train_loop(
     """Train from `start_step` to train.stop_at or train.max_steps, or until the task is done or a stop is agreed.
 
     Each step: its batches from `reader`, `task.step`; every train.log_every steps and at the last, `task.log`; then
-    `task.after_step`; the stop agreement (every train.stop_check_every steps); a checkpoint every train.save_every
-    steps, at the last step, when the task is done and when a stop was agreed. The same collective path on every
-    rank. A run stopped by a signal leaves its pending checkpoint deletions to the next run (its scheduler's grace
-    period is short); otherwise they are waited for."""
+    `task.after_step`; the stop agreement (every train.stop_check_every steps and before every checkpoint); a
+    checkpoint every train.save_every steps, at the last step, when the task is done and when a stop was agreed.
+    The same collective path on every rank. RunError, on every rank and before any checkpoint of the state, when
+    the agreement finds that training diverged (a non-finite loss on any rank, or a step DeepSpeed skipped for
+    non-finite gradients outside fp16): the checkpoints already written, and `latest`, stay as they were. A run
+    stopped by a signal leaves its pending checkpoint deletions to the next run (its scheduler's grace period is
+    short); otherwise they are waited for."""
     last_step = train.stop_at or train.max_steps
     step, stopped_by = start_step, 0
     sums, steps, waited, tic = None, 0, 0.0, time.perf_counter()
+    # Divergence, read only at checks: a device flag (a non-finite figure among the task's returns: one tiny kernel
+    # a step, no sync) and the steps DeepSpeed skipped for non-finite gradients (a host counter). Under fp16 a
+    # skipped step is the loss scaler at work, not divergence.
+    unhealthy, fp16 = None, precision(engine.config) == "fp16"
+    skipped_at_check, checked_at, saved_at = engine.skipped_steps, start_step, start_step
     with host_sync.hot():
         while not done and step < last_step:
             lrs = engine.get_lr()  # the rates this step uses (host values: no sync)
@@ -107,15 +116,28 @@ def train_loop(
             batches = reader.take(step)
             waited += time.perf_counter() - before
             out = task.step(batches, step)
+            bad = ~torch.isfinite(out).all()
+            unhealthy = bad if unhealthy is None else unhealthy | bad
             sums = out if sums is None else sums + out
             step, steps = step + 1, steps + 1
             if step % train.log_every == 0 or step == last_step:
                 task.log(step, sums, lrs, Window(steps, time.perf_counter() - tic, waited))
                 sums, steps, waited, tic = None, 0, 0.0, time.perf_counter()
             done = task.after_step(step)
-            stopped_by = stop.check(step)
-            if step % train.save_every == 0 or stopped_by or done or step == last_step:
+            save_due = step % train.save_every == 0 or done or step == last_step
+            skipped = 0 if fp16 else engine.skipped_steps - skipped_at_check
+            if save_due:  # a step's update can make weights non-finite after its finite loss (ZeRO-3 skips nothing)
+                unhealthy = unhealthy | ~finite_weights(engine)
+            agreed = stop.check(step, force=save_due, unhealthy=unhealthy, skipped=skipped)
+            if agreed.diverged:
+                reader.close()
+                raise RunError(diverged_line(checked_at, step, saved_at))
+            if step % stop.every == 0 or save_due:
+                unhealthy, skipped_at_check, checked_at = None, engine.skipped_steps, step
+            stopped_by = agreed.signal
+            if save_due or stopped_by:
                 task.save(step)
+                saved_at = step
             if stopped_by:
                 name = signal.Signals(stopped_by).name
                 task.say(f"stopped at step {step} on {name}; rerun the same command to resume")
@@ -124,6 +146,24 @@ def train_loop(
         ds_checkpoint.wait_for_deletions()
     reader.close()
     return LoopEnd(step, stopped_by, done)
+
+
+def finite_weights(engine: Any) -> Tensor:
+    """Whether this rank's share of the weights is finite, as a device flag (no sync): ZeRO-3's partitions, the
+    whole module otherwise. One pass over the parameters, paid before each checkpoint only."""
+    local = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    return torch.stack([torch.isfinite(t).all() for t in local if t.numel()]).all()
+
+
+def diverged_line(checked_at: int, step: int, saved_at: int) -> str:
+    """The one line of a run that stopped because training diverged between steps `checked_at` and `step`."""
+    when = f"after step {checked_at}, by step {step}" if step - checked_at > 1 else f"at step {step}"
+    what = f"training diverged {when} (a non-finite loss, or gradients DeepSpeed skipped a step for)"
+    if not saved_at:
+        return f"{what}; no checkpoint was written; lower --optim.lr and start again"
+    return (f"{what}; nothing was saved since step {saved_at}, whose checkpoint stays latest; lower --optim.lr "
+            "(or raise optim.warmup_steps, or set gradient_clipping in the DeepSpeed JSON) and rerun the same command "
+            "to resume from it")  # fmt: skip
 
 
 def restore(engine: Any, resuming: Resume, sampler: GlobalBatchSampler, reset_data_position: bool) -> int:

@@ -78,6 +78,15 @@ def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str
         except RunError as e:
             print(f"{error_prefix}: {e}", file=sys.stderr)
             return 3
+        except OSError as e:
+            from igpt_ds.atomic import WRITE_ERRNOS
+
+            if e.errno not in WRITE_ERRNOS:
+                raise
+            where = f"{e.filename}" if e.filename else "an output"  # a write() carries no file name
+            print(f"{error_prefix}: cannot use {where} ({e.strerror}); free space there or fix its permissions, "
+                  "then rerun the same command (finished work is kept)", file=sys.stderr)  # fmt: skip
+            return 3
         except Exception as e:
             line = stalled_line(e)
             if line is None:

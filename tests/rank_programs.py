@@ -226,6 +226,39 @@ def save_twice(root: str, rank1_blind: int) -> None:
     print(f"saved twice; rewritten: {not torch.equal(before, after)}", flush=True)
 
 
+def save_on_a_disk_that_fills(root: str) -> None:
+    """A 1-rank ZeRO-1 engine saves step 1 under `root` (a small tmpfs), then the disk is filled by another writer
+    and step 2 is saved; prints JSON: the RunError's line, `latest`, the complete checkpoints."""
+    import deepspeed
+
+    from igpt_ds.config import ModelConfig, OptimConfig, RunError, TrainConfig
+    from igpt_ds.train.engine import build_ds_config, initialize
+
+    init_distributed(60)
+    deepspeed.init_distributed(dist_backend="gloo")
+    train = TrainConfig(ds_config="ds_configs/cpu.json", global_batch=1, micro_batch=1)
+    engine = initialize(IGPT(ModelConfig(size="igpt-tiny", n_px=8, n_vocab=512), seed=0),
+                        build_ds_config(train, OptimConfig(), 1), OptimConfig(), 10)  # fmt: skip
+    ckpts = Path(root) / "checkpoints"
+    ds_checkpoint.save(engine, ckpts, 1, {"step": 1}, {}, None, keep=2)
+    with open(Path(root) / "another_job", "wb") as f:  # fills the disk to its last block
+        try:
+            while True:
+                f.write(b"x" * 65536)
+                f.flush()
+        except OSError:
+            pass
+        os.truncate(f.name, os.path.getsize(f.name) - 200_000)  # leaves 200 KB: the model file fits, the rest not
+    try:
+        ds_checkpoint.save(engine, ckpts, 2, {"step": 2}, {}, None, keep=2)  # as if the room check had passed
+        error = "saved"
+    except RunError as e:
+        error = str(e)
+    complete = sorted(p.name for p in ckpts.glob("step_*") if (p / ds_checkpoint.COMPLETE).is_file())
+    print(json.dumps({"error": error, "latest": (ckpts / ds_checkpoint.LATEST).read_text(), "complete": complete}))
+    shutdown()
+
+
 def pretrain_ranks(config: str, overrides: str, rank1_overrides: str, rank1_blind: int) -> None:
     """launcher/pretrain.py's job on this rank, with `rank1_overrides` added on rank 1 and, when `rank1_blind`,
     rank 1 seeing no checkpoint at all (a stale listing of the checkpoint folder on a network filesystem)."""

@@ -8,12 +8,15 @@ rendezvous port is one line at once."""
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from pretrain_support import digits_shards, start_ranks, worker_of, write_config
+from pretrain_support import REPO, digits_shards, env, free_port, start_ranks, worker_of, write_config
 
 from igpt_ds.checkpoint import ds_checkpoint
 from igpt_ds.data.shards import ShardSplit
@@ -134,3 +137,134 @@ def test_a_busy_rendezvous_port_is_one_line_at_once(work, shards):
     [line] = error_lines(out)
     assert f"MASTER_PORT {port} on {socket.gethostname()} is in use" in line and "pick a free port" in line
     assert "Traceback" not in out and not (work / "port").exists()  # refused before anything was written
+
+
+def in_mount_namespace(mount_sh: str, driver: str) -> dict:
+    """Python `driver` run after shell `mount_sh` in a mount namespace of its own (the root of a new user namespace
+    may mount a tmpfs or remount a folder read-only: no privilege needed, nothing seen outside); the JSON `driver`
+    prints last."""
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-ec", f'{mount_sh}\nexec "$0" -c "$1"',
+         sys.executable, driver],
+        cwd=REPO, env=env(PYTHONPATH=f"{REPO}:{REPO / 'tests'}"), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_full_disk_is_one_line_before_the_save_and_the_run_resumes_once_there_is_room(work, shards):
+    """ChatGLM-6B#1166: run_root on a small tmpfs; the second save failed with a torch traceback ('unexpected pos',
+    'iostream error'), never 'No space left on device' nor the path. Nothing was lost: keep that."""
+    mnt = work / "small_disk"
+    mnt.mkdir()
+    config = write_config(work / "full.yaml", shards, mnt, ShardSplit(shards, "train").n_vocab,
+                          ds_config="ds_configs/cpu.json", max_steps=10, save_every=5, eval_every=0)  # fmt: skip
+    logs = work / "full_logs"
+    driver = f"""
+import json, subprocess
+from pathlib import Path
+from test_failures import launch
+root = Path({str(mnt)!r}) / "run" / "checkpoints"
+full = launch(Path({str(config)!r}), log_dir=Path({str(logs)!r}) / "full")
+kept = sorted(p.name for p in root.glob("step_*") if (p / "complete").is_file()), (root / "latest").read_text()
+subprocess.run(["mount", "-o", "remount,size=16m", {str(mnt)!r}], check=True)
+room = launch(Path({str(config)!r}), log_dir=Path({str(logs)!r}) / "room")
+print(json.dumps({{"full": full, "kept": kept, "room": room, "latest": (root / "latest").read_text()}}))
+"""
+    # A checkpoint of this run is ~1.0 MB: room for the run folder and one, not for a second beside it.
+    result = in_mount_namespace(f"mount -t tmpfs -o size=1600k tmpfs {mnt}", driver)
+    codes, out = result["full"]
+    assert codes == [3, 3], out[-3000:]
+    [line] = error_lines(out)
+    step_10, step_5 = root_of(mnt) / "step_00000010", root_of(mnt) / "step_00000005"
+    assert f"no room for checkpoint {step_10}" in line and "No space left on device" in line, line
+    assert f"{step_5} stays latest" in line and "Traceback" not in out
+    assert "warning: " in out and "while the next one is written" in out  # said at the start, before any step
+    assert result["kept"] == [["step_00000005"], "step_00000005"]
+    codes, out = result["room"]
+    assert codes == [0, 0], out[-3000:]
+    assert "at step 5" in out and result["latest"] == "step_00000010"
+
+
+def root_of(run_root: Path) -> Path:
+    return run_root / "run" / "checkpoints"
+
+
+def test_a_write_that_fails_mid_checkpoint_names_the_path_and_keeps_latest(work):
+    """Another job fills the disk after the room check: torch's writer fails without an errno ('unexpected pos');
+    the save says 'No space left on device' and the path, and the previous checkpoint stays latest."""
+    mnt = work / "filled_disk"
+    mnt.mkdir()
+    driver = f"""
+import json, os, sys
+sys.argv = ["rank_programs.py", "save_on_a_disk_that_fills", {str(mnt)!r}]
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str({free_port()}),
+                  SYNC_PORT=str({free_port()}))
+import rank_programs
+rank_programs.save_on_a_disk_that_fills({str(mnt)!r})
+"""
+    result = in_mount_namespace(f"mount -t tmpfs -o size=2m tmpfs {mnt}", driver)
+    ckpt = mnt / "checkpoints"
+    assert result["error"].startswith(f"could not write checkpoint {ckpt / 'step_00000002'} (No space left on device)")
+    assert f"{ckpt / 'step_00000001'} stays latest" in result["error"]
+    assert result["latest"] == "step_00000001" and result["complete"] == ["step_00000001"]
+
+
+def test_an_unwritable_run_folder_is_one_line_before_the_engine_is_built(work, shards):
+    """pytorch-lightning#21800: run_root on a read-only mount, or a file where a folder belongs: 30-39-line
+    tracebacks raised after the engine was built."""
+    blocker = work / "a_file"
+    blocker.write_text("not a folder")
+    config = config_for(work, shards, "unwritable")
+    codes, out = launch(config, f"--train.run_root={blocker / 'runs'}", log_dir=work / "unwritable_logs")
+    assert codes == [2, 2], out[-3000:]
+    [line] = error_lines(out)
+    assert f"cannot write the run folder {blocker / 'runs' / 'run'} (Not a directory)" in line
+    assert "set --train.run_root to a writable folder" in line and "engine:" not in out and "Traceback" not in out
+
+    read_only = work / "read_only"
+    read_only.mkdir()
+    driver = f"""
+import json
+from pathlib import Path
+from test_failures import launch
+logs = Path({str(work)!r}) / "ro_logs"
+print(json.dumps(launch(Path({str(config)!r}), "--train.run_root={read_only}", log_dir=logs)))
+"""
+    remount = f"mount --bind {read_only} {read_only}\nmount -o remount,ro,bind {read_only}"
+    codes, out = in_mount_namespace(remount, driver)
+    assert codes == [2, 2], out[-3000:]
+    [line] = error_lines(out)
+    assert f"cannot write the run folder {read_only / 'run'} (Read-only file system)" in line and "engine:" not in out
+
+
+def test_a_second_launch_into_a_live_run_folder_is_refused_and_a_killed_one_leaves_no_lock(work, shards):
+    """torchtune#481: two launches of the same run a second apart both trained into one folder (two sets of
+    TensorBoard events; once a crash mid-save)."""
+    config = config_for(work, shards, "twice", ds_config="ds_configs/cpu.json", max_steps=100000, save_every=100000,
+                        eval_every=0, log_every=20)  # fmt: skip
+    logs = work / "twice_logs"
+    logs.mkdir()
+    first = start_ranks(config, log_dir=logs)
+    holder = worker_of(first[0].pid)
+    try:
+        deadline = time.monotonic() + 240
+        while "step 20/" not in (logs / "rank0.log").read_text():
+            assert time.monotonic() < deadline and first[0].poll() is None, (logs / "rank0.log").read_text()[-3000:]
+            time.sleep(0.2)
+        codes, out = launch(config, log_dir=work / "twice_second_logs")
+        assert codes == [2, 2], out[-3000:]
+        [line] = error_lines(out)
+        run_dir = work / "twice" / "run"
+        who = f"host {socket.gethostname()}, pid {holder.pid},"
+        assert f"the run folder {run_dir} is in use by a live run ({who}" in line
+        assert len(list((run_dir / "tensorboard").glob("events.*"))) == 1  # the second wrote nothing
+    finally:
+        for p in [holder, *(worker_of(p.pid) for p in first if p.poll() is None and p is not first[0])]:
+            p.kill()  # SIGKILL: no cleanup runs, the lock file stays behind
+        for p in first:
+            p.kill() if p.poll() is None else None
+            p.wait(timeout=60)
+    assert (work / "twice" / "run" / ".lock").is_file()
+    codes, out = launch(config, "--train.max_steps=5", log_dir=work / "twice_third_logs")
+    assert codes == [0, 0], out[-3000:]  # the lock died with its process

@@ -46,12 +46,12 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 
-from igpt_ds.atomic import write_text
+from igpt_ds.atomic import unwritable, write_failure, write_text
 from igpt_ds.checkpoint.weights import (
     PALETTE_FILE,
     is_consolidated,
 )
-from igpt_ds.config import ConfigError, ModelConfig, build
+from igpt_ds.config import ConfigError, ModelConfig, RunError, build
 from igpt_ds.data.shards import ShardSplit
 from igpt_ds.distributed.process_group import barrier
 from igpt_ds.distributed.rank0 import on_rank0
@@ -77,8 +77,15 @@ def save(
     files: dict[str, str],
     palette: np.ndarray | None,
     keep: int,
+    need_bytes: int = 0,
 ) -> Path:
     """Write checkpoint `step` on every rank (collective); mark it complete and latest; keep `keep`.
+
+    RunError on every rank, before anything is written, when `root`'s filesystem has less free space than
+    `need_bytes` (the checkpoint's size, `plan.memory.checkpoint_bytes`; rank 0 asks, one statvfs); RunError on a
+    rank whose write fails for want of space or permission all the same (another job filled the disk meanwhile),
+    naming the path and the errno's meaning (torch's writer reports neither). Either way `latest` and the earlier
+    checkpoints stay as they were; the half-written folder lacks its `complete` marker and goes at the next save.
 
     `meta` (run.json: step, sampler state, topology) and `files` (name -> text) are written by rank 0. Whether the
     step is already saved (a rerun of a finished run) is rank 0's decision for every rank: a rank that decided from
@@ -88,18 +95,25 @@ def save(
     """
     rank = dist.get_rank()
     path = root / tag_for(step)
-    if on_rank0(lambda: prepare(root, path)) == "saved":
+    if on_rank0(lambda: prepare(root, path, need_bytes)) == "saved":
         return path
     # ds_to_universal refuses ZeRO-1/2 and pipeline checkpoints without this marker of the format.
     universal_info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-    engine.save_checkpoint(str(root), tag=path.name, client_state=universal_info, save_latest=False)
-    torch.save(rng_state(), path / f"rng_rank{rank:05d}.pt")
-    if rank == 0:
-        for name, text in files.items():
-            (path / name).write_text(text)
-        if palette is not None:
-            np.save(path / PALETTE_FILE, palette)
-        write_text(path / RUN_META, json.dumps(dict(meta, step=step), indent=2))
+    try:
+        engine.save_checkpoint(str(root), tag=path.name, client_state=universal_info, save_latest=False)
+        torch.save(rng_state(), path / f"rng_rank{rank:05d}.pt")
+        if rank == 0:
+            for name, text in files.items():
+                (path / name).write_text(text)
+            if palette is not None:
+                np.save(path / PALETTE_FILE, palette)
+            write_text(path / RUN_META, json.dumps(dict(meta, step=step), indent=2))
+    except (OSError, RuntimeError) as e:
+        why = write_failure(path, e)
+        if why is None:
+            raise
+        raise RunError(f"could not write checkpoint {path} ({why}); {kept(root)}; free space there (or fix its "
+                       "permissions), then rerun the same command to resume") from None  # fmt: skip
     barrier()  # every rank's files are written before the checkpoint counts
     if rank == 0:
         write_text(path / COMPLETE, "")
@@ -108,15 +122,25 @@ def save(
     return path
 
 
-def prepare(root: Path, path: Path) -> str:
+def prepare(root: Path, path: Path, need_bytes: int = 0) -> str:
     """Rank 0, before a save: "saved" when `path` is already a complete checkpoint; otherwise "write", with `root`
-    made and the leftovers of a save killed midway at `path` moved aside for deletion."""
+    made and the leftovers of a save killed midway at `path` moved aside for deletion. RunError when `root` cannot
+    take `need_bytes` more."""
     if (path / COMPLETE).is_file():
         return "saved"
-    root.mkdir(parents=True, exist_ok=True)
     if path.exists():
         discard(path, root)
+    why = unwritable(root, need_bytes)
+    if why is not None:
+        raise RunError(f"no room for checkpoint {path} ({why}); {kept(root)}; free space there, then rerun the "
+                       "same command to resume")  # fmt: skip
     return "write"
+
+
+def kept(root: Path) -> str:
+    """What a failed save leaves to resume from, as a clause."""
+    last = latest(root)
+    return f"{last} stays latest" if last is not None else "no checkpoint was written before"
 
 
 TRASH = ".trash"

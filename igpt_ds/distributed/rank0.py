@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from igpt_ds.config import ConfigError, flatten
+from igpt_ds.config import ConfigError, RunError, flatten
 from igpt_ds.distributed.process_group import collective_device
 
 T = TypeVar("T")
@@ -80,8 +80,8 @@ def on_rank0(fn: Callable[[], T], poll_s: float = 1.0) -> T:
     within `poll_s`, so no rank waits inside a collective for longer than that, however long the work
     takes, and a rank that dies still fails the others within the process group's timeout.
 
-    Errors: a `ConfigError` raised by `fn` is raised as the same ConfigError on every rank (one line, exit
-    2 at the entry points); any other exception is re-raised on rank 0 and a RuntimeError naming it on the
+    Errors: a `ConfigError` or `RunError` raised by `fn` is raised as the same error on every rank (one line,
+    exit 2 or 3 at the entry points); any other exception is re-raised on rank 0 and a RuntimeError naming it on the
     others. Without a process group (or in a world of one) it is `fn()`.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -95,6 +95,8 @@ def on_rank0(fn: Callable[[], T], poll_s: float = 1.0) -> T:
                 outcome[0] = ("ok", fn())
             except ConfigError as e:
                 outcome[0] = ("config", str(e))
+            except RunError as e:
+                outcome[0] = ("run", str(e))
             except BaseException as e:  # noqa: BLE001 - re-raised below, after the others are told
                 outcome[0] = ("error", f"{type(e).__name__}: {e}")
                 failure.append(e)
@@ -112,6 +114,8 @@ def on_rank0(fn: Callable[[], T], poll_s: float = 1.0) -> T:
     kind, value = shared[0]
     if kind == "config":
         raise ConfigError(value)
+    if kind == "run":
+        raise RunError(value)
     if kind == "error":
         if failure:
             raise failure[0]

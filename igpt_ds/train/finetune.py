@@ -52,6 +52,7 @@ from igpt_ds.distributed.rank0 import agree_on_config, on_rank0
 from igpt_ds.distributed.stop import StopSignal
 from igpt_ds.models.igpt import IGPT, Linear
 from igpt_ds.models.objectives import bert_mask, eval_bert_mask, objective_loss
+from igpt_ds.plan.memory import checkpoint_bytes
 from igpt_ds.train import loop, run_folder
 from igpt_ds.train.engine import (
     build_ds_config,
@@ -190,6 +191,7 @@ class Finetuner:
         agree_on_config(to_dict(cfg))
         policy = choose_policy(t, None, self.world)  # provisional: the model comes with its weights
         ds_config = build_ds_config(t, cfg.optim, self.world, policy=policy)  # checks before work
+        run_folder.claim(t.run_dir)  # this run's alone, and writable, before anything is read from or written to it
 
         def data_identity() -> dict[str, Any]:
             try:
@@ -216,6 +218,8 @@ class Finetuner:
         self.n_classes = len(self.train.class_names) or int(self.train.labels.max()) + 1
         policy = choose_policy(t, self.model_cfg, self.world)
         ds_config = build_ds_config(t, cfg.optim, self.world, model=self.model_cfg, policy=policy)
+        self.checkpoint_bytes = checkpoint_bytes(self.model_cfg, ds_config)
+        run_folder.check_room(t.run_dir, self.checkpoint_bytes, t.keep_checkpoints + 1)  # + best/
         if resuming is not None:
             ds_config, policy = resumed_engine_config(resuming, t, cfg.optim, self.world, self.model_cfg,
                                                                     policy)  # fmt: skip
@@ -387,7 +391,8 @@ class Finetuner:
     def save_to(self, root: str, keep: int) -> None:
         """A checkpoint of the current step under `<run>/<root>`, keeping `keep` (`best/` keeps one)."""
         loop.save_checkpoint(self.engine, self.cfg.train.run_dir / root, self.state["step"], self.sampler, self.data,
-                             "zero", self.world, self.files, self.palette, keep, finetune=self.state)  # fmt: skip
+                             "zero", self.world, self.files, self.palette, keep, self.checkpoint_bytes,
+                             finetune=self.state)  # fmt: skip
 
     def validate(self, step: int) -> bool:
         """Evaluate on val; on a new best save it to best/ and score it on test. True = stop early."""

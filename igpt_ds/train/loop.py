@@ -188,12 +188,14 @@ def save_checkpoint(
     files: dict[str, str],
     palette: np.ndarray | None,
     keep: int,
+    need_bytes: int = 0,
     **extra: Any,
 ) -> Path:
     """Checkpoint `step` under `root` with what a resume needs besides the engine's state: the sampler's position,
     the topology (world, data-parallel size, layout, ZeRO stage), the training data's identity and `extra` (a task's
-    own state). Collective; a deliberate host-device sync (the states leave the device)."""
+    own state). RunError when `root` has less room than `need_bytes` or a write fails (`ds_checkpoint.save`).
+    Collective; a deliberate host-device sync (the states leave the device)."""
     meta = {"sampler": sampler.state_dict(), "world_size": dist.get_world_size(), "dp_size": dp, "layout": layout,
             "zero_stage": zero_stage(engine.config), "data": data, **extra}  # fmt: skip
     with host_sync.deliberate():
-        return ds_checkpoint.save(engine, root, step, meta, files, palette, keep)
+        return ds_checkpoint.save(engine, root, step, meta, files, palette, keep, need_bytes)

@@ -37,6 +37,7 @@ from igpt_ds.distributed.stop import StopSignal
 from igpt_ds.models.igpt import IGPT
 from igpt_ds.models.objectives import keyed_bert_masks, objective_loss
 from igpt_ds.models.pipe import IGPTPipe, bert_pipe_batch
+from igpt_ds.plan.memory import checkpoint_bytes
 from igpt_ds.train import loop, run_folder
 from igpt_ds.train.engine import (
     Policy,
@@ -114,6 +115,8 @@ class Run:
     """The training split's identity (resume.data_identity), saved with every checkpoint."""
     policy: Policy
     """The DeepSpeed JSON and why (`engine.choose_policy`)."""
+    checkpoint_bytes: int
+    """One checkpoint's size (`plan.memory.checkpoint_bytes`): the room each save asks for first."""
     probe: LiveProbe | None = None
     """The live probe, when the shards have labels and train.probe_every asks for it."""
     reader: StepReader = field(init=False)
@@ -182,7 +185,8 @@ class Run:
     def save(self, step: int) -> None:
         root = self.cfg.train.run_dir / "checkpoints"
         loop.save_checkpoint(self.engine, root, step, self.sampler, self.data, self.cfg.train.layout, self.dp,
-                             self.files, self.train.palette, self.cfg.train.keep_checkpoints)  # fmt: skip
+                             self.files, self.train.palette, self.cfg.train.keep_checkpoints,
+                             self.checkpoint_bytes)  # fmt: skip
         self.metrics.print(f"step {step}: checkpoint {root / ds_checkpoint.tag_for(step)}")
 
     def say(self, line: str) -> None:
@@ -226,6 +230,9 @@ def setup(cfg: PretrainConfig) -> Run:
     agree_on_config(to_dict(cfg))
     policy = choose_policy(cfg.train, cfg.model, world)
     ds_config = build_ds_config(cfg.train, cfg.optim, world, model=cfg.model, policy=policy)  # checks before work
+    run_folder.claim(cfg.train.run_dir)  # this run's alone, and writable, before anything is read from it
+    ckpt_bytes = checkpoint_bytes(cfg.model, ds_config)
+    run_folder.check_room(cfg.train.run_dir, ckpt_bytes, cfg.train.keep_checkpoints)
     train_split, val_split = (open_shards(cfg.model, cfg.data, s) for s in (cfg.data.train_split, cfg.data.val_split))
     dp, t = dp_size(cfg.train, world), cfg.train
     data = resume.data_identity(train_split)
@@ -249,7 +256,8 @@ def setup(cfg: PretrainConfig) -> Run:
                       max_steps=cfg.train.max_steps, start_step=start_step)  # fmt: skip
     if resuming is not None:
         metrics.print(run_folder.resumed_line(resuming, start_step, t.reset_data_position))
-    run = Run(cfg, engine, metrics, train_split, val_split, sampler, dp_rank, dp, start_step, files, data, policy)
+    run = Run(cfg, engine, metrics, train_split, val_split, sampler, dp_rank, dp, start_step, files, data, policy,
+              ckpt_bytes)  # fmt: skip
     subset, why_off = on_rank0(lambda: choose_subset(cfg, train_split, val_split))  # one decision for every rank
     if subset is not None:
         run.probe = LiveProbe(engine, cfg, (train_split, val_split), dp_rank, dp, metrics, subset, start_step)

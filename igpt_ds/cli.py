@@ -103,22 +103,23 @@ def main(cls: type[T], run: Callable[[T], Any], description: str, argv: list[str
 
 
 def stalled_line(error: BaseException) -> str | None:
-    """The one line of a job whose collective timed out (train.dist_timeout_s), naming the ranks that do not answer
-    a roll call (`distributed.process_group.unanswering_ranks`); None for any other error."""
+    """The one line of a job whose collective failed because a rank stalled past train.dist_timeout_s or went
+    away, naming the ranks that do not answer a roll call (`distributed.process_group.unanswering_ranks`); None
+    for any other error."""
     import torch.distributed as dist
 
-    from igpt_ds.distributed.process_group import is_collective_timeout, unanswering_ranks
+    from igpt_ds.distributed.process_group import lost_peer, unanswering_ranks
 
-    if not (dist.is_initialized() and is_collective_timeout(error)):
+    how = lost_peer(error) if dist.is_initialized() else None
+    if how is None:
         return None
     missing = unanswering_ranks()
     who = ("rank 0, the rendezvous host, stopped answering" if missing is None
            else f"rank(s) {', '.join(map(str, missing))} stopped answering" if missing
            else "every rank answers now (a transient stall)")  # fmt: skip
-    return (
-        f"a collective waited longer than train.dist_timeout_s; {who}; check that rank's node (hung process, "
-        "lost network, out of memory), then rerun the same command to resume from the last checkpoint"
-    )
+    what = "waited longer than train.dist_timeout_s" if how == "timeout" else "lost a peer"
+    return (f"a collective {what}; {who} (a rank that ended says why in its own output; a hung one: check its "
+            "node); rerun the same command to resume from the last checkpoint")  # fmt: skip
 
 
 def run_entry(module: str, config: str, job: str, description: str, error_prefix: str = "error",

@@ -190,8 +190,12 @@ class TrainConfig:
     reset_data_position: bool = False
     """When resuming: continue from the checkpoint's weights, optimizer and step but start the data order
     afresh, for shards rebuilt since (more images) or a new train.seed; without it such a resume is refused."""
+    resume_fallback: bool = False
+    """When the checkpoint `latest` names is damaged (a truncated or missing file): resume from the newest intact
+    one before it, moving the damaged one aside as damaged_<tag>; without it such a resume is refused in one line."""
     dist_timeout_s: int = 600
-    """Collective timeout: a dead rank makes the others fail after this long instead of hanging."""
+    """Collective timeout, on every process group (DeepSpeed's too): a dead or stalled rank makes the others fail
+    after this long, naming it, instead of hanging."""
 
     def __post_init__(self) -> None:
         _require(self.layout in ("zero", "pipeline"), f"train.layout={self.layout!r} must be 'zero' or 'pipeline'")

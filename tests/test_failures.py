@@ -9,12 +9,15 @@ rendezvous port is one line at once."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pretrain_support import REPO, digits_shards, env, free_port, start_ranks, worker_of, write_config
 
@@ -268,3 +271,55 @@ def test_a_second_launch_into_a_live_run_folder_is_refused_and_a_killed_one_leav
     assert (work / "twice" / "run" / ".lock").is_file()
     codes, out = launch(config, "--train.max_steps=5", log_dir=work / "twice_third_logs")
     assert codes == [0, 0], out[-3000:]  # the lock died with its process
+
+
+def test_a_truncated_checkpoint_is_one_line_naming_the_file_and_a_fallback_only_when_asked(work, shards):
+    """metaseq#53: `latest` named a truncated checkpoint; the resume failed with `OSError: [Errno 22] Invalid
+    argument` from checkpoint.load, naming no file, with a complete checkpoint beside it."""
+    config = config_for(work, shards, "truncated", ds_config="ds_configs/cpu.json", max_steps=10, save_every=5,
+                        eval_every=0)  # fmt: skip
+    root = work / "truncated" / "run" / "checkpoints"
+    codes, out = launch(config, log_dir=work / "truncated_logs")
+    assert codes == [0, 0], out[-3000:]
+    cut = root / "step_00000010" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with open(cut, "r+b") as f:  # a copy or a save that stopped half-way
+        f.truncate(cut.stat().st_size // 2)
+
+    codes, out = launch(config, "--train.max_steps=15", log_dir=work / "truncated_logs")
+    assert codes == [2, 2], out[-3000:]
+    [line] = error_lines(out)
+    assert f"the checkpoint to resume, {root / 'step_00000010'}, is damaged: {cut} is truncated" in line
+    assert "--train.resume_fallback=true" in line and "Traceback" not in out
+    assert (root / "latest").read_text() == "step_00000010" and cut.is_file()  # nothing moved without asking
+
+    codes, out = launch(config, "--train.max_steps=15", "--train.resume_fallback=true", log_dir=work / "truncated_logs")
+    assert codes == [0, 0], out[-3000:]
+    assert f"moved aside to {root / 'damaged_step_00000010'}" in out and "at step 5" in out
+    assert (root / "damaged_step_00000010" / cut.name).is_file()  # kept for a look
+    assert (root / "latest").read_text() == "step_00000015"
+    assert (root / "step_00000010" / "complete").is_file()  # saved again from the resumed run
+
+
+def test_token_and_label_values_are_checked_where_they_enter(work, shards):
+    """nnUNet#291: a token file overwritten with values >= n_vocab (checksums off, the default) ended in
+    `IndexError: index out of range in self` mid-training; labels outside the class list went unseen."""
+    bad = work / "bad_tokens"
+    shutil.copytree(shards, bad)
+    tokens = bad / "train" / "shard-00000.tokens"
+    tokens.write_bytes(b"\xff" * tokens.stat().st_size)  # same size: only the values tell
+    config = write_config(work / "bad_tokens.yaml", bad, work / "bad_tokens_runs", ShardSplit(bad, "train").n_vocab)
+    codes, out = launch(config, log_dir=work / "bad_tokens_logs")
+    assert codes == [2, 2], out[-3000:]
+    [line] = error_lines(out)
+    assert re.search(rf"{re.escape(str(tokens))}: row \d+ holds token 65535, not below n_vocab=512", line), line
+    assert "Traceback" not in out
+
+    labels = bad / "val" / "shard-00000.labels.npy"
+    shutil.copy(shards / "train" / "shard-00000.tokens", tokens)
+    values = np.load(labels)
+    values[3] = 10  # the manifest names classes 0..9
+    np.save(labels, values)
+    codes, out = launch(config, log_dir=work / "bad_tokens_logs")
+    assert codes == [2, 2], out[-3000:]
+    [line] = error_lines(out)
+    assert f"{labels}: row 3 has label 10, outside the manifest's 10 classes" in line

@@ -71,13 +71,15 @@ def decide(
     seed: int,
     reset_data_position: bool,
     stage_from_checkpoint: bool = False,
+    fallback: bool = False,
 ) -> Resume | None:
     """Rank 0's answer for every rank: the checkpoint to resume from `root` (None: start fresh), after checking
     that it fits this run (see the module docstring); ConfigError otherwise. `model` None: the run takes its
     model from the checkpoint (fine-tuning), nothing to compare. `stage_from_checkpoint`: the run named no JSON and
     its default policy follows the checkpoint's ZeRO stage (1-3; `train.engine.choose_policy`), so a stage chosen
-    otherwise at another GPU count is no reason to refuse."""
-    ckpt = ds_checkpoint.latest(root)
+    otherwise at another GPU count is no reason to refuse. A damaged checkpoint (`ds_checkpoint.damage`) is a
+    ConfigError naming the file, or, with `fallback` (train.resume_fallback), moved aside for the one before it."""
+    ckpt = intact_latest(root, fallback)
     if ckpt is None:
         return None
     meta = ds_checkpoint.read_meta(ckpt)
@@ -122,6 +124,24 @@ def decide(
         )
     universal = (meta["world_size"], meta["dp_size"]) != (world, dp)
     return Resume(ckpt, meta, universal)
+
+
+def intact_latest(root: Path, fallback: bool) -> Path | None:
+    """The checkpoint `latest` names if intact; with `fallback`, the newest intact one, each damaged one newer than
+    it renamed damaged_<tag> (kept for a look; `latest` and the next saves no longer see it) with a printed line;
+    ConfigError naming the damaged file otherwise."""
+    while (ckpt := ds_checkpoint.latest(root)) is not None:
+        why = ds_checkpoint.damage(ckpt)
+        if why is None:
+            return ckpt
+        if not fallback:
+            raise ConfigError(f"the checkpoint to resume, {ckpt}, is damaged: {why}; restore it, or rerun with "
+                              "--train.resume_fallback=true to resume from the intact one before it")  # fmt: skip
+        aside = ckpt.with_name(f"damaged_{ckpt.name}")
+        ckpt.rename(aside)
+        print(f"warning: {why}; moved aside to {aside}; resuming from the checkpoint before it "
+              "(train.resume_fallback)", flush=True)  # fmt: skip
+    return None
 
 
 def resume_plan(run_dir: Path, **check: Any) -> Resume | None:

@@ -127,7 +127,10 @@ class ShardSplit:
     def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(tokens int64 (B, seq_len), labels int64 (B,)) for `indices`, in their order.
 
-        Rows are read shard by shard in increasing order, which keeps disk reads sequential.
+        Rows are read shard by shard in increasing order, which keeps disk reads sequential. ShardError naming the
+        file and row when a token is >= n_vocab (a file overwritten or built for another palette: without
+        data.verify_checksums nothing else sees it, and the embedding lookup would fail mid-run with an index error
+        naming nothing): one max over the rows just read, on the host, in the read-ahead thread.
         """
         indices = np.asarray(indices, dtype=np.int64)
         if indices.ndim != 1 or (len(indices) and (indices.min() < 0 or indices.max() >= len(self))):
@@ -141,7 +144,17 @@ class ShardSplit:
             if len(rows):
                 shard = int(shard_of[rows[0]])
                 tokens[order[rows]] = self._map(shard)[ordered[rows] - self._offsets[shard]]
+        if len(tokens) and tokens.max() >= self.n_vocab:
+            self._out_of_vocabulary(indices, tokens)
         return tokens, self.labels[indices]
+
+    def _out_of_vocabulary(self, indices: np.ndarray, tokens: np.ndarray) -> None:
+        row = int(np.flatnonzero(tokens.max(axis=1) >= self.n_vocab)[0])
+        i = int(indices[row])
+        shard = int(np.searchsorted(self._offsets, i, side="right")) - 1
+        raise ShardError(f"{self.root / self._shards[shard]['tokens']}: row {i - self._offsets[shard]} holds token "
+                         f"{int(tokens[row].max())}, not below n_vocab={self.n_vocab}: the file was overwritten or "
+                         "built with another palette; rebuild the shards")  # fmt: skip
 
     def _map(self, shard: int) -> np.ndarray:
         if self._maps[shard] is None:
@@ -167,6 +180,12 @@ class ShardSplit:
             raise ShardError(f"{path}: unreadable labels ({e})") from None
         if labels.shape != (shard["n"],) or labels.dtype != np.int64:
             raise ShardError(f"{path}: labels {labels.dtype} {labels.shape}, expected int64 ({shard['n']},)")
+        top = len(self.class_names) or np.iinfo(np.int64).max  # a labelled folder names its classes
+        bad = np.flatnonzero((labels < -1) | (labels >= top))
+        if len(bad):
+            classes = f"{len(self.class_names)} classes" if self.class_names else "labels"
+            raise ShardError(f"{path}: row {bad[0]} has label {labels[bad[0]]}, outside the manifest's {classes} "
+                             "(0..n-1, or -1 for none); rebuild the shards")  # fmt: skip
         return labels
 
 

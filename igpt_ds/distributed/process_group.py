@@ -117,11 +117,18 @@ def unanswering_ranks(wait_s: float = 15.0) -> list[int] | None:
         return None
 
 
-def is_collective_timeout(error: BaseException) -> bool:
-    """Whether `error` is a collective that timed out (gloo: 'Timed out waiting ...'; NCCL's watchdog: 'Watchdog
-    caught collective operation timeout')."""
+def lost_peer(error: BaseException) -> str | None:
+    """How a collective failed when a peer stalled or went away: 'timeout' (gloo: 'Timed out waiting ...'; NCCL's
+    watchdog: 'Watchdog caught collective operation timeout'), 'closed' (gloo: a peer's process ended: 'Connection
+    closed by peer', 'Connection reset by peer'); None for any other error."""
     text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text and "collective" in text)
+    if not isinstance(error, RuntimeError):
+        return None
+    if "timed out" in text or ("timeout" in text and "collective" in text):
+        return "timeout"
+    if any(k in text for k in ("connection closed by peer", "connection reset by peer", "broken pipe")):
+        return "closed"
+    return None
 
 
 def check_distinct_devices() -> None:

@@ -204,7 +204,8 @@ class Finetuner:
         resuming = resume.resume_plan(t.run_dir, model=None, layout="zero", world=self.world, dp=self.world,
                                          ds_config=ds_config, data=self.data, seed=t.seed,
                                          reset_data_position=t.reset_data_position,
-                                         stage_from_checkpoint=policy.follows_checkpoint)  # fmt: skip
+                                         stage_from_checkpoint=policy.follows_checkpoint,
+                                         fallback=t.resume_fallback)  # fmt: skip
         ckpt = resuming.ckpt if resuming is not None else None
         if ckpt is None:
             init = export.consolidated_for_ranks(t.init_from, t.run_dir / "init_weights")

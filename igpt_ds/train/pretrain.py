@@ -239,7 +239,7 @@ def setup(cfg: PretrainConfig) -> Run:
     # One decision for every rank, by rank 0, checked against this run before anything is built.
     resuming = resume.resume_plan(t.run_dir, model=cfg.model, layout=t.layout, world=world, dp=dp, ds_config=ds_config,
                               data=data, seed=t.seed, reset_data_position=t.reset_data_position,
-                              stage_from_checkpoint=policy.follows_checkpoint)  # fmt: skip
+                              stage_from_checkpoint=policy.follows_checkpoint, fallback=t.resume_fallback)  # fmt: skip
     if resuming is not None:
         ds_config, policy = resumed_engine_config(resuming, t, cfg.optim, world, cfg.model, policy)
     init = load_init(cfg) if cfg.train.init_from and resuming is None else None

@@ -19,10 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from eval_support import run_entry, synthetic_features
 from pretrain_support import REPO, digits_shards, env, free_port, start_ranks, worker_of, write_config
 
 from igpt_ds.checkpoint import ds_checkpoint
+from igpt_ds.checkpoint.weights import save_consolidated
+from igpt_ds.config import ModelConfig
 from igpt_ds.data.shards import ShardSplit
+from igpt_ds.models.igpt import IGPT
 
 pytestmark = pytest.mark.multiproc
 
@@ -323,3 +327,41 @@ def test_token_and_label_values_are_checked_where_they_enter(work, shards):
     assert codes == [2, 2], out[-3000:]
     [line] = error_lines(out)
     assert f"{labels}: row 3 has label 10, outside the manifest's 10 classes" in line
+
+
+def test_non_finite_features_are_an_error_before_any_fit_not_a_lower_accuracy(work):
+    """accord-net#803: NaN in a train part ended in `ValueError: cannot convert float NaN to integer`; NaN in 64 of
+    360 test rows gave 39.17% instead of 45.00%, exit 0, `complete: true`, no warning."""
+
+    def nan_rows(split: str, x: np.ndarray) -> np.ndarray:
+        if split == "test":
+            x[::5][:64] = np.nan  # 64 rows spread over both ranks' shares
+        return x
+
+    features = synthetic_features(work / "nan_test", {"train": 240, "val": 120, "test": 360}, transform=nan_rows)
+    result = run_entry("linear_probe", "--features", str(features), "--pixels=false", nprocs=2)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{features / 'test'}: 64 of 360 rows hold non-finite features (layer 0)" in result.stderr
+    assert not (features / "probe" / "probe.json").exists()  # no result reported, complete or not
+
+    inf_train = lambda split, x: np.where(np.arange(len(x))[:, None] == 7, np.inf, x) if split == "train" else x
+    features = synthetic_features(work / "inf_train", {"train": 240, "val": 120, "test": 120}, transform=inf_train)
+    result = run_entry("linear_probe", "--features", str(features))
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{features / 'train'}: 1 of 240 rows hold non-finite features (layer 0)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_that_gives_non_finite_features_is_refused_at_extraction(work, shards):
+    """A checkpoint of a run that diverged (or bf16 overflowing) gives NaN features: refused at extraction, naming
+    the split and image, before any part of them is kept."""
+    cfg = ModelConfig(size="igpt-tiny", n_px=8, n_vocab=ShardSplit(shards, "train").n_vocab)
+    state = IGPT(cfg, seed=0).state_dict()
+    state["h.1.mlp.c_fc.weight"][0, 0] = float("nan")
+    ckpt = save_consolidated(work / "nan_weights", cfg, state, ShardSplit(shards, "train").palette)
+    out = work / "nan_features"
+    result = run_entry("extract_features", "--checkpoint", str(ckpt), "--shards", str(shards), "--out", str(out))
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(rf"{re.escape(str(out / 'train'))}: the model gives non-finite features for image \d+",
+                     result.stderr)  # fmt: skip
+    assert not (out / "train" / "index.json").exists() and "Traceback" not in result.stderr

@@ -143,21 +143,28 @@ def extract_parts(
                     out = eval_features(model, tokens, layers, masks)
                     copy = HostCopy(torch.stack([out[l].float() for l in layers]))  # (layers, B, C)
                     if pending is not None:
-                        bar.update(write_rows(feats, pixels, *pending, split.palette, channels))
+                        bar.update(write_rows(feats, pixels, *pending, split.palette, channels, start, out_dir))
                     pending = (a - start, numpy_tokens, copy)
                 if pending is not None:
-                    bar.update(write_rows(feats, pixels, *pending, split.palette, channels))
+                    bar.update(write_rows(feats, pixels, *pending, split.palette, channels, start, out_dir))
     bar.close()
     return len(mine)
 
 
 def write_rows(
     feats: np.ndarray, pixels: np.ndarray, row: int, tokens: np.ndarray, copy: HostCopy, palette: np.ndarray,
-    channels: int,
+    channels: int, part_start: int, out_dir: Path,
 ) -> int:  # fmt: skip
-    """Write one batch's features (once their copy has landed) and decoded pixels at `row` of a part; its size."""
+    """Write one batch's features (once their copy has landed) and decoded pixels at `row` of a part; its size.
+    ConfigError when a feature is NaN or infinite (a diverged checkpoint, or bf16 overflowing): the part is not
+    kept, and a probe never sees it. A pass over the batch's features on the host, which the write makes anyway."""
     n = len(tokens)
-    feats[:, row : row + n] = copy.numpy()
+    values = copy.numpy()
+    if not np.isfinite(values).all():
+        first = part_start + row + int(np.flatnonzero(~np.isfinite(values).all(axis=(0, 2)))[0])
+        raise ConfigError(f"{out_dir}: the model gives non-finite features for image {first} of the split; check "
+                          "the checkpoint (a diverged run) or extract with --precision=fp32")  # fmt: skip
+    feats[:, row : row + n] = values
     pixels[row : row + n] = decode(tokens, palette)[..., :channels].reshape(n, -1)
     return n
 

@@ -175,6 +175,7 @@ def run_task(
         x = torch.from_numpy(task.rows(s, mine)).to(device)
         target = torch.from_numpy(np.searchsorted(classes, s.labels[mine.start : mine.stop])).to(device)
         data[k] = (x, target, s.n)
+    check_finite(task, splits, {k: x for k, (x, _, _) in data.items()})
     scaler = logreg.Scaler.fit(data["train"][0], data["train"][2])  # train statistics only, for every split
     for x, _, _ in data.values():
         scaler.apply_(x)
@@ -188,6 +189,19 @@ def run_task(
     best = ProbeResult(task.name, task.layers, dim, C, val_acc, accuracy(model, "test"), model.converged)
     best.seconds = time.perf_counter() - tic
     return best
+
+
+def check_finite(task: ProbeTask, splits: Splits, rows: dict[str, torch.Tensor]) -> None:
+    """ConfigError, on every rank, when any split's rows of the task's columns hold a NaN or an infinity: on train
+    they would poison the fit, on val or test they would be scored as wrong answers, a lower accuracy reported
+    as a result. One pass over the rows in memory and one all-reduce of 3 counts, per probe. Collective."""
+    bad = torch.stack([(~torch.isfinite(x)).any(dim=1).sum() for x in rows.values()]).to(torch.float64)
+    counts = logreg.all_reduce(bad.to(process_group.collective_device())).tolist()
+    for s, n_bad in zip(splits.values(), counts, strict=True):
+        if n_bad:
+            raise ConfigError(f"{s.path}: {int(n_bad)} of {s.n} rows hold non-finite features ({task.name}); "
+                              "extract them again (--precision=fp32 if bf16 overflowed; a diverged checkpoint "
+                              "gives NaN everywhere) before probing")  # fmt: skip
 
 
 def make_report(splits: Splits, rows: list[ProbeResult], settings: dict, complete: bool) -> dict:

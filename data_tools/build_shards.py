@@ -48,7 +48,7 @@ from tqdm import tqdm
 from data_tools import UserError
 from data_tools.images import RESIZE_MODES, load_rgb
 from data_tools.sources import Source, Split, hold_out_val, open_source, split_sources, with_test_labels
-from igpt_ds.atomic import publish_dir
+from igpt_ds.atomic import publish_dir, unwritable, write_failure
 from igpt_ds.data.palette import MAX_K, PaletteError, encode, fit_palette, load_palette, palette_lut
 from igpt_ds.data.shards import FORMAT_VERSION, MANIFEST, TOKEN_DTYPE, ShardError
 
@@ -117,6 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, PaletteError, ShardError) as e:
         print(f"igpt-build-shards: error: {printable(' '.join(str(e).split()))}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk filled up or went read-only mid-build: the temporary folder is gone already
+        why = write_failure(args.out, e)
+        if why is None:
+            raise
+        print(
+            f"igpt-build-shards: error: cannot write --out {printable(str(args.out))} ({why}); nothing was "
+            "published (an older build there is kept); free space or fix permissions and rerun",
+            file=sys.stderr,
+        )
+        return 3
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
@@ -146,7 +156,10 @@ def build(args: argparse.Namespace) -> Path:
     source = hold_out_val(source, args.val_fraction, args.seed)
     if args.strict and source.problems:
         raise UserError(f"{source.problems[0][0]}: {source.problems[0][1]} (--strict)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    need = sum(len(split) for split in source.splits.values()) * args.n_px**2 * TOKEN_DTYPE.itemsize
+    why = unwritable(out.parent, need)  # tokens, 2 bytes a pixel; labels add 8 bytes an image
+    if why is not None:
+        raise UserError(f"cannot write --out {args.out} ({why}); choose a writable folder with room")
     _remove_stale(out)
     tmp = _sibling(out, "tmp")
     tmp.mkdir()

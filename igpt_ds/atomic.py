@@ -103,6 +103,8 @@ def unwritable(folder: str | Path, need_bytes: int = 0) -> str | None:
             os.fsync(f.fileno())
         probe.unlink()
         free = free_bytes(folder)
+    except FileExistsError:  # mkdir met a file where a folder of the path belongs
+        return os.strerror(errno.ENOTDIR)
     except OSError as e:
         return e.strerror or str(e)
     if free < need_bytes:

@@ -365,3 +365,29 @@ def test_a_checkpoint_that_gives_non_finite_features_is_refused_at_extraction(wo
     assert re.search(rf"{re.escape(str(out / 'train'))}: the model gives non-finite features for image \d+",
                      result.stderr)  # fmt: skip
     assert not (out / "train" / "index.json").exists() and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("job", ["extract_features", "sample", "linear_probe", "build_shards"])
+def test_every_entry_point_refuses_an_unwritable_output_in_one_line_before_its_work(work, shards, job):
+    """The same kind of fault as the run folder's, at each entry point that writes: a file where the output folder
+    belongs."""
+    blocker = work / f"file_{job}"
+    blocker.write_text("not a folder")
+    out = blocker / "out"
+    ckpt = work / "any_weights"
+    if not ckpt.exists():
+        cfg = ModelConfig(size="igpt-tiny", n_px=8, n_vocab=ShardSplit(shards, "train").n_vocab)
+        save_consolidated(ckpt, cfg, IGPT(cfg, seed=0).state_dict(), ShardSplit(shards, "train").palette)
+    if job == "build_shards":
+        cmd = [sys.executable, "-m", "data_tools.build_shards", "digits", "--out", str(out), "--n-px", "8"]
+        result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        line = f"cannot write --out {out} (Not a directory)"
+    elif job == "linear_probe":
+        features = synthetic_features(work / "probe_features", {"train": 40, "val": 20, "test": 20})
+        result = run_entry(job, "--features", str(features), "--out", str(out))
+        line = f"cannot write --out={out} (Not a directory)"
+    else:
+        result = run_entry(job, "--checkpoint", str(ckpt), "--shards", str(shards), "--out", str(out))
+        line = f"cannot write --out={out} (Not a directory)"
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert line in result.stderr and "Traceback" not in result.stderr

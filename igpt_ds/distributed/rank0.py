@@ -4,7 +4,8 @@
 checkpoint or consolidates weights, and every rank receives its result, so ranks never act on different views of the
 filesystem, and no rank waits for long work inside a timed collective. `on_every_rank(fn)` shares work of uneven
 length among the ranks the same way; `tensor_from_rank0` sends a tensor rank 0 read to every rank;
-`agree_on_config` refuses ranks that parsed different configurations.
+`agree_on_config` refuses ranks that parsed different configurations; `check_output` asks once whether a job's
+output folder can take its output.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from igpt_ds.atomic import unwritable
 from igpt_ds.config import ConfigError, RunError, flatten
 from igpt_ds.distributed.process_group import collective_device
 
@@ -156,3 +159,16 @@ def on_every_rank(fn: Callable[[], T], poll_s: float = 1.0) -> list[T]:
         if kind == "error":
             raise RuntimeError(f"rank {rank} failed: {value}")
     return [value for _, value in outcomes]
+
+
+def check_output(folder: str | Path, flag: str, need_bytes: int = 0) -> None:
+    """ConfigError on every rank, before a job's work, when `folder` (the job's output, named by `flag`) cannot be
+    made or written, or has less free space than `need_bytes`: one line naming the folder and the errno's meaning
+    (`atomic.unwritable`). Rank 0 asks, a few system calls; collective."""
+
+    def work() -> None:
+        why = unwritable(folder, need_bytes)
+        if why is not None:
+            raise ConfigError(f"cannot write {flag}={folder} ({why}); choose a writable folder with room")
+
+    on_rank0(work)

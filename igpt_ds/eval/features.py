@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from igpt_ds import host_sync
+from igpt_ds.atomic import unwritable
 from igpt_ds.checkpoint.ds_checkpoint import check_palette, read_meta, resolve
 from igpt_ds.checkpoint.export import load_model_for_ranks
 from igpt_ds.checkpoint.weights import is_consolidated
@@ -46,7 +47,7 @@ from igpt_ds.data.prefetch import HostBatch, HostCopy, pins, read_ahead, to_devi
 from igpt_ds.data.shards import ShardSplit, open_shards
 from igpt_ds.distributed import process_group
 from igpt_ds.distributed.process_group import init_distributed
-from igpt_ds.distributed.rank0 import on_rank0
+from igpt_ds.distributed.rank0 import check_output, on_rank0
 from igpt_ds.eval.feature_store import finish_split, missing_parts, part_writer, prepare_split, split_plan
 from igpt_ds.models.igpt import IGPT
 from igpt_ds.models.inference import autocast, inference_dtype
@@ -175,6 +176,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Path]:
     Every rank first computes its parts of every split; rank 0 alone then waits for the others' parts and
     writes the indexes, while the other ranks are free to exit."""
     rank, world = init_distributed(cfg.dist_timeout_s)
+    check_output(cfg.out, "--out")  # before the weights are converted into it
     device = process_group.device()
     model, model_cfg, palette = load_model_for_ranks(cfg.checkpoint, Path(cfg.out) / "weights", device)
     layers = resolve_layers(cfg.layers, model_cfg.n_layer)
@@ -193,6 +195,11 @@ def extract(cfg: ExtractConfig) -> dict[str, Path]:
                     f"{len(split)}; the probe needs labels for every image: build the shards from a labelled source"
                 )
         plans = {k: split_plan(split, layers, model_cfg.n_embd, cfg.batch_size, source) for k, split in splits.items()}
+        need = sum(p["n"] * (4 * len(p["layers"]) * p["dim"] + p["seq_len"] * p["channels"]) for p in plans.values())
+        why = unwritable(cfg.out, need)  # float32 features of every layer and the uint8 pixels, every split
+        if why is not None:
+            raise ConfigError(f"no room for the features in out={cfg.out} ({why}); choose another folder or fewer "
+                              "--layers")  # fmt: skip
         return {name: (plan, prepare_split(Path(cfg.out) / name, plan)) for name, plan in plans.items()}
 
     decisions = on_rank0(decide)

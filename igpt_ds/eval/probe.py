@@ -41,7 +41,7 @@ from igpt_ds.config import ConfigError
 from igpt_ds.data.sampler import rank_rows
 from igpt_ds.distributed import process_group
 from igpt_ds.distributed.process_group import init_distributed, rank_and_world
-from igpt_ds.distributed.rank0 import gather_objects, on_rank0
+from igpt_ds.distributed.rank0 import check_output, gather_objects, on_rank0
 from igpt_ds.eval import logreg
 from igpt_ds.eval.feature_store import FeatureSplit
 from igpt_ds.eval.plots import plot_probe
@@ -282,6 +282,7 @@ def linear_probe(cfg: ProbeConfig) -> dict:
         raise ConfigError("solver=sklearn fits on one rank; run one process, or use --solver=torch on several")
     names = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
     out = Path(cfg.out or Path(cfg.features) / "probe")
+    check_output(out, "--out")
 
     def prepare() -> tuple[list[int], list[float], list[dict]]:
         """Rank 0 checks the features and labels and reads the probes a previous run finished, for all ranks."""

@@ -34,7 +34,7 @@ from igpt_ds.data.sampler import rank_rows
 from igpt_ds.data.shards import open_shards
 from igpt_ds.distributed import process_group
 from igpt_ds.distributed.process_group import barrier, init_distributed
-from igpt_ds.distributed.rank0 import gather_objects
+from igpt_ds.distributed.rank0 import check_output, gather_objects
 from igpt_ds.eval.plots import image_grid, save_png
 from igpt_ds.models.igpt import IGPT
 from igpt_ds.models.inference import autocast, inference_dtype
@@ -176,6 +176,7 @@ def sample(cfg: SampleConfig) -> dict[str, Path]:
     """Completions of real images and unconditional samples (every rank samples a slice); rank 0 writes
     the PNG grids, the tokens and TensorBoard images. Returns the paths written (rank 0)."""
     rank, world = init_distributed(cfg.dist_timeout_s)
+    check_output(cfg.out, "--out")  # before the weights are converted into it
     device = process_group.device()
     model, model_cfg, palette = load_model_for_ranks(cfg.checkpoint, Path(cfg.out) / "weights", device)
     gen = dict(temperature=cfg.temperature, top_k=cfg.top_k, precision=cfg.precision)

@@ -90,6 +90,11 @@ def test_a_diverged_run_stops_before_saving_and_keeps_its_good_checkpoints(work,
     assert "at step 10" in out and "step 20/20" in out
     assert ds_checkpoint.read_meta(ds_checkpoint.latest(root))["step"] == 20
 
+    # A rerun with nothing left to train says so.
+    codes, out = launch(config, "--train.max_steps=15", log_dir=work / "diverge_logs")
+    assert codes == [0, 0], out[-3000:]
+    assert "nothing to train: the checkpoint is at step 20 and train.max_steps=15" in out
+
 
 def test_a_stalled_rank_ends_the_job_within_its_timeout_naming_the_rank(work, shards):
     """DeepSpeed#7044: SIGSTOP one worker of a 2-rank ZeRO-1 run; the other waited in ZeRO's gradient all-reduce

@@ -103,11 +103,16 @@ def train_loop(
     short); otherwise they are waited for."""
     last_step = train.stop_at or train.max_steps
     step, stopped_by = start_step, 0
+    if start_step >= last_step and not done:
+        which = "train.stop_at" if train.stop_at else "train.max_steps"
+        task.say(f"nothing to train: the checkpoint is at step {start_step} and {which}={last_step}; raise "
+                 f"--{which} to train on")  # fmt: skip
     sums, steps, waited, tic = None, 0, 0.0, time.perf_counter()
-    # Divergence, read only at checks: a device flag (a non-finite figure among the task's returns: one tiny kernel
-    # a step, no sync) and the steps DeepSpeed skipped for non-finite gradients (a host counter). Under fp16 a
-    # skipped step is the loss scaler at work, not divergence.
-    unhealthy, fp16 = None, precision(engine.config) == "fp16"
+    # Divergence, read only at checks, at no cost per step: the task's figures summed over a log window are
+    # non-finite when any step's were (NaN and inf survive a sum), tested when a window closes and at checks (a
+    # device flag, no sync); and the steps DeepSpeed skipped for non-finite gradients (a host counter). Under
+    # fp16 a skipped step is the loss scaler at work, not divergence.
+    flagged, fp16 = None, precision(engine.config) == "fp16"
     skipped_at_check, checked_at, saved_at = engine.skipped_steps, start_step, start_step
     with host_sync.hot():
         while not done and step < last_step:
@@ -116,24 +121,26 @@ def train_loop(
             batches = reader.take(step)
             waited += time.perf_counter() - before
             out = task.step(batches, step)
-            bad = ~torch.isfinite(out).all()
-            unhealthy = bad if unhealthy is None else unhealthy | bad
             sums = out if sums is None else sums + out
             step, steps = step + 1, steps + 1
             if step % train.log_every == 0 or step == last_step:
                 task.log(step, sums, lrs, Window(steps, time.perf_counter() - tic, waited))
+                flagged = either(flagged, ~torch.isfinite(sums).all())
                 sums, steps, waited, tic = None, 0, 0.0, time.perf_counter()
             done = task.after_step(step)
             save_due = step % train.save_every == 0 or done or step == last_step
+            checking, unhealthy = step % stop.every == 0 or save_due, None
+            if checking:
+                unhealthy = either(flagged, None if sums is None else ~torch.isfinite(sums).all())
+                if save_due:  # an update can make weights non-finite after a finite loss (ZeRO-3 skips no step)
+                    unhealthy = either(unhealthy, ~finite_weights(engine))
             skipped = 0 if fp16 else engine.skipped_steps - skipped_at_check
-            if save_due:  # a step's update can make weights non-finite after its finite loss (ZeRO-3 skips nothing)
-                unhealthy = unhealthy | ~finite_weights(engine)
             agreed = stop.check(step, force=save_due, unhealthy=unhealthy, skipped=skipped)
             if agreed.diverged:
                 reader.close()
                 raise RunError(diverged_line(checked_at, step, saved_at))
-            if step % stop.every == 0 or save_due:
-                unhealthy, skipped_at_check, checked_at = None, engine.skipped_steps, step
+            if checking:
+                flagged, skipped_at_check, checked_at = None, engine.skipped_steps, step
             stopped_by = agreed.signal
             if save_due or stopped_by:
                 task.save(step)
@@ -146,6 +153,11 @@ def train_loop(
         ds_checkpoint.wait_for_deletions()
     reader.close()
     return LoopEnd(step, stopped_by, done)
+
+
+def either(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """Logical or of two device flags, either of which may be absent."""
+    return b if a is None else a if b is None else a | b
 
 
 def finite_weights(engine: Any) -> Tensor:

@@ -9,6 +9,7 @@ rendezvous port is one line at once."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -396,3 +397,29 @@ def test_every_entry_point_refuses_an_unwritable_output_in_one_line_before_its_w
         line = f"cannot write --out={out} (Not a directory)"
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     assert line in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cpu_ranks_split_the_cores_when_nothing_sets_omp_threads(monkeypatch):
+    """The deepspeed launcher leaves OMP_NUM_THREADS unset and each rank started one thread per core (20% slower on
+    2 CPU ranks, bench/results/cpu_threads.md); a value the user or launcher set is kept."""
+    import torch
+
+    from igpt_ds.distributed.process_group import cpu_threads
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        for key in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                    "SLURM_NTASKS_PER_NODE"):  # fmt: skip
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("LOCAL_SIZE", "2")  # the deepspeed launcher: 2 ranks on this node
+        assert cpu_threads() == max(1, cores // 2) == torch.get_num_threads()
+        assert os.environ["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert cpu_threads() is None  # set by the user: kept
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.delenv("LOCAL_SIZE")
+        monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1(x4)")
+        assert cpu_threads() is None  # one rank a node: torch's default stands
+    finally:
+        torch.set_num_threads(before)

@@ -14,6 +14,8 @@ What a checkpoint depends on, and what happens when it changed since it was writ
 | LR, warmup, schedule, max_steps, stop_at, | supported: the schedule of the new config from the restored step |
 | betas, eps, weight decay                  | (`train.engine.apply_schedule`)                                  |
 | log / eval / save cadence, keep, timeouts | supported                                                        |
+| train.global_batch, train.micro_batch     | supported: the data position is counted in images, the schedule  |
+|                                           | in steps; micro_batch changes only gradient accumulation         |
 | training images (shards rebuilt), seed    | refused; `train.reset_data_position=true` continues from the     |
 |                                           | weights, optimizer and step with the data order started afresh   |
 | palette                                   | refused (tokens would mean other colours)                       |
@@ -22,7 +24,8 @@ What a checkpoint depends on, and what happens when it changed since it was writ
 |                                           | run naming no JSON keeps its checkpoint's stage at any GPU count |
 
 Each refusal is a ConfigError naming the checkpoint, what changed (then and now) and the ways out, raised
-before the engine is built.
+before the engine is built. A damaged checkpoint (a truncated or missing file) is refused naming the file;
+train.resume_fallback=true resumes from the intact one before it instead (`intact_latest`).
 """
 
 from __future__ import annotations

@@ -91,20 +91,23 @@ def gib(n: float) -> str:
 def unwritable(folder: str | Path, need_bytes: int = 0) -> str | None:
     """Why `folder` cannot take an output of `need_bytes`, as the end of a sentence naming it ('Read-only file
     system', 'Not a directory', '12.0 MiB free, 20.0 MiB needed (No space left on device)'); None when it can.
-    Makes `folder` (and its parents) if missing, writes and removes a small probe file, reads the free space: a
-    few system calls, once before a job's work (and before each checkpoint)."""
-    folder = Path(folder)
+    Asks `folder`, or the nearest folder above it that exists when it is missing (the one a job's mkdir would write
+    in): writes and removes a small probe file there and reads the free space. Makes nothing, so a job that then
+    refuses its inputs leaves no empty output folder behind. A few system calls, once before a job's work (and
+    before each checkpoint)."""
+    here = Path(folder)
+    while not here.exists() and here != here.parent:  # a file on the path stops the walk: Not a directory
+        here = here.parent
+    if not here.is_dir():
+        return os.strerror(errno.ENOTDIR)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
+        probe = here / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
         with open(probe, "xb") as f:
             f.write(b"0" * 4096)
             f.flush()
             os.fsync(f.fileno())
         probe.unlink()
-        free = free_bytes(folder)
-    except FileExistsError:  # mkdir met a file where a folder of the path belongs
-        return os.strerror(errno.ENOTDIR)
+        free = free_bytes(here)
     except OSError as e:
         return e.strerror or str(e)
     if free < need_bytes:

@@ -423,3 +423,19 @@ def test_cpu_ranks_split_the_cores_when_nothing_sets_omp_threads(monkeypatch):
         assert cpu_threads() is None  # one rank a node: torch's default stands
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_resume_with_another_global_and_micro_batch_continues_the_data_position(work, shards):
+    """Item 10: a resume with another train.global_batch / train.micro_batch works; the data position is counted in
+    images, so the resumed run starts at the first image the checkpoint had not consumed."""
+    config = config_for(work, shards, "rebatch", ds_config="ds_configs/cpu.json", max_steps=5, save_every=5,
+                        eval_every=0)  # fmt: skip
+    root = work / "rebatch" / "run" / "checkpoints"
+    codes, out = launch(config, log_dir=work / "rebatch_logs")
+    assert codes == [0, 0], out[-3000:]
+    assert ds_checkpoint.read_meta(root / "step_00000005")["sampler"]["consumed"] == 5 * 16
+    codes, out = launch(config, "--train.max_steps=10", "--train.global_batch=32", "--train.micro_batch=8",
+                        log_dir=work / "rebatch_logs")  # fmt: skip
+    assert codes == [0, 0], out[-3000:]
+    assert "at step 5" in out and "step 10/10" in out
+    assert ds_checkpoint.read_meta(root / "step_00000010")["sampler"]["consumed"] == 5 * 16 + 5 * 32

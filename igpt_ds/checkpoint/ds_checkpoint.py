@@ -134,6 +134,7 @@ def prepare(root: Path, path: Path, need_bytes: int = 0) -> str:
     if why is not None:
         raise RunError(f"no room for checkpoint {path} ({why}); {kept(root)}; free space there, then rerun the "
                        "same command to resume")  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
     return "write"
 
 

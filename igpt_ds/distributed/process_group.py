@@ -248,7 +248,7 @@ def device() -> torch.device:
 
 def collective_device() -> torch.device:
     """Where the default group's collectives take their tensors: the accelerator under NCCL (and the like),
-    the CPU under gloo."""
-    if dist.get_backend() == "gloo":
+    the CPU under gloo or without a process group (one process: collectives are no-ops there)."""
+    if not dist.is_initialized() or dist.get_backend() == "gloo":
         return torch.device("cpu")
     return torch.device(get_accelerator().current_device_name())

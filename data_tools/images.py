@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import io
+import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
@@ -73,16 +75,20 @@ def load_rgb(item: str | np.ndarray, n_px: int, mode: str = "center-crop", draft
     from full decoding + resize (bench/results/README.md measures both). Raises whatever Pillow raises for
     unreadable, truncated or non-image files.
     """
+    return np.asarray(square(_open_rgb(item, 2 * n_px if draft else None), n_px, mode), dtype=np.uint8)
+
+
+def _open_rgb(item: str | np.ndarray, draft_px: int | None) -> Image.Image:
+    """A file path or a uint8 array as an RGB image as displayed; a JPEG decoded at the smallest DCT scale that
+    keeps both sides >= draft_px (None: full size)."""
     if isinstance(item, np.ndarray):
-        img = to_rgb(Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item))
-    else:
-        with Image.open(item) as f:
-            if f.format == "JPEG" and draft:
-                # Full-size decoding would dominate the time to shard ImageNet.
-                f.draft(None, (2 * n_px, 2 * n_px))
-            f.load()
-            img = to_rgb(as_displayed(f))
-    return np.asarray(square(img, n_px, mode), dtype=np.uint8)
+        return to_rgb(Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item))
+    with Image.open(item) as f:
+        if f.format == "JPEG" and draft_px is not None:
+            # Full-size decoding would dominate the time to shard ImageNet.
+            f.draft(None, (draft_px, draft_px))
+        f.load()
+        return to_rgb(as_displayed(f))
 
 
 def as_displayed(img: Image.Image) -> Image.Image:
@@ -107,3 +113,57 @@ def _to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
                                        "RGBA" if "A" in mode else "RGB")  # fmt: skip
     except (ImageCms.PyCMSError, OSError):
         return None
+
+
+@dataclass(frozen=True)
+class ViewTransform:
+    """The paper's pretraining crop ("Dataset and Data Augmentation", after Inception's random resized crop): the
+    image resized so its short side is a random size S, uniform in `short_side`, a random `crop` x `crop` square
+    cut from it, downsampled to n_px. Only ratios matter, so it is applied without the intermediate resize: the
+    square's side is crop / S of the image's short side (224/384 to 224/256, 0.58 to 0.875, by default) at a
+    uniform random position, resampled to n_px once (antialiased). The same fractions apply to images smaller than
+    `crop` pixels (CIFAR's 32, the digits' 8): a view of a 32 px image at n_px = 32 is an upsampled 19-28 px crop,
+    blurrier than the evaluation crop."""
+
+    short_side: tuple[float, float] = (256.0, 384.0)
+    crop: float = 224.0
+
+    def __post_init__(self) -> None:
+        lo, hi = self.short_side
+        if not 0 < self.crop <= lo <= hi:
+            raise ValueError(f"need 0 < crop <= short side min <= max, got crop {self.crop}, short side {lo}-{hi}")
+
+    def box(self, width: int, height: int, rng: np.random.Generator) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) of one random square, in the image's pixels (floats: Pillow resamples
+        sub-pixel boxes)."""
+        side = min(width, height) * self.crop / rng.uniform(*self.short_side)
+        left, top = rng.uniform(0, width - side), rng.uniform(0, height - side)
+        return left, top, left + side, top + side
+
+    def smallest(self) -> float:
+        """The smallest crop, as a fraction of the short side."""
+        return self.crop / self.short_side[1]
+
+
+VIEW_STREAM = 0x56494557  # "VIEW": keeps the views' random numbers apart from any other use of the build's seed
+
+
+def view_rng(seed: int, image: int, view: int) -> np.random.Generator:
+    """The generator of view `view` of the image at position `image` of the training split: a function of these
+    three numbers alone, so the views do not depend on worker count or chunking."""
+    return np.random.default_rng([seed, VIEW_STREAM, image, view])
+
+
+def load_views(
+    item: str | np.ndarray, n_px: int, transform: ViewTransform, seed: int, image: int, k: int, draft: bool = True
+) -> np.ndarray:
+    """K augmented views (k, n_px, n_px, 3) uint8 of one image (`transform`, each keyed by (seed, image, view)).
+
+    The image is decoded once; a big JPEG in draft mode at a scale that keeps the smallest crop >= 2·n_px a side.
+    Raises what `load_rgb` raises."""
+    img = _open_rgb(item, math.ceil(2 * n_px / transform.smallest()) if draft else None)
+    out = np.empty((k, n_px, n_px, 3), np.uint8)
+    for v in range(k):
+        box = transform.box(*img.size, view_rng(seed, image, v))
+        out[v] = np.asarray(img.resize((n_px, n_px), _FILTER, box=box, reducing_gap=_REDUCING_GAP), dtype=np.uint8)
+    return out

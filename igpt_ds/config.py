@@ -101,6 +101,13 @@ class DataConfig:
     val_split: str = "val"
     verify_checksums: bool = False
     """Hash every shard against the manifest before training (slow on big datasets)."""
+    views: bool = True
+    """Train on the augmented views the shards hold (`igpt-build-shards --views K`): one of the K views of each image
+    per epoch, chosen by (train.seed, epoch, image); false, or shards without views: the evaluation crop every
+    epoch. Evaluation, the live probe and feature extraction always read the evaluation crop."""
+    flip: bool = False
+    """Mirror each training sample left to right with probability 1/2, by (train.seed, epoch, image): exact on
+    tokens (a token is a pixel). Off by default: the paper names flips for CIFAR fine-tuning, not pretraining."""
 
 
 @dataclass

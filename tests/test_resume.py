@@ -22,7 +22,7 @@ from test_distributed import run_program
 
 from data_tools.build_shards import main as build_shards
 from igpt_ds.checkpoint import ds_checkpoint, resume
-from igpt_ds.config import ConfigError, ModelConfig
+from igpt_ds.config import ConfigError, DataConfig, ModelConfig
 from igpt_ds.data.shards import ShardSplit
 
 pytestmark = pytest.mark.multiproc
@@ -74,7 +74,7 @@ def plan_for(run: Path, **changes):
     split = changes.pop("split", None) or ShardSplit(run.parent.parent / "shards", "train")
     args = dict(model=ModelConfig(size="igpt-tiny", n_px=8, n_vocab=split.n_vocab), layout="zero", world=2, dp=2,
                 ds_config=json.loads((REPO / "ds_configs" / "cpu_zero3.json").read_text()),
-                data=resume.data_identity(split), seed=0, reset_data_position=False)  # fmt: skip
+                data=resume.data_identity(split, DataConfig()), seed=0, reset_data_position=False)  # fmt: skip
     args.update(changes)
     return resume.decide(run / "checkpoints", **args)
 

@@ -40,9 +40,11 @@ class RecordingRead:
 
     def __init__(self):
         self.calls: list[tuple[int, int]] = []  # (first index, step)
+        self.epochs: list[np.ndarray] = []
 
-    def __call__(self, indices: np.ndarray, step: int) -> list[np.ndarray]:
+    def __call__(self, indices: np.ndarray, epochs: np.ndarray, step: int) -> list[np.ndarray]:
         self.calls.append((int(indices[0]), step))
+        self.epochs.append(epochs)
         return [indices]
 
 
@@ -55,6 +57,7 @@ def test_step_reader_gives_the_sampler_sequence_and_reads_one_step_ahead():
     try:
         for step in range(10):  # crosses the epoch boundary (50 samples, 8 a step)
             (got,) = reader.take(step)
+            np.testing.assert_array_equal(read.epochs[step], (reference.consumed + 4 + np.arange(4)) // 50)
             np.testing.assert_array_equal(got, reference.next_indices())
             assert reader.sampler.consumed == reference.consumed  # a checkpoint sees exactly the steps taken
         position, ahead = reader.ahead  # the step after the last one taken, read in the background
@@ -79,7 +82,7 @@ def test_step_reader_rereads_when_the_sampler_moved():
 
 
 def test_step_reader_passes_a_read_error_to_the_loop():
-    def failing(indices, step):
+    def failing(indices, epochs, step):
         raise OSError("shard unreadable")
 
     reader = StepReader(failing, GlobalBatchSampler(10, 2, 0, 1, seed=0))

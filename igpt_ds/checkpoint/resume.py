@@ -16,8 +16,9 @@ What a checkpoint depends on, and what happens when it changed since it was writ
 | log / eval / save cadence, keep, timeouts | supported                                                        |
 | train.global_batch, train.micro_batch     | supported: the data position is counted in images, the schedule  |
 |                                           | in steps; micro_batch changes only gradient accumulation         |
-| training images (shards rebuilt), seed    | refused; `train.reset_data_position=true` continues from the     |
-|                                           | weights, optimizer and step with the data order started afresh   |
+| training images (shards rebuilt), seed,   | refused; `train.reset_data_position=true` continues from the     |
+| views a training image (K, data.views),   | weights, optimizer and step with the data order started afresh   |
+| data.flip                                 |                                                                  |
 | palette                                   | refused (tokens would mean other colours)                       |
 | model shape or objective, layout          | refused; export the weights and start a run with init_from       |
 | ZeRO stage, precision (bf16 / fp16 / fp32)| refused; keep them, or export the weights and init_from; a GPU  |
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from igpt_ds.checkpoint import ds_checkpoint
-from igpt_ds.config import ConfigError, ModelConfig, precision, zero_stage
+from igpt_ds.config import ConfigError, DataConfig, ModelConfig, precision, zero_stage
 from igpt_ds.data.shards import ShardSplit
 from igpt_ds.distributed.rank0 import on_rank0
 
@@ -54,13 +55,16 @@ class Resume:
     """Load through DeepSpeed's universal form (another topology than the one that saved)."""
 
 
-def data_identity(split: ShardSplit) -> dict[str, Any]:
+def data_identity(split: ShardSplit, data: DataConfig) -> dict[str, Any]:
     """What the data position of a checkpoint refers to: the split's size, its shard files' sha256 (from the
-    manifest, not recomputed) and the palette's."""
+    manifest, not recomputed; the views' too when training reads them) and the palette's; the views a training
+    image has (0: the evaluation crop) and whether samples are flipped (`igpt_ds.data.views`)."""
+    views = split.n_views if data.views else 0
     shards = split.manifest["splits"][split.split]["shards"]
-    digest = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
+    digest = hashlib.sha256("".join(s["sha256"] + (s["views_sha256"] if views else "") for s in shards).encode())
     palette = split.manifest["palette"]["sha256"]
-    return {"split": split.split, "n": len(split), "shards_sha256": digest, "palette_sha256": palette}
+    return {"split": split.split, "n": len(split), "shards_sha256": digest.hexdigest(), "palette_sha256": palette,
+            "views": views, "flip": data.flip}  # fmt: skip
 
 
 def decide(
@@ -115,8 +119,13 @@ def decide(
     moved = []
     if then_data["n"] != data["n"]:
         moved.append(f"the {data['split']} split has {data['n']:,} images, {then_data['n']:,} then")
+    elif then_data.get("views", 0) != data["views"]:
+        moved.append(f"{data['views']} views a training image now, {then_data.get('views', 0)} then "
+                     "(igpt-build-shards --views, data.views)")  # fmt: skip
     elif then_data.get("shards_sha256", data["shards_sha256"]) != data["shards_sha256"]:
         moved.append(f"the {data['split']} split's shard files changed")
+    if then_data.get("flip", False) != data["flip"]:
+        moved.append(f"data.flip={data['flip']}, {then_data.get('flip', False)} then")
     if meta["sampler"]["seed"] != seed:
         moved.append(f"train.seed={seed}, {meta['sampler']['seed']} then")
     if moved and not reset_data_position:

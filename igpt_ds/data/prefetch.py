@@ -50,10 +50,11 @@ class StepReader:
     the GPU would otherwise wait for. The sampler advances only when a step takes its batches, so a checkpoint's
     sampler state counts exactly the steps trained.
 
-    `read(indices, step)`: the step's micro-batches for this rank's sample indices; a function of its arguments
-    alone (augmentations keyed by the step), since it runs ahead of the step in another thread."""
+    `read(indices, epochs, step)`: the step's micro-batches for this rank's sample indices and their epochs; a
+    function of its arguments alone (augmentations keyed by the step or the epoch), since it runs ahead of the
+    step in another thread."""
 
-    def __init__(self, read: Callable[[np.ndarray, int], list[HostBatch]], sampler: GlobalBatchSampler):
+    def __init__(self, read: Callable[[np.ndarray, np.ndarray, int], list[HostBatch]], sampler: GlobalBatchSampler):
         self.read, self.sampler = read, sampler
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="igpt-reader")
         self.ahead: tuple[int, Future] | None = None  # (sampler position, its batches being read)
@@ -68,7 +69,9 @@ class StepReader:
         return batches
 
     def submit(self, consumed: int, step: int) -> Future:
-        return self.pool.submit(lambda: self.read(self.sampler.indices_at(consumed), step))
+        return self.pool.submit(
+            lambda: self.read(self.sampler.indices_at(consumed), self.sampler.epochs_at(consumed), step)
+        )
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)

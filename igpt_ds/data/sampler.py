@@ -56,6 +56,12 @@ class GlobalBatchSampler:
             out[hit] = self._permutation(int(e))[positions[hit] % self.n_samples]
         return out
 
+    def epochs_at(self, consumed: int) -> np.ndarray:
+        """The epoch (per_rank,) int64 of each of `indices_at(consumed)`: what keys a sample's view and flip
+        (`igpt_ds.data.views`), so an image seen again in a later epoch is seen another way."""
+        start = consumed + self.dp_rank * self.per_rank
+        return np.arange(start, start + self.per_rank) // self.n_samples
+
     def state_dict(self) -> dict[str, Any]:
         return {"consumed": self.consumed, "seed": self.seed, "n_samples": self.n_samples, "shuffle": self.shuffle}
 

@@ -60,7 +60,8 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
 
 
 class ShardSplit:
-    """One split of a shard folder: `split[i]` is image i's tokens (seq_len,) uint16, no copy."""
+    """One split of a shard folder: `split[i]` is image i's tokens (seq_len,) uint16, no copy (its evaluation crop);
+    `n_views` augmented views of each image beside them when built with `--views` (the train split)."""
 
     def __init__(self, root: str | Path, split: str = "train", verify: bool = False):
         self.root, self.split = Path(root), split
@@ -73,9 +74,13 @@ class ShardSplit:
             have = ", ".join(self.manifest["splits"])
             raise ShardError(f"{self.root / MANIFEST}: no split {split!r} (has: {have})")
         self._shards = self.manifest["splits"][split]["shards"]
+        self.n_views: int = self.manifest["splits"][split].get("views", 0)
         self._offsets = np.cumsum([0] + [s["n"] for s in self._shards])  # first index of each shard
         for s in self._shards:
             self._check(s["tokens"], s["n"] * self.seq_len * TOKEN_DTYPE.itemsize, s["sha256"] if verify else None)
+            if self.n_views:
+                size = s["n"] * self.n_views * self.seq_len * TOKEN_DTYPE.itemsize
+                self._check(s["views"], size, s["views_sha256"] if verify else None)
             if verify:
                 self._check(s["labels"], None, s["labels_sha256"])
         self.labels = np.concatenate([self._load_labels(s) for s in self._shards] or [np.zeros(0, np.int64)])
@@ -87,7 +92,8 @@ class ShardSplit:
             raise ShardError(str(e)) from None
         if len(self.palette) != self.n_vocab:
             raise ShardError(f"{self.root / palette['file']}: {len(self.palette)} colours, not n_vocab={self.n_vocab}")
-        self._maps: list[np.memmap | None] = [None] * len(self._shards)
+        self._maps: list[np.ndarray | None] = [None] * len(self._shards)
+        self._view_maps: list[np.ndarray | None] = [None] * len(self._shards)
 
     @classmethod
     def checked(
@@ -100,17 +106,17 @@ class ShardSplit:
         self.n_px, self.seq_len, self.n_vocab = manifest["n_px"], manifest["seq_len"], manifest["n_vocab"]
         self.class_names = manifest["class_names"]
         self._shards = manifest["splits"][split]["shards"]
+        self.n_views = manifest["splits"][split].get("views", 0)
         self._offsets = np.cumsum([0] + [s["n"] for s in self._shards])
         self.labels, self.palette = labels, palette
-        self._maps = [None] * len(self._shards)
+        self._maps, self._view_maps = [None] * len(self._shards), [None] * len(self._shards)
         return self
 
     def files(self) -> list[tuple[str, str]]:
-        """(file name, sha256 in the manifest) of every file this split reads: tokens and labels of each shard, the
-        palette."""
-        out = [
-            (s[k], s[f"{k}_sha256" if k == "labels" else "sha256"]) for s in self._shards for k in ("tokens", "labels")
-        ]
+        """(file name, sha256 in the manifest) of every file this split reads: tokens, views and labels of each
+        shard, the palette."""
+        kinds = ("tokens", "views", "labels") if self.n_views else ("tokens", "labels")
+        out = [(s[k], s["sha256" if k == "tokens" else f"{k}_sha256"]) for s in self._shards for k in kinds]
         return [*out, (self.manifest["palette"]["file"], self.manifest["palette"]["sha256"])]
 
     def __len__(self) -> int:
@@ -124,8 +130,9 @@ class ShardSplit:
         shard = int(np.searchsorted(self._offsets, i, side="right")) - 1
         return self._map(shard)[i - self._offsets[shard]]
 
-    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens int64 (B, seq_len), labels int64 (B,)) for `indices`, in their order.
+    def batch(self, indices: np.ndarray, views: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens int64 (B, seq_len), labels int64 (B,)) for `indices`, in their order: the evaluation crops, or
+        with `views` (B,) int64 in [0, n_views) those views of the images (`igpt_ds.data.views` chooses them).
 
         Rows are read shard by shard in increasing order, which keeps disk reads sequential. ShardError naming the
         file and row when a token is >= n_vocab (a file overwritten or built for another palette: without
@@ -135,6 +142,10 @@ class ShardSplit:
         indices = np.asarray(indices, dtype=np.int64)
         if indices.ndim != 1 or (len(indices) and (indices.min() < 0 or indices.max() >= len(self))):
             raise IndexError(f"indices must be 1-D in [0, {len(self)}) for the {self.split} split")
+        if views is not None:
+            views = np.asarray(views, dtype=np.int64)
+            if views.shape != indices.shape or (len(views) and (views.min() < 0 or views.max() >= self.n_views)):
+                raise IndexError(f"views must be ({len(indices)},) in [0, {self.n_views}) for the {self.split} split")
         order = np.argsort(indices, kind="stable")
         ordered = indices[order]
         shard_of = np.searchsorted(self._offsets, ordered, side="right") - 1
@@ -143,16 +154,20 @@ class ShardSplit:
         for rows in np.split(np.arange(len(ordered)), bounds):
             if len(rows):
                 shard = int(shard_of[rows[0]])
-                tokens[order[rows]] = self._map(shard)[ordered[rows] - self._offsets[shard]]
+                at = ordered[rows] - self._offsets[shard]
+                if views is None:
+                    tokens[order[rows]] = self._map(shard)[at]
+                else:
+                    tokens[order[rows]] = self._map_views(shard)[at, views[order[rows]]]
         if len(tokens) and tokens.max() >= self.n_vocab:
-            self._out_of_vocabulary(indices, tokens)
+            self._out_of_vocabulary(indices, tokens, "tokens" if views is None else "views")
         return tokens, self.labels[indices]
 
-    def _out_of_vocabulary(self, indices: np.ndarray, tokens: np.ndarray) -> None:
+    def _out_of_vocabulary(self, indices: np.ndarray, tokens: np.ndarray, file: str) -> None:
         row = int(np.flatnonzero(tokens.max(axis=1) >= self.n_vocab)[0])
         i = int(indices[row])
         shard = int(np.searchsorted(self._offsets, i, side="right")) - 1
-        raise ShardError(f"{self.root / self._shards[shard]['tokens']}: row {i - self._offsets[shard]} holds token "
+        raise ShardError(f"{self.root / self._shards[shard][file]}: row {i - self._offsets[shard]} holds token "
                          f"{int(tokens[row].max())}, not below n_vocab={self.n_vocab}: the file was overwritten or "
                          "built with another palette; rebuild the shards")  # fmt: skip
 
@@ -162,6 +177,13 @@ class ShardSplit:
             shape = (self._shards[shard]["n"], self.seq_len)
             self._maps[shard] = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=shape).view(np.ndarray)
         return self._maps[shard]
+
+    def _map_views(self, shard: int) -> np.ndarray:
+        if self._view_maps[shard] is None:
+            path = self.root / self._shards[shard]["views"]
+            shape = (self._shards[shard]["n"], self.n_views, self.seq_len)
+            self._view_maps[shard] = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=shape).view(np.ndarray)
+        return self._view_maps[shard]
 
     def _check(self, name: str, size: int | None, sha256: str | None) -> None:
         path = self.root / name
@@ -234,6 +256,7 @@ def verify_checksums(shards: ShardSplit) -> None:
 
     rank, world = rank_and_world()
     sizes = {s["tokens"]: s["n"] * shards.seq_len * TOKEN_DTYPE.itemsize for s in shards._shards}
+    sizes.update({s["views"]: s["n"] * shards.n_views * shards.seq_len * 2 for s in shards._shards if "views" in s})
     sizes.update({s["labels"]: 8 * s["n"] for s in shards._shards})
     load, owner = [0] * world, {}
     for name, _ in sorted(shards.files(), key=lambda f: (-sizes.get(f[0], 0), f[0])):

@@ -47,6 +47,7 @@ from igpt_ds.config import ConfigError, DataConfig, ModelConfig, OptimConfig, Tr
 from igpt_ds.data.prefetch import HostBatch, StepReader, pin, pins, read_ahead, to_device
 from igpt_ds.data.sampler import GlobalBatchSampler, padded_batches
 from igpt_ds.data.shards import ShardError, ShardSplit, open_shards
+from igpt_ds.data.views import read_training
 from igpt_ds.distributed.process_group import barrier, init_distributed
 from igpt_ds.distributed.rank0 import agree_on_config, on_rank0
 from igpt_ds.distributed.stop import StopSignal
@@ -125,6 +126,9 @@ class FinetuneConfig:
             raise ConfigError(
                 "train.layout=pipeline is not supported for fine-tuning (see igpt_ds.train.finetune); use zero"
             )
+        if self.data.flip:
+            raise ConfigError("data.flip is pretraining's flip; fine-tuning flips with finetune.flip (beside "
+                              "finetune.shift's translations): set that instead")  # fmt: skip
 
 
 class IGPTClassifier(IGPT):
@@ -195,7 +199,7 @@ class Finetuner:
 
         def data_identity() -> dict[str, Any]:
             try:
-                return resume.data_identity(ShardSplit(cfg.data.shards, cfg.data.train_split))
+                return resume.data_identity(ShardSplit(cfg.data.shards, cfg.data.train_split), cfg.data)
             except ShardError as e:
                 raise ConfigError(str(e)) from None
 
@@ -311,15 +315,18 @@ class Finetuner:
         with host_sync.deliberate():
             return mean.tolist(), std.tolist()
 
-    def read_step(self, indices: np.ndarray, step: int) -> list[HostBatch]:
+    def read_step(self, indices: np.ndarray, epochs: np.ndarray, step: int) -> list[HostBatch]:
         """Step `step`'s micro-batches on the host (`StepReader` calls it a step ahead, in its thread): (tokens,
-        labels, BERT mask or None), augmented and masked from a generator keyed by (seed, step, rank), pinned on a
-        GPU."""
+        labels, BERT mask or None) of the samples `indices` in epochs `epochs` (their stored views with
+        data.views, `igpt_ds.data.views`), augmented and masked from a generator keyed by (seed, step, rank), pinned
+        on a GPU."""
         ft, n_px, m = self.cfg.finetune, self.model_cfg.n_px, self.model_cfg
         gen = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + step) * 4096 + self.rank)
         out = []
-        for chunk in np.split(np.asarray(indices), len(indices) // self.cfg.train.micro_batch):
-            tokens, labels = map(torch.from_numpy, self.train.batch(chunk))
+        n_micro = len(indices) // self.cfg.train.micro_batch
+        for chunk, when in zip(np.split(np.asarray(indices), n_micro), np.split(epochs, n_micro), strict=True):
+            rows = read_training(self.train, chunk, when, self.cfg.train.seed, self.cfg.data)
+            tokens, labels = map(torch.from_numpy, rows)
             tokens = augment(tokens, n_px, ft.flip, ft.shift, gen) if ft.flip or ft.shift else tokens
             mask = bert_mask(tokens.shape, m.mask_prob, gen, kind=m.bert_mask) if m.objective == "bert" else None
             out.append(pin((tokens, labels, mask)) if self.pinned else (tokens, labels, mask))

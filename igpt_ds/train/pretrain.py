@@ -26,11 +26,13 @@ from torch import Tensor
 from igpt_ds import host_sync
 from igpt_ds.checkpoint import ds_checkpoint, resume, weights
 from igpt_ds.checkpoint.weights import open_consolidated_shared
-from igpt_ds.config import ConfigError, PretrainConfig, to_dict
+from igpt_ds.config import ConfigError, DataConfig, PretrainConfig, to_dict
 from igpt_ds.data.prefetch import HostBatch, StepReader, pins, to_device
 from igpt_ds.data.prefetch import pin as pin_batch
 from igpt_ds.data.sampler import GlobalBatchSampler
 from igpt_ds.data.shards import ShardSplit, open_shards
+from igpt_ds.data.views import describe as describe_views
+from igpt_ds.data.views import read_training
 from igpt_ds.distributed.process_group import barrier, init_distributed
 from igpt_ds.distributed.rank0 import agree_on_config, on_rank0
 from igpt_ds.distributed.stop import StopSignal
@@ -85,13 +87,21 @@ def read_micro_batches(
     mask_key: tuple[int, int, int] | None,
     pin: bool,
     mask_kind: str = "bernoulli",
+    training: tuple[np.ndarray, int, DataConfig] | None = None,
 ) -> list[HostBatch]:
     """`indices`' rows of `split` as micro-batches of (tokens, BERT mask or None) on the host, pinned for a
     GPU. With `mask_key` = (seed, stream, step), each sample's mask is `keyed_bert_masks`': the same on the
-    first and last pipeline stage, in a resumed run, and at any data-parallel size."""
+    first and last pipeline stage, in a resumed run, and at any data-parallel size. `training` = (the samples'
+    epochs, train.seed, data): training rows, their views and flips (`views.read_training`); None: the evaluation
+    crop (validation)."""
     out = []
-    for chunk in np.split(np.asarray(indices), len(indices) // micro_batch):
-        tokens = torch.from_numpy(split.batch(chunk)[0])
+    n_micro = len(indices) // micro_batch
+    for i, chunk in enumerate(np.split(np.asarray(indices), n_micro)):
+        if training is None:
+            tokens = torch.from_numpy(split.batch(chunk)[0])
+        else:
+            epochs, seed, data = training
+            tokens = torch.from_numpy(read_training(split, chunk, np.split(epochs, n_micro)[i], seed, data)[0])
         mask = None if mask_key is None else keyed_bert_masks(*mask_key, chunk, split.seq_len, mask_prob, mask_kind)
         out.append(pin_batch((tokens, mask)) if pin else (tokens, mask))
     return out
@@ -122,18 +132,24 @@ class Run:
     reader: StepReader = field(init=False)
 
     def __post_init__(self) -> None:
-        self.reader = StepReader(lambda indices, step: self.host_batches(self.train, indices, (0, step)), self.sampler)
+        self.reader = StepReader(
+            lambda indices, epochs, step: self.host_batches(self.train, indices, (0, step), epochs), self.sampler
+        )
 
     @property
     def pipeline(self) -> bool:
         return self.cfg.train.layout == "pipeline"
 
-    def host_batches(self, split: ShardSplit, indices: np.ndarray, key: tuple[int, int]) -> list[HostBatch]:
-        """This rank's micro-batches on the host: `read_micro_batches` with BERT masks keyed by (seed, *key)."""
+    def host_batches(
+        self, split: ShardSplit, indices: np.ndarray, key: tuple[int, int], epochs: np.ndarray | None = None
+    ) -> list[HostBatch]:
+        """This rank's micro-batches on the host: `read_micro_batches` with BERT masks keyed by (seed, *key); with
+        the samples' `epochs`, training rows (views, flips), else the evaluation crop."""
         mask_key = (self.cfg.train.seed, *key) if self.cfg.model.objective == "bert" else None
         pin = pins(self.engine.device)
-        m = self.cfg.model
-        return read_micro_batches(split, indices, self.cfg.train.micro_batch, m.mask_prob, mask_key, pin, m.bert_mask)
+        m, t = self.cfg.model, self.cfg.train
+        training = None if epochs is None else (epochs, t.seed, self.cfg.data)
+        return read_micro_batches(split, indices, t.micro_batch, m.mask_prob, mask_key, pin, m.bert_mask, training)
 
     def device_batches(self, host: list[HostBatch]) -> list[tuple[Tensor, Tensor | None]]:
         """`host` on the engine's device, copied without blocking; (inputs, labels) for the pipeline."""
@@ -235,7 +251,7 @@ def setup(cfg: PretrainConfig) -> Run:
     run_folder.check_room(cfg.train.run_dir, ckpt_bytes, cfg.train.keep_checkpoints)
     train_split, val_split = (open_shards(cfg.model, cfg.data, s) for s in (cfg.data.train_split, cfg.data.val_split))
     dp, t = dp_size(cfg.train, world), cfg.train
-    data = resume.data_identity(train_split)
+    data = resume.data_identity(train_split, cfg.data)
     # One decision for every rank, by rank 0, checked against this run before anything is built.
     resuming = resume.resume_plan(t.run_dir, model=cfg.model, layout=t.layout, world=world, dp=dp, ds_config=ds_config,
                               data=data, seed=t.seed, reset_data_position=t.reset_data_position,
@@ -256,6 +272,8 @@ def setup(cfg: PretrainConfig) -> Run:
                       max_steps=cfg.train.max_steps, start_step=start_step)  # fmt: skip
     if resuming is not None:
         metrics.print(run_folder.resumed_line(resuming, start_step, t.reset_data_position))
+    if (augmentation := describe_views(train_split, cfg.data)) is not None:
+        metrics.print(augmentation)
     run = Run(cfg, engine, metrics, train_split, val_split, sampler, dp_rank, dp, start_step, files, data, policy,
               ckpt_bytes)  # fmt: skip
     subset, why_off = on_rank0(lambda: choose_subset(cfg, train_split, val_split))  # one decision for every rank

@@ -122,7 +122,9 @@ def test_stop_flag(tmp_path):
 def test_shard_throughput(tmp_path):
     run("shard_throughput.py", "--images", "30", "--out-dir", str(tmp_path))
     report = json.loads((tmp_path / "shards.json").read_text())
-    assert set(report["runs"]) == {f"{n}_workers{w}" for n in ("jpeg", "jpeg_full_decode", "digits") for w in (1, 2)}
+    cases = ("jpeg", "jpeg_full_decode", "jpeg_views4", "digits")
+    assert set(report["runs"]) == {f"{n}_workers{w}" for n in cases for w in (1, 2)}
+    assert "view_cpu_ms_per_image" in report and list(report["imagenet_train_minutes_per_view"]) == ["32", "64", "128"]
     assert all(r["images_per_s"] > 0 and r["images_per_cpu_s"] > 0 for r in report["runs"].values())
     assert 0.3 < report["draft_vs_full_decode"]["tokens_identical"] < 1  # close to, not the same as, full decoding
     assert list(report["imagenet_train_minutes"]) == ["32", "64", "128"]

@@ -21,7 +21,9 @@ from pretrain_support import REPO
 
 from igpt_ds.config import ConfigError, ModelConfig, load_config
 from igpt_ds.models.igpt import IGPT
+from igpt_ds.plan import shards as shards_plan
 from igpt_ds.plan.memory import BF16, FP32, Knobs, Layout, Shape, activation_bytes_per_token, memory
+from igpt_ds.plan.shards import ShardCost
 from igpt_ds.plan.training import ClusterConfig, PlanConfig, estimate, plan
 
 PRESETS = [("igpt-s", 32), ("igpt-m", 32), ("igpt-l", 32), ("igpt-xl", 64)]
@@ -204,6 +206,24 @@ def test_cli_writes_json(tmp_path):
     assert report["plans"]["1"]["configured"]["layout"] == "zero3"
     bad = subprocess.run([*cli, "--model.size=igpt-q"], capture_output=True, text=True, timeout=300, check=False)
     assert bad.returncode == 2 and "igpt-plan: error:" in bad.stderr
+    views = subprocess.run([*cli, *args, "--views=8", "--train_images=1000"], capture_output=True, text=True,
+                           timeout=300, check=False)  # fmt: skip
+    assert "## Shards: 1,000 training images at 32x32" in views.stdout and "(8 views: 0.02 GB)" in views.stdout
+    assert json.loads(out.read_text())["shards"]["bytes"] == 1000 * (2 * 1024 + 8) + 8 * 1000 * 2 * 1024
+
+
+def test_shard_bytes_and_build_rates_are_the_measured_ones():
+    """A view of ImageNet train is 2.62 GB at 32x32 and 10.5 GB at 64x64 (2 bytes a token); the planner's build rates
+    are the ones bench/shard_throughput.py committed."""
+    assert ShardCost(1_281_167, 32, 0).view_bytes == 2_623_830_016
+    assert ShardCost(1_281_167, 64, 0).view_bytes == 10_495_320_064
+    cost = ShardCost(1_281_167, 32, 4)
+    assert cost.total_bytes == 1_281_167 * 8 + 5 * 2_623_830_016
+    measured = json.loads((REPO / "bench" / "results" / "shards.json").read_text())
+    assert shards_plan.IMAGES_PER_CORE_S == measured["runs"]["jpeg_workers1"]["images_per_cpu_s"]
+    assert shards_plan.VIEW_CORE_MS == measured["view_cpu_ms_per_image"] > 0
+    assert cost.hours(1) == pytest.approx(1_281_167 * (1 / shards_plan.IMAGES_PER_CORE_S
+                                                       + 4 * shards_plan.VIEW_CORE_MS / 1000) / 3600)  # fmt: skip
 
 
 if __name__ == "__main__":  # the child process of test_model_states_match_a_real_deepspeed_engine

@@ -257,3 +257,14 @@ def test_features_of_shards_with_views_are_those_of_the_evaluation_crop(digit_vi
         assert a.layers == b.layers and a.n == b.n
         for what in [*a.layers, "pixels"]:
             np.testing.assert_array_equal(a.read(what, range(a.n)), b.read(what, range(b.n)))
+
+
+def test_fine_tuning_flips_with_its_own_flag():
+    """Fine-tuning has its flip and translations (finetune.flip, finetune.shift); data.flip there is refused in one
+    line naming the flag to use, not silently a second flip."""
+    from igpt_ds.config import ConfigError, TrainConfig
+    from igpt_ds.train.finetune import FinetuneConfig
+
+    with pytest.raises(ConfigError, match="finetune.flip"):
+        FinetuneConfig(data=DataConfig(flip=True), train=TrainConfig(init_from="run"))
+    assert FinetuneConfig(data=DataConfig(views=True), train=TrainConfig(init_from="run")).data.views

@@ -60,6 +60,8 @@ from igpt_ds.plan.memory import (
     default_policy,
     memory,
 )
+from igpt_ds.plan.shards import ShardCost
+from igpt_ds.plan.shards import describe as describe_shards
 
 
 @dataclass
@@ -81,6 +83,8 @@ class ClusterConfig:
     """GB/s host <-> GPU, for offloaded states."""
     cpu_mem_gib: float = 2000.0
     """Host memory per node, for offloaded states."""
+    cores_per_node: int = 32
+    """CPU cores per node, for the shard build's time."""
     cpu_adam_params_per_s: float = 2e9
     """Parameters per second one node's CPUs update with DeepSpeed's CPU Adam (assumption: measure it)."""
     tokens_per_s: float = 0.0
@@ -113,6 +117,10 @@ class PlanConfig(PretrainConfig):
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     top: int = 5
     """Fastest fitting layouts to list per GPU count."""
+    train_images: int = 1_281_167
+    """Training images the shards hold (ImageNet-1k train by default): their bytes on disk and build time."""
+    views: int = 0
+    """Augmented views of each training image (igpt-build-shards --views K), for the same."""
     json: str = ""
     """Also write every estimate to this JSON file."""
 
@@ -283,6 +291,10 @@ def report(cfg: PlanConfig) -> None:
         result["plans"][n_gpus] = {"policy": str(policy_file), "why": why, "knobs": to_dict(knobs),
                                    "configured": own.row() if own else None,
                                    "all": [e.row() for e in rows]}  # fmt: skip
+    cost = ShardCost(cfg.train_images, cfg.model.n_px, cfg.views)
+    print(f"\n{describe_shards(cost, cfg.cluster.cores_per_node)}")
+    result["shards"] = {"bytes": cost.total_bytes, "crop_bytes": cost.crop_bytes, "view_bytes": cost.view_bytes,
+                        "crop_core_hours": cost.crop_core_hours, "view_core_hours": cost.view_core_hours}  # fmt: skip
     if cfg.json:
         write_text(cfg.json, json.dumps(result, indent=1))
         print(f"\nwrote {cfg.json}")

@@ -48,6 +48,36 @@ def plot_probe(report: dict, path: str | Path) -> Path:
     return Path(path)
 
 
+def plot_low_data(report: dict, path: str | Path) -> Path:
+    """Low-data probes: test accuracy (mean ± std over the subsets) against labels, for the best layer (on full
+    validation), the final norm and the raw pixels."""
+    budgets = [int(b) for b in report["low_data"]]
+    n, b = report["n_layer"], report["best_layer"]
+    best, last = (f"final norm ({n})" if b == n else f"layer {b}"), f"final norm ({n})"
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    styles = {best: "o-"}
+    styles.setdefault(last, "s--")
+    styles["pixels"] = "^:"
+    for task, style in styles.items():
+        cells = [report["low_data"][str(b)].get(task) for b in budgets]
+        if all(cells):
+            ax.errorbar(budgets, [c["mean"] for c in cells], yerr=[c["std"] for c in cells], fmt=style, capsize=3,
+                        label=f"{task}{' (best layer)' if task == best else ''}")  # fmt: skip
+    ax.axhline(report["chance"], color="k", lw=0.8, alpha=0.4, label="chance")
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("labelled training images (class-balanced subsets)")
+    ax.set_ylabel("linear probe test accuracy (%)")
+    ax.set_title("Low-data linear probes (mean ± std over subsets)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
 def live_probe_layers(acc: dict[int, float], chance: float, n_layer: int, step: int) -> plt.Figure:
     """The live probe at one step: validation accuracy against layer (the paper's Figure 3, one curve)."""
     layers = sorted(acc)

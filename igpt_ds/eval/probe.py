@@ -14,9 +14,13 @@ probe together, one probe at a time, each layer read once for its whole C sweep 
 warm-started from the last). With `--solver sklearn` one rank fits with scikit-learn instead (the
 reference the tests compare against).
 
+Low-data probes (`--label_budgets 40,250,4000 --repeats 5`, `igpt_ds.eval.low_data`): every per-layer probe and the
+pixels again on class-balanced subsets of the train split, C chosen on the whole validation split; mean ± std of
+test accuracy per budget in probe.json's "low_data", a console table and low_data.png.
+
 Results are kept as they come: `<out>/probe.json` is rewritten after every probe (`"complete": false`
 until the end), and a rerun with the same features and settings skips the probes already in it. Labels a
-probe cannot use honestly (an empty split, unlabelled rows, a train split with one class, val/test
+probe cannot use honestly (an empty split, unlabelled rows, a train or validation split with one class, val/test
 classes that train lacks, splits from different label sets, test = train or val) are refused before
 any fitting: one line, exit 2.
 
@@ -44,7 +48,8 @@ from igpt_ds.distributed.process_group import init_distributed, rank_and_world
 from igpt_ds.distributed.rank0 import check_output, gather_objects, on_rank0
 from igpt_ds.eval import logreg
 from igpt_ds.eval.feature_store import FeatureSplit
-from igpt_ds.eval.plots import plot_probe
+from igpt_ds.eval.low_data import SubsetSplit, balanced_subset, digest, summarise
+from igpt_ds.eval.plots import plot_low_data, plot_probe
 
 SOLVERS = ("torch", "sklearn")
 SPLITS = ("train", "val", "test")
@@ -111,6 +116,12 @@ def check_labels(splits: Splits, names: dict[str, str]) -> np.ndarray:
         raise ConfigError(
             f"{where['train']} holds one class ({label(int(classes[0]))}); a probe needs at least two: check "
             "that every class folder of the source has images and rebuild the shards"
+        )
+    held = np.unique(splits["val"].labels)
+    if len(held) < 2:
+        raise ConfigError(
+            f"{where['val']} holds one class ({label(int(held[0]))}): C would be chosen on that class's accuracy "
+            "alone; give a validation split with several classes (igpt-build-shards --val-fraction)"
         )
     for k in ("val", "test"):
         unseen = np.setdiff1d(np.unique(splits[k].labels), classes)
@@ -204,8 +215,11 @@ def check_finite(task: ProbeTask, splits: Splits, rows: dict[str, torch.Tensor])
                               "gives NaN everywhere) before probing")  # fmt: skip
 
 
-def make_report(splits: Splits, rows: list[ProbeResult], settings: dict, complete: bool) -> dict:
-    """The JSON-ready report: per-layer rows in layer order, then concatenation and pixels."""
+def make_report(
+    splits: Splits, rows: list[ProbeResult], settings: dict, complete: bool, low_rows: list[ProbeResult] | None = None
+) -> dict:
+    """The JSON-ready report: per-layer rows in layer order, then concatenation and pixels; with low-data rows,
+    their summary ("low_data": budget -> probe -> mean, std over the subsets) and the rows themselves."""
     train = splits["train"]
     per_layer = sorted((r for r in rows if len(r.layers) == 1), key=lambda r: r.layers[0])
     n_classes = len(train.meta["class_names"]) or len(np.unique(train.labels))
@@ -220,6 +234,9 @@ def make_report(splits: Splits, rows: list[ProbeResult], settings: dict, complet
         "chance": 100.0 / n_classes,
         "n": {k: s.n for k, s in splits.items()},
         "rows": [asdict(r) for r in [*per_layer, *(r for r in rows if len(r.layers) != 1)]],
+        **(
+            {"low_data": low_data_summary(low_rows), "low_data_rows": [asdict(r) for r in low_rows]} if low_rows else {}
+        ),  # fmt: skip
     }
 
 
@@ -233,6 +250,14 @@ def format_table(report: dict) -> str:
             f"{r['name']:<20} {r['dim']:>6} {r['C']:>8.0e} {r['val_acc']:>7.2f} {r['test_acc']:>7.2f}{star}{flag}"
         )
     lines.append(f"chance {report['chance']:.1f}%; * = best layer on validation; solver {report['solver']}")
+    if report.get("low_data"):
+        budgets = list(report["low_data"])
+        lines += ["", "low-data test % (mean ± std over the subsets), by labels:",
+                  f"{'probe':<20} " + " ".join(f"{b:>14}" for b in budgets)]  # fmt: skip
+        for task in report["low_data"][budgets[0]]:
+            cells = [report["low_data"][b].get(task) for b in budgets]
+            lines.append(f"{task:<20} " + " ".join(f"{c['mean']:>7.2f} ± {c['std']:<4.2f}" if c else f"{'':>14}"
+                                                   for c in cells))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -260,6 +285,13 @@ class ProbeConfig:
     """Layers concatenated around the best one (paper's iGPT-XL: 5); 0 or 1 skips it."""
     pixels: bool = True
     """Fit the raw-pixel baseline too."""
+    label_budgets: list[int] = field(default_factory=list)
+    """Low-data probes: class-balanced train subsets of these many labels (the paper: 40, 250, 4000 on CIFAR-10),
+    each `repeats` times, for every per-layer probe and the pixels; empty = none."""
+    repeats: int = 5
+    """Random subsets per label budget (the paper: 5); the report gives mean ± std over them."""
+    subset_seed: int = 0
+    """Seed of the subsets (with the budget and the repeat number): the same rows at any world size."""
     max_iter: int = 1000
     out: str = ""
     """Report folder (probe.json, probe.png, tensorboard/); empty = <features>/probe."""
@@ -270,6 +302,8 @@ class ProbeConfig:
             raise ConfigError(f"solver={self.solver!r} must be one of {[*SOLVERS, 'auto']}")
         if not self.c_grid or min(self.c_grid) <= 0 or self.max_iter < 1 or min(self.concat_k, self.c_patience) < 0:
             raise ConfigError("c_grid must hold positive values, max_iter >= 1, concat_k >= 0, c_patience >= 0")
+        if self.repeats < 1 or any(b < 1 for b in self.label_budgets):
+            raise ConfigError("repeats must be >= 1 and every label_budgets entry >= 1")
 
 
 def linear_probe(cfg: ProbeConfig) -> dict:
@@ -284,34 +318,45 @@ def linear_probe(cfg: ProbeConfig) -> dict:
     out = Path(cfg.out or Path(cfg.features) / "probe")
     check_output(out, "--out")
 
-    def prepare() -> tuple[list[int], list[float], list[dict]]:
+    def prepare() -> tuple[list[int], list[float], list[dict], list[dict]]:
         """Rank 0 checks the features and labels and reads the probes a previous run finished, for all ranks."""
         splits = {k: FeatureSplit(Path(cfg.features) / v) for k, v in names.items()}
         layers = check_layers(splits, cfg.layers)
         classes = check_labels(splits, names)
-        done = []
+        for b in cfg.label_budgets:  # every subset drawable, before any fit
+            balanced_subset(splits["train"].labels, classes, b, cfg.subset_seed, 0)
+        done, done_low = [], []
         if (out / "probe.json").is_file():
             previous = json.loads((out / "probe.json").read_text())
             if previous.get("settings") == settings(cfg, splits, layers, solver):
-                done = previous["rows"]
-        return layers, classes.tolist(), done
+                done, done_low = previous["rows"], previous.get("low_data_rows", [])
+        return layers, classes.tolist(), done, done_low
 
-    layers, classes, done_rows = on_rank0(prepare)
+    layers, classes, done_rows, done_low = on_rank0(prepare)
     splits = {k: FeatureSplit(Path(cfg.features) / v) for k, v in names.items()}
     classes = np.asarray(classes)
     setup = settings(cfg, splits, layers, solver)
     rows = [ProbeResult(**r) for r in done_rows]
+    low_rows = [ProbeResult(**r) for r in done_low]
     n_layer = splits["train"].meta["n_layer"]
 
-    def run(task: ProbeTask) -> None:
-        if any(r.name == task.name for r in rows):
+    def run(task: ProbeTask, budget: int = 0, repeat: int = 0) -> None:
+        name = task.name if not budget else low_data_name(task.name, budget, repeat)
+        kept = low_rows if budget else rows
+        if any(r.name == name for r in kept):
             return
-        result = run_task(task, splits, classes, cfg.c_grid, solver, cfg.max_iter, cfg.c_patience)
-        rows.append(result)
+        data = splits
+        if budget:
+            subset = balanced_subset(splits["train"].labels, classes, budget, cfg.subset_seed, repeat)
+            data = {**splits, "train": SubsetSplit(splits["train"], subset)}
+        result = run_task(task, data, classes, cfg.c_grid, solver, cfg.max_iter, cfg.c_patience)
+        result.name = name
+        kept.append(result)
         if rank == 0:
             print(f"{result.name}: val {result.val_acc:.2f}% test {result.test_acc:.2f}% (C={result.C:g}, "
                   f"{result.seconds:.1f} s)", flush=True)  # fmt: skip
-            write_text(out / "probe.json", json.dumps(make_report(splits, rows, setup, False), indent=2) + "\n")
+            report = make_report(splits, rows, setup, False, low_rows)
+            write_text(out / "probe.json", json.dumps(report, indent=2) + "\n")
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -325,10 +370,17 @@ def linear_probe(cfg: ProbeConfig) -> dict:
         run(ProbeTask(group, n_layer))
     if cfg.pixels:
         run(ProbeTask("pixels", n_layer))
+    if cfg.label_budgets and rank == 0:
+        write_subsets(out / "subsets.json", splits["train"].labels, classes, cfg)
+    for budget in cfg.label_budgets:
+        for repeat in range(cfg.repeats):
+            for task in [ProbeTask([l], n_layer) for l in layers] + ([ProbeTask("pixels", n_layer)] if cfg.pixels
+                                                                     else []):  # fmt: skip
+                run(task, budget, repeat)
     peak = gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     if rank != 0:
         return {}
-    report = make_report(splits, rows, setup, True)
+    report = make_report(splits, rows, setup, True, low_rows)
     report["peak_rss_bytes"] = peak
     write_report(report, out)
     return report
@@ -346,7 +398,37 @@ def settings(cfg: ProbeConfig, splits: Splits, layers: list[int], solver: str) -
         "max_iter": cfg.max_iter,
         "c_patience": cfg.c_patience,
         "concat_k": cfg.concat_k,
+        "label_budgets": list(cfg.label_budgets),
+        "repeats": cfg.repeats,
+        "subset_seed": cfg.subset_seed,
     }
+
+
+def low_data_name(task: str, budget: int, repeat: int) -> str:
+    return f"{task} | {budget} labels | subset {repeat}"
+
+
+def low_data_summary(low_rows: list[ProbeResult]) -> dict[str, dict[str, dict]]:
+    """{budget: {probe name: {mean, std, n, test_acc: [per subset], C: [per subset]}}} of the low-data rows."""
+    out: dict[str, dict[str, dict]] = {}
+    for r in low_rows:
+        task, budget, _ = r.name.split(" | ")
+        entry = out.setdefault(budget.split()[0], {}).setdefault(task, {"test_acc": [], "C": []})
+        entry["test_acc"].append(r.test_acc)
+        entry["C"].append(r.C)
+    for per_task in out.values():
+        for entry in per_task.values():
+            entry.update(summarise(entry["test_acc"]))
+    return out
+
+
+def write_subsets(path: Path, labels: np.ndarray, classes: np.ndarray, cfg: ProbeConfig) -> None:
+    """The train rows of every low-data subset, with their sha256: what each mean ± std was fitted on."""
+    subsets = {}
+    for b in cfg.label_budgets:
+        drawn = [balanced_subset(labels, classes, b, cfg.subset_seed, r) for r in range(cfg.repeats)]
+        subsets[str(b)] = [{"repeat": r, "rows": rows.tolist(), "sha256": digest(rows)} for r, rows in enumerate(drawn)]
+    write_text(path, json.dumps({"seed": cfg.subset_seed, "subsets": subsets}) + "\n")
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -357,6 +439,8 @@ def write_report(report: dict, out: Path) -> None:
     print(format_table(report))
     write_text(out / "probe.json", json.dumps(report, indent=2) + "\n")
     plot_probe(report, out / "probe.png")
+    if report.get("low_data"):
+        plot_low_data(report, out / "low_data.png")
     writer = SummaryWriter(str(out / "tensorboard"))
     for r in report["rows"]:
         if len(r["layers"]) == 1:

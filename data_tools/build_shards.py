@@ -188,6 +188,7 @@ def build(args: argparse.Namespace) -> Path:
     why = unwritable(out.parent, need)  # tokens and views, 2 bytes a pixel; labels add 8 bytes an image
     if why is not None:
         raise UserError(f"cannot write --out {args.out} ({why}); choose a writable folder with room")
+    out.parent.mkdir(parents=True, exist_ok=True)  # checked writable above (the nearest folder that exists)
     _remove_stale(out)
     tmp = _sibling(out, "tmp")
     tmp.mkdir()

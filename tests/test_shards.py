@@ -263,3 +263,10 @@ def test_rank_slices_are_contiguous_disjoint_and_covering():
         slices = [rank_rows(n, r, world) for r in range(world)]
         assert [i for s in slices for i in s] == list(range(n))
         assert max(map(len, slices)) - min(map(len, slices)) <= 1
+
+
+def test_out_may_be_a_new_folder_several_levels_deep(tmp_path, arrays, palette_file):
+    """make demo builds into demo_out/shards on a fresh clone: the folders above --out are made (after the checks)."""
+    out = tmp_path / "new" / "deeper" / "shards"
+    assert build(arrays, "--out", out, "--n-px", 4, "--palette", palette_file) == 0
+    assert len(ShardSplit(out, "train")) == 36

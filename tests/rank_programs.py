@@ -277,6 +277,73 @@ def pretrain_ranks(config: str, overrides: str, rank1_overrides: str, rank1_blin
     sys.exit(code)
 
 
+def live_probe_fits(layers: int) -> None:
+    """The live probe's fits two ways on the same features, as `layers` layers of 600 + 300 rows shared out among
+    the ranks: before issue 25 (every layer fitted by all ranks together, an all-reduce per L-BFGS evaluation) and
+    now (`LiveProbe.gather_to_owners` + `fit_owned`: each layer whole on one rank). Prints, on rank 0, both layers'
+    accuracies, the weights of a LOCAL fit against a data-parallel one, and how many collectives the fitting
+    thread made."""
+    import threading
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from igpt_ds.data.sampler import rank_rows
+    from igpt_ds.eval import logreg
+    from igpt_ds.train import live_probe as lp
+
+    rank, world = init_distributed(120), int(os.environ["WORLD_SIZE"])
+    rng = np.random.default_rng(0)
+    means = rng.normal(scale=0.7, size=(4, 16))
+    y = {"train": rng.integers(0, 4, 600), "val": rng.integers(0, 4, 300)}
+    feats = {}
+    for k, n in (("train", 600), ("val", 300)):
+        whole = {l: torch.from_numpy((means[y[k]] * (l + 1) + rng.normal(size=(n, 16))).astype(np.float32))
+                 for l in range(layers)}  # fmt: skip
+        mine = rank_rows(n, rank, world, logreg.BLOCK_ROWS)
+        feats[k] = ({l: x[mine.start : mine.stop] for l, x in whole.items()}, None, n)
+    probe = lp.LiveProbe.__new__(lp.LiveProbe)
+    probe.engine, probe.pipeline, probe.layers = SimpleNamespace(device=torch.device("cpu")), False, list(range(layers))
+    probe.rank, probe.dp, probe.dp_rank = rank, world, rank
+    probe.subset = lp.Subset((np.arange(600), y["train"]), (np.arange(300), y["val"]), 4)
+
+    def before(layer: int) -> float:  # the data-parallel fit this change replaced, on this rank's rows
+        x_tr, x_va = feats["train"][0][layer].clone(), feats["val"][0][layer].clone()
+        mine_tr, mine_va = (
+            rank_rows(600, rank, world, logreg.BLOCK_ROWS),
+            rank_rows(300, rank, world, logreg.BLOCK_ROWS),
+        )
+        y_tr = torch.from_numpy(y["train"][mine_tr.start : mine_tr.stop])
+        y_va = torch.from_numpy(y["val"][mine_va.start : mine_va.stop])
+        scaler = logreg.Scaler.fit(x_tr, 600)
+        scaler.apply_(x_tr)
+        scaler.apply_(x_va)
+        fit_at = lambda C, warm: logreg.fit(x_tr, y_tr, 4, 600, C, lp.MAX_ITER, warm)
+        return logreg.sweep_c(fit_at, lp.C_GRID, lambda m: 100.0 * logreg.correct(x_va, y_va, m) / 300)[2]
+
+    old = {l: before(l) for l in range(layers)}
+    calls = []
+    for name in ("all_reduce", "all_gather", "broadcast", "gather", "reduce", "all_gather_object"):
+        real = getattr(dist, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            if threading.current_thread().name == "igpt-every-rank-work":
+                calls.append(_name)
+            return _real(*a, **k)
+
+        setattr(dist, name, counted)
+    owned = probe.gather_to_owners(feats, None)
+    new = {}
+    for part in lp.on_every_rank(lambda: probe.fit_owned(owned), poll_s=0.1):
+        new.update(part)
+    counts = lp.on_every_rank(lambda: len(calls))
+    dist.barrier()  # rank 0 prints below while the others exit: a gloo group torn down mid-work can abort
+    if rank == 0:
+        print(json.dumps({"old": old, "new": {int(k): v for k, v in new.items()}, "owned": sorted(owned),
+                          "fit_collectives": counts}), flush=True)  # fmt: skip
+
+
 if __name__ == "__main__":
     name, *args = sys.argv[1:]
     program = globals()[name]

@@ -1,7 +1,10 @@
 """The live probe's choices that need no process group: which images it reads, and when it turns itself off.
 (Runs that log it under ZeRO-3 and the pipeline layout: test_pretrain_distributed.py.)"""
 
+import json
+
 import numpy as np
+import pytest
 
 from igpt_ds.config import PretrainConfig, TrainConfig
 from igpt_ds.train.live_probe import choose_subset, evenly_spaced
@@ -65,3 +68,22 @@ def test_a_resumed_run_keeps_the_probes_up_to_its_checkpoint_and_adds_up_the_ove
     assert report["overhead"] == {"probe_s": 15.0, "wall_s": 150.0, "share": 0.1}
     fresh = LiveProbe(None, cfg, (labelled, labelled), 0, 1, None, subset, start_step=0)
     assert fresh.history == [] and fresh.before["wall_s"] == 0.0  # a new run does not inherit a stale file
+
+
+@pytest.mark.multiproc
+def test_fitting_each_layer_on_one_rank_gives_the_data_parallel_results_with_no_collective_inside_a_fit():
+    """Issue 25: the live probe's layers are gathered to owner ranks and fitted there alone. Its accuracies equal
+    the data-parallel fits it replaced, at world size 1 and 2, and the fitting thread makes no collective."""
+    from test_distributed import run_program
+
+    results = {}
+    for nprocs in (1, 2):
+        procs = run_program("live_probe_fits", "3", nprocs=nprocs, timeout=300)
+        assert all(p.returncode == 0 for p in procs), procs[0].stderr[-3000:] + procs[-1].stderr[-3000:]
+        results[nprocs] = json.loads(procs[0].stdout.strip().splitlines()[-1])
+    for nprocs, r in results.items():
+        assert r["new"] == r["old"], (nprocs, r)  # JSON keys: the same layers, the same accuracies, exactly
+        assert r["fit_collectives"] == [0] * nprocs
+    assert results[1]["new"] == results[2]["new"]
+    assert results[1]["owned"] == [0, 1, 2] and results[2]["owned"] == [0, 2]  # rank 0 owns layers 0 and 2 of 3
+    assert len(set(results[1]["new"].values())) > 1  # the layers differ: a real comparison

@@ -51,9 +51,11 @@ SOLVER_COPIES = 84
 vectors, its direction, gradients and line-search copies, the closure's fixed-point accumulator, scales and
 partials, and what the allocator keeps of freed ones. Measured, not counted: bench/probe_scale.py at 1000
 classes (50k x 512, 100 iterations) needs 83-84 on the CPU, on 1 rank and on 2 (the state is replicated)."""
-Group = dist.ProcessGroup | None
-"""The ranks that hold the rows (None: all of them): the pipeline layout's live probe fits each stage's layers
-within that stage's data-parallel group."""
+LOCAL = "local"
+"""The group of a fit whose rows all sit on this rank: every sum stays local, no collective runs (the live probe
+gathers each layer's rows to one rank and fits there)."""
+Group = dist.ProcessGroup | str | None
+"""The ranks that hold the rows (None: all of them; LOCAL: this rank alone)."""
 BLOCK_ROWS = 256
 """Rows per block: the unit of exact summation and of the split of rows over ranks."""
 
@@ -85,7 +87,7 @@ def as_blocks(t: Tensor, fill: float = 0.0) -> Tensor:
 
 
 def world(group: Group = None) -> int:
-    return dist.get_world_size(group) if dist.is_initialized() else 1
+    return dist.get_world_size(group) if dist.is_initialized() and group is not LOCAL else 1
 
 
 def all_reduce(t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM, group: Group = None) -> Tensor:

@@ -3,11 +3,20 @@
 Every `train.probe_every` steps (and at step 0 with `train.probe_at_start`), on a fixed labelled subset of the
 shards — `train.probe_images` train images to fit, `train.probe_val_images` validation images to score, evenly
 spaced over each split — every rank extracts the pooled features f^l = mean_t LN(h^l) of `train.probe_layers`
-(`IGPT.features`; a BERT model's input masked as in training, `objectives.eval_bert_mask`) for its rows, and one
-multinomial logistic regression per layer is fitted by the ranks together with the linear probe's own solver
-(`igpt_ds.eval.logreg`: standardised with the subset's train statistics, L-BFGS warm-started over `C_GRID` by
-`logreg.sweep_c`, C chosen on the subset's validation images, on the GPU where there is one). Rows are shared out in
-the solver's blocks (`igpt_ds.data.sampler.rank_rows`), so the fit is the same bit for bit at any data-parallel size.
+(`IGPT.features`; a BERT model's input masked as in training, `objectives.eval_bert_mask`) for its rows. Then each
+layer's rows are gathered to one rank, its owner (the layers dealt round-robin over the ranks), and every owner fits
+its layers' multinomial logistic regressions alone, with no collective inside a fit, all owners at once, with the
+linear probe's own solver (`igpt_ds.eval.logreg` with `LOCAL`: standardised with the subset's train statistics,
+L-BFGS warm-started over `C_GRID` by `logreg.sweep_c`, C chosen on the subset's validation images, on the GPU where
+there is one); the ranks meet by polling while the owners fit (`rank0.on_every_rank`), never inside a long
+collective, and share the accuracies. The solver's block sums are exact and order-free, so a layer fitted on one rank
+gives bit for bit what the ranks fitting it together gave before (and at any data-parallel size).
+
+Why this design: a data-parallel fit makes one all-reduce per L-BFGS evaluation (hundreds per C, 4 C values, every
+layer in turn), all ranks waiting on each; a few thousand probe rows are small enough to fit on one device, so the
+collectives inside the fits are replaced by one gather of (probe_images + probe_val_images) x n_embd floats per
+layer, and the layers are fitted in parallel: the fitting time goes from (L + 1) fits, each slowed by its
+collectives, to ceil((L + 1) / world) local fits (docs/evaluation.md, "The live probe during pretraining").
 
 Layouts. ZeRO (any stage): each rank runs the whole model on its rows; every rank makes the same number of forward
 passes, as ZeRO-3 gathers parameters collectively; the root module's own parameter (the SOS vector) is gathered
@@ -21,14 +30,16 @@ image `probe/acc_vs_layer`; `<run>/live_probe.json` (every probe so far, rewritt
 `<run>/live_probe.png` and the image `probe/acc_vs_val_loss`: best accuracy against validation loss over the run.
 
 Cost per probe: (probe_images + probe_val_images) / dp images forward per rank, in batches of a step's per-rank
-share (at most 8 micro-batches), and len(layers) fits of (probe_images x n_embd) on each rank's share. Memory per
-rank: its rows' features, (probe_images + probe_val_images) / dp x len(layers) x n_embd x 4 B (e.g. 3,072 images, 25
-layers of iGPT-S: 157 MB on 1 rank, 2.5 MB per rank at 64 ranks; at 1,024 ranks the subset's 12 blocks of 256 rows
-sit on 12 ranks, the others hold none), plus the solver's state.
+share (at most 8 micro-batches), one gather per layer and split, and ceil(len(layers) / dp) whole fits of
+(probe_images x n_embd) on each owner. Memory per rank: its rows' features, (probe_images + probe_val_images) / dp x
+len(layers) x n_embd x 4 B, plus on an owner its layers' whole rows, ceil(len(layers) / dp) x (probe_images +
+probe_val_images) x n_embd x 4 B (3,072 images of iGPT-S, 25 layers of 512: 157 MB on 1 rank; at 64 ranks 2.5 MB of
+own rows + one owned layer, 6.3 MB), plus the solver's state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -45,7 +56,7 @@ from igpt_ds.config import ConfigError, PretrainConfig
 from igpt_ds.data.sampler import padded_batches, rank_rows
 from igpt_ds.data.shards import ShardSplit
 from igpt_ds.distributed.process_group import rank_and_world
-from igpt_ds.distributed.rank0 import gather_objects, on_rank0
+from igpt_ds.distributed.rank0 import on_every_rank, on_rank0
 from igpt_ds.eval import logreg
 from igpt_ds.eval.features import eval_features
 from igpt_ds.models.objectives import eval_bert_mask, eval_bert_masks
@@ -140,9 +151,9 @@ class LiveProbe:
         engine.train()
         extract_s = time.perf_counter() - tic
         group = engine.grid.get_data_parallel_group() if self.pipeline else None
-        mine = {l: self.fit(feats, l, group) for l in self.local_layers()}
+        owned = self.gather_to_owners(feats, group)
         acc: dict[int, float] = {}
-        for part in gather_objects(mine):
+        for part in on_every_rank(lambda: self.fit_owned(owned), poll_s=0.1):
             acc.update(part)
         best = max(acc, key=lambda l: acc[l])
         seconds = time.perf_counter() - tic
@@ -263,13 +274,48 @@ class LiveProbe:
 
     # Fitting ------------------------------------------------------------------------------------------------
 
-    def fit(self, feats: dict[str, tuple[dict[int, Tensor], Tensor, int]], layer: int, group: Any) -> float:
-        """Validation accuracy (%) of the best-C probe on `layer`; collective over `group`."""
-        (f_tr, y_tr, n_tr), (f_va, y_va, n_va) = feats["train"], feats["val"]
-        x_tr, x_va = f_tr[layer], f_va[layer]  # on the engine's device; solved in float32 (logreg.solver_dtype)
-        scaler = logreg.Scaler.fit(x_tr, n_tr, group)
+    def gather_to_owners(self, feats: dict[str, tuple[dict[int, Tensor], Tensor, int]], group: Any
+                         ) -> dict[int, tuple[Tensor, Tensor]]:  # fmt: skip
+        """{layer: (train rows, val rows)} of the layers this rank owns, every row of the subset in order: layer i of
+        `local_layers()` goes to the (i mod size)-th rank of `group` (None: all ranks). One gather per layer and
+        split, of the ranks' rows padded to the largest share. Collective over `group`."""
+        members = dist.get_process_group_ranks(group) if group is not None else list(range(rank_and_world()[1]))
+        owned = {}
+        for i, layer in enumerate(self.local_layers()):
+            owner = members[i % len(members)]
+            rows = [self.gather_rows(feats[k][0][layer], feats[k][2], owner, group) for k in ("train", "val")]
+            if self.rank == owner:
+                owned[layer] = (rows[0], rows[1])
+        return owned
+
+    def gather_rows(self, x: Tensor, n: int, owner: int, group: Any) -> Tensor | None:
+        """The subset's n rows of one layer on `owner` (None elsewhere), from each rank's `rows(n)` share."""
+        if self.dp == 1:
+            return x
+        counts = [len(rank_rows(n, r, self.dp, logreg.BLOCK_ROWS)) for r in range(self.dp)]
+        padded = x.new_zeros(max(counts), x.shape[1])
+        padded[: len(x)] = x
+        parts = [torch.empty_like(padded) for _ in counts] if self.rank == owner else None
+        dist.gather(padded, parts, dst=owner, group=group)
+        return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]) if parts is not None else None
+
+    def fit_owned(self, owned: dict[int, tuple[Tensor, Tensor]]) -> dict[int, float]:
+        """{layer: validation accuracy (%)} of this rank's layers, fitted here alone (`fit`); runs in
+        `on_every_rank`'s worker thread, on this rank's device."""
+        device = self.engine.device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return {layer: self.fit(x_tr, x_va) for layer, (x_tr, x_va) in owned.items()}
+
+    def fit(self, x_tr: Tensor, x_va: Tensor) -> float:
+        """Validation accuracy (%) of the best-C probe on one layer's whole subset: train rows `x_tr`, validation
+        rows `x_va` (on the engine's device; solved in float32, `logreg.solver_dtype`). No collective
+        (`logreg.LOCAL`)."""
+        local = logreg.LOCAL
+        y_tr, y_va = (torch.from_numpy(y).to(x_tr.device) for y in (self.subset.train[1], self.subset.val[1]))
+        n_tr, n_va = len(x_tr), len(x_va)
+        scaler = logreg.Scaler.fit(x_tr, n_tr, local)
         scaler.apply_(x_tr)
         scaler.apply_(x_va)
-        fit_at = lambda C, warm: logreg.fit(x_tr, y_tr, self.subset.n_classes, n_tr, C, MAX_ITER, warm, group=group)
-        validate = lambda model: 100.0 * logreg.correct(x_va, y_va, model, group) / n_va
+        fit_at = lambda C, warm: logreg.fit(x_tr, y_tr, self.subset.n_classes, n_tr, C, MAX_ITER, warm, group=local)
+        validate = lambda model: 100.0 * logreg.correct(x_va, y_va, model, local) / n_va
         return logreg.sweep_c(fit_at, C_GRID, validate)[2]

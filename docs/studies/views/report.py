@@ -3,7 +3,8 @@
 Reads, under --out-root: runs/<arm>/tensorboard (train and validation loss), features/<arm>/probe/probe.json (the
 linear probe of every layer, and raw pixels) for each arm. Writes into this folder: results.json, results.md,
 val_loss.png (validation and training loss over pretraining, every arm), probe_layers.png (probe test accuracy by
-layer, every arm, with raw pixels).
+layer, every arm, with raw pixels); and from lowdata/<arm>/probe.json (low-data probes of the crop and views8
+arms): low_data.json and a copy of views8's low_data.png.
 
     python docs/studies/views/report.py --out-root studies_out/views
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -84,6 +86,14 @@ def main() -> None:
     fig.savefig(HERE / "probe_layers.png")
     plt.close(fig)
 
+    low = {}
+    for arm in ("views8", "crop"):
+        r = json.loads((root / "lowdata" / arm / "probe.json").read_text())
+        keep = ("label_budgets", "repeats", "subset_seed", "c_grid")
+        low[arm] = {"best_layer": r["best_layer"], "low_data": r["low_data"],
+                    "settings": {k: r["settings"][k] for k in keep}}  # fmt: skip
+    (HERE / "low_data.json").write_text(json.dumps(low, indent=1) + "\n")
+    shutil.copy(root / "lowdata" / "views8" / "low_data.png", HERE / "low_data.png")
     (HERE / "results.md").write_text(table(results))
     print(table(results))
 

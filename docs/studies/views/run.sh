@@ -34,5 +34,11 @@ for arm in "${arms[@]}"; do
   }
 done
 
+for name in views8 crop; do
+  step "$name: low-data probes (10, 50, 250 labels, 5 subsets each)"
+  [ -f $out/lowdata/$name/probe.json ] || python launcher/linear_probe.py --features $out/features/$name \
+    --label_budgets "[10, 50, 250]" --repeats 5 --concat_k 0 --out $out/lowdata/$name
+done
+
 step "report"
 python docs/studies/views/report.py --out-root $out

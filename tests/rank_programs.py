@@ -338,7 +338,6 @@ def live_probe_fits(layers: int) -> None:
     for part in lp.on_every_rank(lambda: probe.fit_owned(owned), poll_s=0.1):
         new.update(part)
     counts = lp.on_every_rank(lambda: len(calls))
-    dist.barrier()  # rank 0 prints below while the others exit: a gloo group torn down mid-work can abort
     if rank == 0:
         print(json.dumps({"old": old, "new": {int(k): v for k, v in new.items()}, "owned": sorted(owned),
                           "fit_collectives": counts}), flush=True)  # fmt: skip
@@ -351,5 +350,9 @@ if __name__ == "__main__":
     try:
         program(*(float(a) if kinds[k] == "float" else int(a) if kinds[k] == "int" else a
                   for k, a in zip(list(kinds)[: len(args)], args, strict=True)))  # fmt: skip
+        if dist.is_initialized():
+            # Every rank done before any tears its group down: a rank still working (printing its result) when a
+            # peer's gloo sockets close can abort ('terminate called without an active exception', exit 134).
+            dist.barrier()
     finally:
         shutdown()  # as every entry point does: exiting with a live gloo group can abort (exit 134)

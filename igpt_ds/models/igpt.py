@@ -179,8 +179,11 @@ class IGPT(nn.Module):
         """Mean cross-entropy in nats per predicted pixel (AR: all pixels; BERT: masked ones)."""
         return objective_loss(self(tokens, mask), tokens, mask)
 
-    def features(self, tokens: Tensor, layers: list[int], mask: Tensor | None = None) -> dict[int, Tensor]:
-        """Mean-pooled normalised block inputs LN(h^l), each (B, C), in one forward pass.
+    def features(
+        self, tokens: Tensor, layers: list[int], mask: Tensor | None = None, pool: bool = True
+    ) -> dict[int, Tensor]:
+        """Mean-pooled normalised block inputs LN(h^l), each (B, C), in one forward pass (`pool` False: every
+        position's, (B, T, C), what the attentive probe reads).
 
         Layer l < n_layer is block l's input through that block's own norm (ln_1); l = n_layer is
         the final norm's output (what fine-tuning pools). The pass stops after the deepest layer.
@@ -192,13 +195,13 @@ class IGPT(nn.Module):
         x = self.embed(tokens, mask)
         for l, block in enumerate(self.h):
             if l in wanted:
-                out[l] = block.ln_1(x).mean(dim=1)
+                out[l] = block.ln_1(x)
             if l >= max(wanted):
                 break
             x = block(x)
         if self.cfg.n_layer in wanted:
-            out[self.cfg.n_layer] = self.ln_f(x).mean(dim=1)
-        return out
+            out[self.cfg.n_layer] = self.ln_f(x)
+        return {l: h.mean(dim=1) for l, h in out.items()} if pool else out
 
     def forward_pooled(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(logits (B, T, V), mean-pooled final-norm output (B, C)) from one pass, for fine-tuning."""

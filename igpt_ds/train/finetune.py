@@ -29,6 +29,7 @@ the save-and-exit on SIGTERM / SIGUSR1); `Finetuner` is its Task.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from igpt_ds import host_sync
 from igpt_ds.atomic import write_text
@@ -91,6 +92,16 @@ class FinetuneSection:
     small model), so a zero-initialised head on raw features learns slowly at the backbone's learning rate."""
     stats_images: int = 4096
     """Train images whose pooled features give the standardisation (standardize_features only)."""
+    head: str = "linear"
+    """'linear': OpenAI's head on the mean-pooled final norm, the whole model fine-tuned. 'attentive': the attentive
+    probe of AIM (docs/reference.md#attentive-probe): the trunk frozen, a learned query attending over every
+    position's features of `probe_layer` (standardised), then a linear classifier; trained with L_CLF alone
+    (gen_weight must be 0), evaluated like fine-tuning (best validation accuracy, its test accuracy)."""
+    probe_layer: int = -1
+    """The attentive probe's layer: l < n_layer reads LN(h^l) at every position (the linear probe's layer l before
+    pooling); -1 the final norm's output."""
+    attentive_heads: int = 0
+    """Attention heads of the attentive probe (0: the model's n_head)."""
     eval_masks: int = 1
     """BERT models: masks per evaluation image, class probabilities averaged over them (OpenAI's code: 1, a fresh
     mask in every forward; the paper's BERT results ensemble several); 0 evaluates unmasked inputs."""
@@ -101,6 +112,12 @@ class FinetuneSection:
             raise ConfigError("finetune.gen_weight, patience, shift, eval_masks must be >= 0; head_lr_mult > 0")
         if self.stats_images < 1:
             raise ConfigError("finetune.stats_images must be >= 1")
+        if self.head not in ("linear", "attentive"):
+            raise ConfigError(f"finetune.head={self.head!r} must be 'linear' or 'attentive'")
+        if self.head == "attentive" and (self.gen_weight or self.standardize_features):
+            raise ConfigError("finetune.head=attentive trains its head alone on a frozen trunk, on features it "
+                              "standardises itself: set finetune.gen_weight=0 and "
+                              "finetune.standardize_features=false")  # fmt: skip
 
 
 def _optim_defaults() -> OptimConfig:
@@ -131,6 +148,33 @@ class FinetuneConfig:
                               "finetune.shift's translations): set that instead")  # fmt: skip
 
 
+class AttentivePooling(nn.Module):
+    """AIM's attentive probe head (El-Nouby et al. 2024, apple/ml-aim `AttentionPoolingClassifier`): one learned
+    query (1, C) attends, with `n_head` heads, over keys and values that are bias-free linear maps of the
+    per-position features (B, T, C); the attended vector goes through a linear classifier. AIM normalises the
+    features with a BatchNorm without affine parameters; here `IGPTClassifier` standardises them with per-channel
+    statistics measured once on train images before training (BatchNorm's evaluation-mode statistics, the same on
+    every rank, rather than running averages that differ between ranks). Weights N(0, 0.02) as GPT-2's."""
+
+    def __init__(self, n_embd: int, n_classes: int, n_head: int):
+        super().__init__()
+        if n_embd % n_head:
+            raise ConfigError(f"finetune.attentive_heads={n_head} does not divide n_embd={n_embd}")
+        self.n_head = n_head
+        self.query = nn.Parameter(torch.randn(1, 1, n_embd) * 0.02)
+        self.k = Linear(n_embd, n_embd, bias=False, std=0.02)
+        self.v = Linear(n_embd, n_embd, bias=False, std=0.02)
+        self.linear = Linear(n_embd, n_classes, bias=False, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits (B, n_classes) of features x (B, T, C)."""
+        B, T, C = x.shape
+        heads = lambda t: t.view(B, -1, self.n_head, C // self.n_head).transpose(1, 2)
+        q = heads(self.query.to(x.dtype).expand(B, -1, -1))
+        pooled = F.scaled_dot_product_attention(q, heads(self.k(x)), heads(self.v(x)))  # (B, H, 1, C / H)
+        return self.linear(pooled.transpose(1, 2).reshape(B, C))
+
+
 class IGPTClassifier(IGPT):
     """IGPT plus `clf_head` on the pooled final-norm output; backbone parameter names stay IGPT's.
 
@@ -140,15 +184,32 @@ class IGPTClassifier(IGPT):
     them: finetune.standardize_features).
     """
 
-    def __init__(self, cfg: ModelConfig, n_classes: int, bias: bool = False):
+    def __init__(self, cfg: ModelConfig, n_classes: int, bias: bool = False, head: str = "linear",
+                 probe_layer: int = -1, n_head: int = 0):  # fmt: skip
         super().__init__(cfg)
-        self.clf_head = Linear(cfg.n_embd, n_classes, bias=bias, std=0.0)
+        self.attentive = head == "attentive"
+        self.probe_layer = cfg.n_layer if probe_layer < 0 else probe_layer
+        if not 0 <= self.probe_layer <= cfg.n_layer:
+            raise ConfigError(f"finetune.probe_layer={probe_layer} must lie in 0..{cfg.n_layer} (or -1)")
+        if self.attentive:
+            for p in self.parameters():  # the trunk, frozen: only the head below trains
+                p.requires_grad_(False)
+            self.clf_head = AttentivePooling(cfg.n_embd, n_classes, n_head or cfg.n_head)
+        else:
+            self.clf_head = Linear(cfg.n_embd, n_classes, bias=bias, std=0.0)
         # Not in the state dict: set by the fine-tuner from its run state, so checkpoints keep DeepSpeed's format.
         self.register_buffer("feat_mean", torch.zeros(cfg.n_embd), persistent=False)
         self.register_buffer("feat_std", torch.ones(cfg.n_embd), persistent=False)
 
-    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(pixel logits (B, T, V), class logits (B, n_classes), pooled features (B, C)), in the compute dtype."""
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor]:
+        """(pixel logits (B, T, V), class logits (B, n_classes), pooled features (B, C)), in the compute dtype.
+        The attentive probe: (None, class logits, probe_layer's features at every position (B, T, C)), the trunk
+        run without gradients."""
+        if self.attentive:
+            with torch.no_grad():
+                h = self.features(tokens, [self.probe_layer], mask, pool=False)[self.probe_layer]
+            z = (h.float() - self.feat_mean.float()) / self.feat_std.float()
+            return None, self.clf_head(z.to(h.dtype)), h
         logits, pooled = self.forward_pooled(tokens, mask)
         # Standardised in fp32 whatever the engine's precision: pooled features vary by ~0.08 around ~0.5, and in
         # bf16 (8 significant bits) (x - mean) / std would keep ~3. The head then reads them in the compute dtype
@@ -159,9 +220,14 @@ class IGPTClassifier(IGPT):
     def set_feature_stats(self, mean: Tensor, std: Tensor) -> None:
         """Standardise the head's input with `mean` and `std` (C,), kept in fp32 on the head's device. Assigned,
         not copied into the buffers: under ZeRO-3, zero.Init built those in bf16."""
-        device = self.clf_head.weight.device
+        device = next(self.clf_head.parameters()).device
         self.feat_mean = mean.to(device, torch.float32)
         self.feat_std = std.to(device, torch.float32)
+
+
+def gen_loss(logits: Tensor | None, tokens: Tensor, mask: Tensor | None, like: Tensor) -> Tensor:
+    """L_GEN of a micro-batch; zero (on `like`'s device) for the attentive probe, whose trunk predicts nothing."""
+    return like.new_zeros((), dtype=torch.float32) if logits is None else objective_loss(logits, tokens, mask)
 
 
 def augment(tokens: Tensor, n_px: int, flip: bool, shift: int, gen: torch.Generator) -> Tensor:
@@ -230,11 +296,15 @@ class Finetuner:
                                                                     policy)  # fmt: skip
         torch.manual_seed(t.seed)
         with model_init_context(ds_config):
-            model = IGPTClassifier(self.model_cfg, self.n_classes, bias=cfg.finetune.head_bias)
+            ft = cfg.finetune
+            model = IGPTClassifier(self.model_cfg, self.n_classes, bias=ft.head_bias, head=ft.head,
+                                   probe_layer=ft.probe_layer, n_head=ft.attentive_heads)  # fmt: skip
         model.activation_checkpointing = t.activation_checkpointing
         head = [p for n, p in model.named_parameters() if n.startswith(weights.FINETUNE_HEAD)]
         body = [p for n, p in model.named_parameters() if not n.startswith(weights.FINETUNE_HEAD)]
-        groups = [{"params": body}, {"params": head, "lr": cfg.optim.lr * cfg.finetune.head_lr_mult}]
+        groups = [{"params": head, "lr": cfg.optim.lr * cfg.finetune.head_lr_mult}]
+        if not model.attentive:  # the attentive probe's trunk is frozen: no optimizer state for it
+            groups.insert(0, {"params": body})
         self.engine = initialize(model, ds_config, cfg.optim, t.max_steps, groups, compile_model=t.compile)
         if state is not None:  # the pretrained backbone; the head keeps its (zero) initialisation
             weights.load_weights(self.engine, state, f"train.init_from={t.init_from}")
@@ -244,7 +314,7 @@ class Finetuner:
         if resuming is not None:
             step = loop.restore(self.engine, resuming, self.sampler, t.reset_data_position)
             self.state.update(resuming.meta["finetune"], step=step)
-        elif cfg.finetune.standardize_features:
+        elif cfg.finetune.standardize_features or model.attentive:
             self.state["feat_stats"] = self.feature_stats()
         mean, std = self.state.get("feat_stats", ([0.0] * self.model_cfg.n_embd, [1.0] * self.model_cfg.n_embd))
         self.engine.module.set_feature_stats(torch.tensor(mean), torch.tensor(std))  # identity unless standardising
@@ -268,7 +338,7 @@ class Finetuner:
         """(L_CLF, L_GEN, correct count) of one micro-batch through the engine."""
         logits, class_logits, _ = self.engine(tokens, mask)
         clf = F.cross_entropy(class_logits.float(), labels)
-        return clf, objective_loss(logits, tokens, mask), (class_logits.argmax(dim=1) == labels).sum()
+        return clf, gen_loss(logits, tokens, mask, clf), (class_logits.argmax(dim=1) == labels).sum()
 
     def frozen_batches(self, split: ShardSplit, n: int) -> Iterator[tuple[int, np.ndarray, Tensor, Tensor]]:
         """(rows, image indices, tokens, labels) of this rank's slice of split[0:n], in eval mode without gradients,
@@ -302,12 +372,14 @@ class Finetuner:
         return pins(self.engine.device)
 
     def feature_stats(self) -> tuple[list[float], list[float]]:
-        """Mean and std of the pretrained model's pooled features over the first train images."""
+        """Per-channel mean and std of the pretrained model's features over the first train images: the pooled
+        ones (finetune.standardize_features), or the attentive probe's layer over every position."""
         sums = torch.zeros(3, self.model_cfg.n_embd, dtype=torch.float64, device=self.engine.device)
         n = min(len(self.train), self.cfg.finetune.stats_images)
         for k, idx, tokens, _ in self.frozen_batches(self.train, n):
-            pooled = self.engine(tokens, self.eval_mask(idx, 0))[2].double()[:k]
-            sums += torch.stack([pooled.sum(0), (pooled * pooled).sum(0), pooled.new_full(pooled.shape[1:], k)])
+            f = self.engine(tokens, self.eval_mask(idx, 0))[2].double()[:k]
+            first, second = (f.mean(1), (f * f).mean(1)) if f.dim() == 3 else (f, f * f)
+            sums += torch.stack([first.sum(0), second.sum(0), first.new_full(first.shape[1:], k)])
         dist.all_reduce(sums)
         mean = sums[0] / sums[2]
         std = (sums[1] / sums[2] - mean * mean).clamp_min(0).sqrt()
@@ -358,7 +430,7 @@ class Finetuner:
                 mask = self.eval_mask(idx, j)
                 logits, class_logits, _ = self.engine(tokens, mask)
                 probs = probs + class_logits.float().softmax(dim=1) / n_masks
-                lgen = lgen + objective_loss(logits, tokens, mask) / n_masks
+                lgen = lgen + gen_loss(logits, tokens, mask, class_logits) / n_masks
             clf = F.nll_loss(probs.clamp_min(1e-30).log(), labels)
             correct = (probs.argmax(dim=1) == labels).sum()
             sums += torch.stack([clf * k, lgen * k, correct.float() * (k > 0), clf.new_full((), k)])
@@ -428,11 +500,19 @@ class Finetuner:
         t, s = self.cfg.train, self.state
         if s["start_val_acc"] is None:
             self.validate(0)  # the starting point, so improvement is visible
+        first, tic = s["step"], time.perf_counter()
         end = train_loop(self, self.engine, self.reader, self.stop, t, s["step"], done=s["done"])
+        seconds = time.perf_counter() - tic
         s["step"] = end.step
         results = {"steps": s["step"], "finished": s["done"], "start_val_acc": s["start_val_acc"], "best": s["best"],
                    "best_checkpoint": str(t.run_dir / "best"), "n_classes": self.n_classes,
                    "stopped_by": end.stopped_by}  # fmt: skip
+        if self.engine.module.attentive:
+            epochs = (s["step"] - first) * t.global_batch / len(self.train)
+            ft = self.cfg.finetune
+            results["attentive"] = {"probe_layer": self.engine.module.probe_layer,
+                                    "heads": ft.attentive_heads or self.model_cfg.n_head,
+                                    "seconds_per_epoch": seconds / epochs if epochs else None}  # fmt: skip
         if self.writer is not None:
             write_text(t.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
             b = s["best"]

@@ -40,5 +40,14 @@ for name in views8 crop; do
     --label_budgets "[10, 50, 250]" --repeats 5 --concat_k 0 --out $out/lowdata/$name
 done
 
+for L in 4 8; do
+  step "views8: attentive probe of layer $L (trunk frozen, 300 steps)"
+  [ -f $out/runs/attentive-l$L/results.json ] || deepspeed --num_gpus 2 launcher/finetune.py --config finetune_mnist5k \
+    --train.init_from $out/runs/views8 --data.shards $out/shards-views8 --train.run_root $out/runs \
+    --train.name attentive-l$L --train.ds_config ds_configs/cpu.json --finetune.head attentive \
+    --finetune.gen_weight 0 --finetune.probe_layer $L --finetune.shift 0 --finetune.patience 0 --optim.lr 1e-2 \
+    --finetune.head_lr_mult 1 --train.max_steps 300
+done
+
 step "report"
 python docs/studies/views/report.py --out-root $out

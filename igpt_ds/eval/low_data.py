@@ -22,7 +22,8 @@ from igpt_ds.eval.feature_store import FeatureSplit
 def balanced_subset(labels: np.ndarray, classes: np.ndarray, budget: int, seed: int, repeat: int) -> np.ndarray:
     """Sorted row indices (budget,) int64 of one class-balanced random subset of `labels`: budget // K rows of each
     of the K `classes`, one more from budget % K of them (chosen at random). ConfigError when a class has fewer rows
-    than it needs, or the budget gives some class no row."""
+    than it needs, or the budget gives some class no row. One stable sort of the labels (O(N log N)), not a scan per
+    class (O(N K): 1.28G comparisons for ImageNet's 1,000 classes)."""
     k = len(classes)
     if budget < k:
         raise ConfigError(f"a label budget of {budget} leaves some of the {k} classes without a label; give at "
@@ -30,9 +31,12 @@ def balanced_subset(labels: np.ndarray, classes: np.ndarray, budget: int, seed: 
     rng = np.random.default_rng([seed, budget, repeat])
     extra = np.zeros(k, np.int64)
     extra[rng.choice(k, budget % k, replace=False)] = 1
+    order = np.argsort(labels, kind="stable")  # each class's rows ascending, as np.flatnonzero(labels == c) gives
+    ordered = labels[order]
+    starts, stops = np.searchsorted(ordered, classes, "left"), np.searchsorted(ordered, classes, "right")
     picks = []
-    for c, n in zip(classes, budget // k + extra, strict=True):
-        rows = np.flatnonzero(labels == c)
+    for c, n, start, stop in zip(classes, budget // k + extra, starts, stops, strict=True):
+        rows = order[start:stop]
         if len(rows) < n:
             raise ConfigError(f"class {int(c)} has {len(rows)} training images, fewer than the {n} a budget of "
                               f"{budget} takes; lower --label_budgets")  # fmt: skip

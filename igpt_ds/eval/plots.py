@@ -20,6 +20,15 @@ TITLE_HEIGHT = 12
 """Pixels of the header band that holds column titles (PIL's default bitmap font is ~11 px)."""
 
 
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """`fig` laid out, written to `path` as a PNG atomically, and closed."""
+    fig.tight_layout()
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_probe(report: dict, path: str | Path) -> Path:
     """Validation and test accuracy against layer, with the concatenation, raw pixels and chance."""
     per_layer = [r for r in report["rows"] if len(r["layers"]) == 1]
@@ -41,11 +50,7 @@ def plot_probe(report: dict, path: str | Path) -> Path:
     ax.set_title("Linear probe accuracy by layer")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_low_data(report: dict, path: str | Path) -> Path:
@@ -71,11 +76,7 @@ def plot_low_data(report: dict, path: str | Path) -> Path:
     ax.set_title("Low-data linear probes (mean ± std over subsets)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def live_probe_layers(acc: dict[int, float], chance: float, n_layer: int, step: int) -> plt.Figure:

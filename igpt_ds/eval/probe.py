@@ -340,6 +340,10 @@ def linear_probe(cfg: ProbeConfig) -> dict:
     low_rows = [ProbeResult(**r) for r in done_low]
     n_layer = splits["train"].meta["n_layer"]
 
+    # Every subset drawn once (the same on every rank: from the labels alone), for all its probes and subsets.json.
+    subsets = {(b, r): balanced_subset(splits["train"].labels, classes, b, cfg.subset_seed, r)
+               for b in cfg.label_budgets for r in range(cfg.repeats)}  # fmt: skip
+
     def run(task: ProbeTask, budget: int = 0, repeat: int = 0) -> None:
         name = task.name if not budget else low_data_name(task.name, budget, repeat)
         kept = low_rows if budget else rows
@@ -347,8 +351,7 @@ def linear_probe(cfg: ProbeConfig) -> dict:
             return
         data = splits
         if budget:
-            subset = balanced_subset(splits["train"].labels, classes, budget, cfg.subset_seed, repeat)
-            data = {**splits, "train": SubsetSplit(splits["train"], subset)}
+            data = {**splits, "train": SubsetSplit(splits["train"], subsets[budget, repeat])}
         result = run_task(task, data, classes, cfg.c_grid, solver, cfg.max_iter, cfg.c_patience)
         result.name = name
         kept.append(result)
@@ -371,7 +374,7 @@ def linear_probe(cfg: ProbeConfig) -> dict:
     if cfg.pixels:
         run(ProbeTask("pixels", n_layer))
     if cfg.label_budgets and rank == 0:
-        write_subsets(out / "subsets.json", splits["train"].labels, classes, cfg)
+        write_subsets(out / "subsets.json", subsets, cfg.subset_seed)
     for budget in cfg.label_budgets:
         for repeat in range(cfg.repeats):
             for task in [ProbeTask([l], n_layer) for l in layers] + ([ProbeTask("pixels", n_layer)] if cfg.pixels
@@ -422,13 +425,13 @@ def low_data_summary(low_rows: list[ProbeResult]) -> dict[str, dict[str, dict]]:
     return out
 
 
-def write_subsets(path: Path, labels: np.ndarray, classes: np.ndarray, cfg: ProbeConfig) -> None:
-    """The train rows of every low-data subset, with their sha256: what each mean ± std was fitted on."""
-    subsets = {}
-    for b in cfg.label_budgets:
-        drawn = [balanced_subset(labels, classes, b, cfg.subset_seed, r) for r in range(cfg.repeats)]
-        subsets[str(b)] = [{"repeat": r, "rows": rows.tolist(), "sha256": digest(rows)} for r, rows in enumerate(drawn)]
-    write_text(path, json.dumps({"seed": cfg.subset_seed, "subsets": subsets}) + "\n")
+def write_subsets(path: Path, subsets: dict[tuple[int, int], np.ndarray], seed: int) -> None:
+    """The train rows of every low-data subset ((budget, repeat) -> rows), with their sha256: what each mean ± std
+    was fitted on."""
+    out: dict[str, list] = {}
+    for (b, r), rows in subsets.items():
+        out.setdefault(str(b), []).append({"repeat": r, "rows": rows.tolist(), "sha256": digest(rows)})
+    write_text(path, json.dumps({"seed": seed, "subsets": out}) + "\n")
 
 
 def write_report(report: dict, out: Path) -> None:

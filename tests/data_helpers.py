@@ -4,6 +4,7 @@ the shard builder and compare output folders. Everything is generated; nothing i
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import tarfile
 from pathlib import Path
@@ -107,3 +108,87 @@ def build(*argv: object) -> int:
 
 def folder_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- Parquet, Arrow (save_to_disk) and WebDataset sources ---------------------------------------
+
+HF_IMAGE = {"_type": "Image"}
+
+
+def _hf_schema(class_names: list[str] | None):
+    import pyarrow as pa
+
+    features = {"image": HF_IMAGE, "label": {"names": class_names, "_type": "ClassLabel"} if class_names else
+                {"dtype": "int64", "_type": "Value"}}  # fmt: skip
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    return pa.schema([("image", image), ("label", pa.int64())], metadata=metadata), features
+
+
+def _table(blobs: list[bytes], labels: list[int | None], class_names: list[str] | None):
+    import pyarrow as pa
+
+    schema, _ = _hf_schema(class_names)
+    images = [{"bytes": b, "path": f"{i}.img"} for i, b in enumerate(blobs)]
+    return pa.table({"image": images, "label": labels}, schema=schema)
+
+
+def write_parquet(root: Path, splits: dict[str, tuple[list[bytes], list]], class_names=None, files: int = 2) -> Path:
+    """The Hub's layout: `root/data/{split}-0000i-of-0000n.parquet`, each split's rows cut into `files` files,
+    row groups of 4 rows (several per file, as large datasets have)."""
+    import pyarrow.parquet as pq
+
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    hub = {"train": "train", "val": "validation", "test": "test"}
+    for split, (blobs, labels) in splits.items():
+        cuts = np.array_split(np.arange(len(blobs)), files)
+        for i, rows in enumerate(cuts):
+            table = _table([blobs[r] for r in rows], [labels[r] for r in rows], class_names)
+            pq.write_table(table, root / "data" / f"{hub[split]}-{i:05d}-of-{files:05d}.parquet", row_group_size=4)
+    return root
+
+
+def write_arrow_dataset(root: Path, splits: dict[str, tuple[list[bytes], list]], class_names=None) -> Path:
+    """`datasets.DatasetDict.save_to_disk`'s layout written with pyarrow alone: dataset_dict.json, and per split
+    a folder of Arrow IPC stream files with state.json and dataset_info.json."""
+    import pyarrow as pa
+
+    hub = {"train": "train", "val": "validation", "test": "test"}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": [hub[s] for s in splits]}))
+    for split, (blobs, labels) in splits.items():
+        folder = root / hub[split]
+        folder.mkdir()
+        table = _table(blobs, labels, class_names)
+        names = []
+        for i, rows in enumerate(np.array_split(np.arange(len(blobs)), 2)):
+            names.append(f"data-{i:05d}-of-00002.arrow")
+            with pa.OSFile(str(folder / names[-1]), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+                w.write_table(table.take(rows), max_chunksize=3)
+        _, features = _hf_schema(class_names)
+        (folder / "dataset_info.json").write_text(json.dumps({"features": features}))
+        (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in names],
+                                                       "_split": hub[split]}))  # fmt: skip
+    return root
+
+
+def write_webdataset(root: Path, keys: list[str], blobs: list[bytes], labels: list, files: int = 2,
+                     label: str = "cls") -> list[Path]:  # fmt: skip
+    """WebDataset tars `root/shard-00000i.tar`: per sample `key.<ext>` (the extension of `key`'s file name, or
+    `img`) and its label as `key.cls` or `key.json` {"label": ...} (none where the label is None)."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, rows in enumerate(np.array_split(np.arange(len(blobs)), files)):
+        paths.append(root / f"shard-{i:06d}.tar")
+        with tarfile.open(paths[-1], "w") as tar:
+            for r in rows:
+                stem, _, ext = keys[r].rpartition(".")
+                members = [(f"{stem}.{ext}", blobs[r])]
+                if labels[r] is not None:
+                    members.append((f"{stem}.cls", str(labels[r]).encode()) if label == "cls" else
+                                   (f"{stem}.json", json.dumps({"label": labels[r]}).encode()))  # fmt: skip
+                for name, data in members:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return paths

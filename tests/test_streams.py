@@ -1,0 +1,221 @@
+"""Parquet, Arrow (save_to_disk) and WebDataset sources, and a shard build spread over ranks (data_tools.streams,
+data_tools.build_parts): the same images as a folder tree give the same shards; 2 ranks write the bytes 1 does; a
+killed build reruns to the same output without redoing finished parts; memory does not grow with the items."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_helpers import (
+    build,
+    folder_bytes,
+    rng_image,
+    write_arrow_dataset,
+    write_image_tree,
+    write_palette,
+    write_parquet,
+    write_webdataset,
+)
+from PIL import Image
+
+from data_tools.sources import folder_source
+from igpt_ds.data import palette as P
+from igpt_ds.data.shards import ShardSplit
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def palette_file(tmp_path_factory):
+    path = write_palette(tmp_path_factory.mktemp("palette") / "palette.npy", k=32)
+    P.palette_lut(P.load_palette(path), path)
+    return path
+
+
+def read_all(root, split="train"):
+    s = ShardSplit(root, split, verify=True)
+    return s.batch(np.arange(len(s)))
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """An image folder of two classes in many formats with 3 undecodable files, plus one image beside the class
+    folders (no class): the reference. Returns (root, files in listing order, their labels, the unlabelled one)."""
+    root = tmp_path_factory.mktemp("tree") / "src"
+    write_image_tree(root)
+    orphan = root / "orphan.png"
+    Image.fromarray(rng_image(99)).save(orphan)
+    split = folder_source(root).splits["train"]
+    return root, [Path(p) for p in split.items], [int(v) for v in split.labels], orphan
+
+
+def tree_rows(tree):
+    """The tree's files as source rows (bytes, label), the orphan appended without a label."""
+    root, files, labels, orphan = tree
+    blobs = [f.read_bytes() for f in files] + [orphan.read_bytes()]
+    return [str(f.relative_to(root)) for f in files] + ["orphan.png"], blobs, labels + [None]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow", "webdataset"])
+def test_each_format_gives_the_folder_trees_shards(tmp_path, tree, palette_file, kind):
+    keys, blobs, labels = tree_rows(tree)
+    if kind == "parquet":
+        source = write_parquet(tmp_path / "pq", {"train": (blobs, labels)}, ["cat", "dog"])
+    elif kind == "arrow":
+        source = write_arrow_dataset(tmp_path / "arrow", {"train": (blobs, labels)}, ["cat", "dog"])
+    else:
+        source = tmp_path / "wds"
+        write_webdataset(source, keys, blobs, labels)
+        (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    extra = ["--class-names", tmp_path / "classes.txt"] if kind == "webdataset" else []
+    args = ["--n-px", 8, "--palette", palette_file, "--val-fraction", 0]
+    assert build(tree[0], "--out", tmp_path / "ref", *args) == 0
+    assert build(source, "--out", tmp_path / "out", *args, *extra) == 0
+
+    ref, out = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("ref", "out"))
+    assert out["class_names"] == ref["class_names"] == ["cat", "dog"]
+    assert out["splits"]["train"]["n"] == ref["splits"]["train"]["n"] == len(tree[1]) - 3
+    for got, want in zip(read_all(tmp_path / "out"), read_all(tmp_path / "ref"), strict=True):
+        np.testing.assert_array_equal(got, want)  # tokens, then labels
+    problems = (tmp_path / "out" / "problems.txt").read_text().splitlines()
+    reasons = [line.split("\t")[1] for line in problems]
+    assert out["skipped"] == len(problems) == 4 == ref["skipped"]
+    assert sum("no label" in r for r in reasons) == 1  # the orphan: outside a class folder in the tree
+    assert sum("UnidentifiedImageError" in r or "no image member" in r or "OSError" in r for r in reasons) == 3
+    names = [line.split("\t")[0] for line in problems]
+    assert all(("#" if kind != "webdataset" else ".tar:") in n for n in names)
+
+
+def pngs(n: int, seed: int = 0, size: tuple[int, int] = (12, 10)) -> list[bytes]:
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng_image(seed + i, size)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def test_unknown_labels_json_fields_and_brace_patterns(tmp_path, palette_file):
+    blobs = pngs(6)
+    labels = ["dog", "cat", "eel", "dog", 1, None]  # eel: no class; None: no label
+    write_webdataset(tmp_path / "wds", [f"{i:03d}.png" for i in range(6)], blobs, labels, files=3, label="json")
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    pattern = str(tmp_path / "wds" / "shard-{000000..000002}.tar")
+    common = ["--n-px", 8, "--palette", palette_file, "--val-fraction", 0, "--class-names", tmp_path / "classes.txt",
+              "--label-field", "json.label"]  # fmt: skip
+    assert build(pattern, "--out", tmp_path / "a", *common) == 0
+    _, got = read_all(tmp_path / "a")
+    np.testing.assert_array_equal(got, [1, 0, 1, 1])
+    reasons = [line.split("\t")[1] for line in (tmp_path / "a" / "problems.txt").read_text().splitlines()]
+    assert reasons == ["unknown label 'eel'", "no label"]
+    assert build(str(tmp_path / "wds" / "*.tar"), "--out", tmp_path / "b", *common) == 0
+    a, b = folder_bytes(tmp_path / "a"), folder_bytes(tmp_path / "b")  # the manifests differ in the source's spelling
+    assert {k: v for k, v in a.items() if k != "manifest.json"} == {k: v for k, v in b.items() if k != "manifest.json"}
+
+
+def test_the_hubs_imagenet_layout_follows_the_papers_splits(tmp_path, palette_file):
+    """ImageNet-1k on the Hub: train, validation (labelled), test (every label -1). As with ILSVRC's folders:
+    test = validation, val held out of train, the unlabelled test left out."""
+    splits = {"train": (pngs(40, 0), [i % 3 for i in range(40)]), "val": (pngs(9, 100), [i % 3 for i in range(9)]),
+              "test": (pngs(5, 200), [-1] * 5)}  # fmt: skip
+    write_parquet(tmp_path / "pq", splits, ["a", "b", "c"])
+    assert build(tmp_path / "pq", "--out", tmp_path / "out", "--n-px", 8, "--palette", palette_file,
+                 "--val-fraction", 0.25) == 0  # fmt: skip
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    counts = {s: v["n"] for s, v in m["splits"].items()}
+    assert counts["test"] == 9 and counts["train"] + counts["val"] == 40 and 3 <= counts["val"] <= 18
+    _, test_labels = read_all(tmp_path / "out", "test")
+    np.testing.assert_array_equal(test_labels, [i % 3 for i in range(9)])
+    assert "test = the labelled validation split" in m["source"]
+
+
+def tar_source(root: Path, n: int, files: int) -> Path:
+    keys = [f"{i:07d}.png" for i in range(n)]
+    blobs = (pngs(50, size=(6, 6)) * (n // 50 + 1))[:n]
+    write_webdataset(root, keys, blobs, [i % 4 for i in range(n)], files=files)
+    return root
+
+
+def run_build(*argv, env=None, wait=True):
+    cmd = [sys.executable, "-m", "data_tools.build_shards", *map(str, argv)]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if env is None or k not in env:
+            full_env.pop(k, None)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    if wait:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+    return proc
+
+
+def test_two_ranks_write_the_bytes_one_does(tmp_path):
+    """The palette fitted once (rank 0), parts split over ranks, val held out per image: byte for byte the
+    one-process build, at different worker counts too."""
+    src = tar_source(tmp_path / "wds", 300, files=5)
+    common = ["--n-px", 6, "--k", 8, "--palette-samples", 3000, "--val-fraction", 0.1]
+    run_build(src, "--out", tmp_path / "one", "--workers", 1, *common)
+    ranks = [run_build(src, "--out", tmp_path / "two", "--workers", 1 + r, *common, wait=False,
+                       env={"RANK": str(r), "WORLD_SIZE": "2"}) for r in range(2)]  # fmt: skip
+    for proc in ranks:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+    one, two = folder_bytes(tmp_path / "one"), folder_bytes(tmp_path / "two")
+    assert one == two and len([k for k in one if k.endswith(".tokens")]) >= 5 + 5  # a train and a val shard a part
+    assert not list(tmp_path.glob(".two*")) and not list(tmp_path.glob(".one*"))  # work folders removed
+
+
+def test_a_killed_build_reruns_to_the_same_output_without_redoing_parts(tmp_path, palette_file):
+    """Rank 0 of 2 converts its parts, then waits for rank 1's, which never come: killed there (SIGKILL), with a
+    part half-written by another killed process planted beside them. The rerun, on one process, converts only the
+    missing parts (the finished parts' files are the very same files) and equals an uninterrupted build."""
+    src = tar_source(tmp_path / "wds", 120, files=4)
+    common = ["--n-px", 6, "--palette", palette_file, "--val-fraction", 0.1, "--workers", 1]
+    run_build(src, "--out", tmp_path / "ref", *common)
+    proc = run_build(src, "--out", tmp_path / "out", *common, wait=False, env={"RANK": "0", "WORLD_SIZE": "2"})
+    deadline = time.monotonic() + 300
+    while len(list(tmp_path.glob(".out.parts-*/part-*"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (work,) = tmp_path.glob(".out.parts-*")
+    done = {p.name: p for p in work.glob("part-*")}
+    assert sorted(done) == ["part-00000", "part-00002"] and not (tmp_path / "out").exists()
+    inodes = {os.stat(f).st_ino for p in done.values() for f in p.rglob("*.tokens")}
+    (work / ".part-00001.tmp-elsewhere-1").mkdir()
+    (work / ".part-00001.tmp-elsewhere-1" / "junk").write_bytes(b"half")
+
+    run_build(src, "--out", tmp_path / "out", *common)
+    assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "ref")
+    kept = {os.stat(f).st_ino for f in (tmp_path / "out").rglob("*.tokens")}
+    assert inodes <= kept  # the parts finished before the kill were moved into place, not converted again
+    assert not list(tmp_path.glob(".out*"))
+
+
+def peak_rss_mb(src: Path, out: Path) -> float:
+    """Peak RSS (MB) of a one-process, one-worker build of `src` (a fresh child, so the peak is its own)."""
+    code = ("import resource, sys; from data_tools.build_shards import main; "
+            f"rc = main([{str(src)!r}, '--out', {str(out)!r}, '--n-px', '6', '--k', '8', '--workers', '1', "
+            "'--palette-samples', '2000', '--val-fraction', '0']); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(rc)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return float(done.stdout.split()[-1])
+
+
+def test_memory_does_not_grow_with_the_items_of_a_tar(tmp_path):
+    """One tar of 4,000 samples and one of 40,000 (80,000 members): the same peak RSS within a few MB. (tarfile
+    keeps every member header it has read, ~0.5 KB each: 40 MB more for the larger one if nothing let go of them.)"""
+    small = peak_rss_mb(tar_source(tmp_path / "small", 4_000, files=1), tmp_path / "o1")
+    large = peak_rss_mb(tar_source(tmp_path / "large", 40_000, files=1), tmp_path / "o2")
+    assert large < small + 12, (small, large)

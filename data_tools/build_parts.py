@@ -58,8 +58,11 @@ def build_streamed(args: argparse.Namespace, source: StreamSource, out: Path) ->
     work = out.parent / f".{out.name}.parts-{identity(args, source)[:16]}"
     work.mkdir(exist_ok=True)
     palette = shared_palette(work, source, args, rank)
-    lut = palette_lut(palette, work / "palette.npy")
+    lut = palette_lut(palette, args.palette or work / "palette.npy")  # the table cached beside the palette file
     mine = [p for p in source.parts if p.index % world == rank and not (work / part_name(p)).is_dir()]
+    owned = sum(p.index % world == rank for p in source.parts)
+    print(f"rank {rank} of {world}: {len(mine)} of its {owned} parts to convert ({len(source.parts)} in all)",
+          flush=True)  # fmt: skip
     with B._Workers(args.workers, B._settings(args, lut)) as workers:
         for part in tqdm(mine, desc=f"rank {rank} parts", unit="part", disable=None):
             convert_part(work, part, source, workers, args)

@@ -2,7 +2,6 @@
 data_tools.build_parts): the same images as a folder tree give the same shards; 2 ranks write the bytes 1 does; a
 killed build reruns to the same output without redoing finished parts; memory does not grow with the items."""
 
-import io
 import json
 import os
 import signal
@@ -16,7 +15,9 @@ import pytest
 from data_helpers import (
     build,
     folder_bytes,
+    pngs,
     rng_image,
+    tar_source,
     write_arrow_dataset,
     write_image_tree,
     write_palette,
@@ -93,15 +94,6 @@ def test_each_format_gives_the_folder_trees_shards(tmp_path, tree, palette_file,
     assert all(("#" if kind != "webdataset" else ".tar:") in n for n in names)
 
 
-def pngs(n: int, seed: int = 0, size: tuple[int, int] = (12, 10)) -> list[bytes]:
-    out = []
-    for i in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng_image(seed + i, size)).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
-
-
 def test_unknown_labels_json_fields_and_brace_patterns(tmp_path, palette_file):
     blobs = pngs(6)
     labels = ["dog", "cat", "eel", "dog", 1, None]  # eel: no class; None: no label
@@ -134,13 +126,6 @@ def test_the_hubs_imagenet_layout_follows_the_papers_splits(tmp_path, palette_fi
     _, test_labels = read_all(tmp_path / "out", "test")
     np.testing.assert_array_equal(test_labels, [i % 3 for i in range(9)])
     assert "test = the labelled validation split" in m["source"]
-
-
-def tar_source(root: Path, n: int, files: int) -> Path:
-    keys = [f"{i:07d}.png" for i in range(n)]
-    blobs = (pngs(50, size=(6, 6)) * (n // 50 + 1))[:n]
-    write_webdataset(root, keys, blobs, [i % 4 for i in range(n)], files=files)
-    return root
 
 
 def run_build(*argv, env=None, wait=True):

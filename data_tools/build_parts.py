@@ -41,7 +41,7 @@ from tqdm import tqdm
 from data_tools import UserError
 from data_tools import build_shards as B
 from data_tools.streams import Item, Part, StreamSource
-from igpt_ds.atomic import publish_dir
+from igpt_ds.atomic import publish_dir, write_text
 from igpt_ds.data.palette import fit_palette, load_palette, palette_lut, save_palette
 from igpt_ds.distributed.rank_env import launch_rank
 
@@ -63,12 +63,19 @@ def build_streamed(args: argparse.Namespace, source: StreamSource, out: Path) ->
     owned = sum(p.index % world == rank for p in source.parts)
     print(f"rank {rank} of {world}: {len(mine)} of its {owned} parts to convert ({len(source.parts)} in all)",
           flush=True)  # fmt: skip
-    with B._Workers(args.workers, B._settings(args, lut)) as workers:
-        for part in tqdm(mine, desc=f"rank {rank} parts", unit="part", disable=None):
-            convert_part(work, part, source, workers, args)
+    failed = work / f"failed-rank-{rank}.txt"
+    failed.unlink(missing_ok=True)
+    started = time.time()
+    try:
+        with B._Workers(args.workers, B._settings(args, lut)) as workers:
+            for part in tqdm(mine, desc=f"rank {rank} parts", unit="part", disable=None):
+                convert_part(work, part, source, workers, args)
+    except (UserError, OSError) as e:  # told to rank 0, which would otherwise wait for these parts for ever
+        write_text(failed, f"{e}\n")
+        raise
     if rank != 0:
         return out
-    wait_for_parts(work, source.parts)
+    wait_for_parts(work, source.parts, started)
     manifest = assemble(work, out, source, palette, args)
     for stale in out.parent.glob(f".{out.name}.parts-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -165,6 +172,15 @@ def convert_part(work: Path, part: Part, source: StreamSource, workers, args: ar
         shutil.rmtree(stale, ignore_errors=True)
     tmp = work / f".{part_name(part)}.tmp-{socket.gethostname()}-{os.getpid()}"
     tmp.mkdir()
+    try:
+        _convert_part(tmp, part, source, workers, args)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.rename(work / part_name(part))
+
+
+def _convert_part(tmp: Path, part: Part, source: StreamSource, workers, args: argparse.Namespace) -> None:
     views = args.views if part.split == "train" else 0
     writers = {part.split: B._ShardWriter(tmp, part.split, args.shard_size, views)}
     if part.split == "train" and source.hold_out:
@@ -198,14 +214,14 @@ def convert_part(work: Path, part: Part, source: StreamSource, workers, args: ar
         os.fsync(problem_file.fileno())
     report = {"part": part.path, "splits": {s: w.finish() for s, w in writers.items()}, "skipped": skipped}
     B._write(tmp / "part.json", (json.dumps(report, indent=1) + "\n").encode())
-    tmp.rename(work / part_name(part))
 
 
 # --- rank 0: every part together -------------------------------------------------------------
 
 
-def wait_for_parts(work: Path, parts: list[Part]) -> None:
-    """Block until every part's folder exists (the other ranks convert them); reports progress while waiting."""
+def wait_for_parts(work: Path, parts: list[Part], since: float) -> None:
+    """Block until every part's folder exists (the other ranks convert them); reports progress while waiting.
+    Raises UserError when another rank wrote that it failed (after `since`: not a killed run's old report)."""
     missing = [p for p in parts if not (work / part_name(p)).is_dir()]
     if not missing:
         return
@@ -213,6 +229,11 @@ def wait_for_parts(work: Path, parts: list[Part]) -> None:
               disable=None) as bar:  # fmt: skip
         while missing:
             time.sleep(POLL_S)
+            for report in work.glob("failed-rank-*.txt"):
+                if report.stat().st_mtime >= since - 60:  # file-server and node clocks may differ a little
+                    rank = report.stem.rsplit("-", 1)[1]
+                    raise UserError(f"rank {rank} failed: {report.read_text().strip()}; fix it and rerun (finished "
+                                    "parts are kept)")  # fmt: skip
             still = [p for p in missing if not (work / part_name(p)).is_dir()]
             bar.update(len(missing) - len(still))
             missing = still
@@ -237,8 +258,8 @@ def assemble(work: Path, out: Path, source: StreamSource, palette: np.ndarray, a
                 skipped += report["skipped"]
                 for split, written in report["splits"].items():
                     into = splits.setdefault(split, {"n": 0, "shards": []})
-                    (tmp / split).mkdir(exist_ok=True)
                     for entry in written["shards"]:
+                        (tmp / split).mkdir(exist_ok=True)
                         stem = f"{split}/shard-{len(into['shards']):05d}"
                         for key, suffix in (("tokens", ".tokens"), ("labels", ".labels.npy"),
                                             ("views", ".views.tokens")):  # fmt: skip
@@ -251,7 +272,7 @@ def assemble(work: Path, out: Path, source: StreamSource, palette: np.ndarray, a
                         into["views"] = written["views"]
             problem_file.flush()
             os.fsync(problem_file.fileno())
-        order = [s for s in ("train", "val", "test") if s in splits]
+        order = [s for s in ("train", "val", "test") if splits.get(s, {}).get("n")]  # a split nothing fell to: none
         if not splits.get("train", {}).get("n"):
             raise UserError(f"none of the training images of {source.description} could be read; see "
                             f"{work}/part-*/problems.txt")  # fmt: skip

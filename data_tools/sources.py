@@ -23,7 +23,10 @@ import numpy as np
 from data_tools import UserError
 
 SPLITS = ("train", "val", "test")
-SOURCE_HELP = "give an image folder, a CIFAR folder or .tar.gz, a .npz/.npy file, 'digits' or 'mnist5k'"
+SOURCE_HELP = (
+    "give an image folder, a CIFAR folder or .tar.gz, a .npz/.npy file, 'digits', 'mnist5k', or Parquet / "
+    "save_to_disk / WebDataset files"
+)
 
 
 @dataclass

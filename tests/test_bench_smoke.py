@@ -120,12 +120,16 @@ def test_stop_flag(tmp_path):
 
 
 def test_shard_throughput(tmp_path):
-    run("shard_throughput.py", "--images", "30", "--out-dir", str(tmp_path))
+    run("shard_throughput.py", "--images", "30", "--rss-items", "200", "--out-dir", str(tmp_path))
     report = json.loads((tmp_path / "shards.json").read_text())
-    cases = ("jpeg", "jpeg_full_decode", "jpeg_views4", "digits")
+    cases = ("jpeg", "jpeg_full_decode", "jpeg_views4", "parquet", "webdataset", "digits")
     assert set(report["runs"]) == {f"{n}_workers{w}" for n in cases for w in (1, 2)}
     assert "view_cpu_ms_per_image" in report and list(report["imagenet_train_minutes_per_view"]) == ["32", "64", "128"]
     assert all(r["images_per_s"] > 0 and r["images_per_cpu_s"] > 0 for r in report["runs"].values())
     assert 0.3 < report["draft_vs_full_decode"]["tokens_identical"] < 1  # close to, not the same as, full decoding
     assert list(report["imagenet_train_minutes"]) == ["32", "64", "128"]
     assert "ImageNet train" in (tmp_path / "shards.md").read_text()
+    rss = report["rss_mb"]
+    assert list(rss) == ["20", "200"] and all(r["workers1"]["builder"] > 0 for r in rss.values())
+    projected = report["projection"]["web_100m"]["nodes"]
+    assert list(projected) == ["1", "16", "64"] and projected["1"]["decode_min"] > projected["64"]["decode_min"]

@@ -186,6 +186,21 @@ def test_a_killed_build_reruns_to_the_same_output_without_redoing_parts(tmp_path
     assert not list(tmp_path.glob(".out*"))
 
 
+def test_a_rank_that_fails_stops_rank_0_with_its_reason(tmp_path, palette_file):
+    """With --strict, rank 1 stops at an undecodable image of its part; rank 0, waiting for that part, exits too
+    with rank 1's reason instead of waiting for ever, and nothing is published."""
+    blobs = pngs(8)
+    blobs[6] = b"not an image"  # in the second tar: rank 1's
+    write_webdataset(tmp_path / "wds", [f"{i:03d}.png" for i in range(8)], blobs, [0, 1] * 4, files=2)
+    common = ["--n-px", 6, "--palette", palette_file, "--val-fraction", 0, "--workers", 1, "--strict"]
+    ranks = [run_build(tmp_path / "wds", "--out", tmp_path / "out", *common, wait=False,
+                       env={"RANK": str(r), "WORLD_SIZE": "2"}) for r in range(2)]  # fmt: skip
+    errors = [proc.communicate(timeout=600)[1] for proc in ranks]
+    assert [proc.returncode for proc in ranks] == [2, 2], errors
+    assert "rank 1 failed" in errors[0] and "006.png" in errors[0] and "--strict" in errors[0]
+    assert len(errors[0].strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def peak_rss_mb(src: Path, out: Path) -> float:
     """Peak RSS (MB) of a one-process, one-worker build of `src` (a fresh child, so the peak is its own)."""
     code = ("import resource, sys; from data_tools.build_shards import main; "

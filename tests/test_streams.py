@@ -219,3 +219,16 @@ def test_memory_does_not_grow_with_the_items_of_a_tar(tmp_path):
     small = peak_rss_mb(tar_source(tmp_path / "small", 4_000, files=1), tmp_path / "o1")
     large = peak_rss_mb(tar_source(tmp_path / "large", 40_000, files=1), tmp_path / "o2")
     assert large < small + 12, (small, large)
+
+
+def test_each_launcher_tells_a_build_its_rank():
+    """srun, Open MPI, MPICH/Intel MPI and torchrun-style variables; Open MPI's win over the Slurm task's that
+    mpirun's daemons inherit inside a job (as in igpt_ds.distributed.rank_env)."""
+    from igpt_ds.distributed.rank_env import launch_rank
+
+    assert launch_rank({}) == (0, 1)
+    assert launch_rank({"SLURM_PROCID": "3", "SLURM_NTASKS": "16"}) == (3, 16)
+    assert launch_rank({"PMI_RANK": "1", "PMI_SIZE": "2"}) == (1, 2)
+    assert launch_rank({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "OMPI_COMM_WORLD_RANK": "5",
+                        "OMPI_COMM_WORLD_SIZE": "8"}) == (5, 8)  # fmt: skip
+    assert launch_rank({"RANK": "2", "WORLD_SIZE": "4", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == (2, 4)

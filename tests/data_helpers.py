@@ -192,3 +192,21 @@ def write_webdataset(root: Path, keys: list[str], blobs: list[bytes], labels: li
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     return paths
+
+
+def pngs(n: int, seed: int = 0, size: tuple[int, int] = (12, 10)) -> list[bytes]:
+    """`n` PNG files' bytes of `rng_image(seed + i, size)`."""
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng_image(seed + i, size)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def tar_source(root: Path, n: int, files: int) -> Path:
+    """A labelled WebDataset source of `n` 6x6 PNG samples (50 distinct images repeated) in `files` tars."""
+    keys = [f"{i:07d}.png" for i in range(n)]
+    blobs = (pngs(50, size=(6, 6)) * (n // 50 + 1))[:n]
+    write_webdataset(root, keys, blobs, [i % 4 for i in range(n)], files=files)
+    return root

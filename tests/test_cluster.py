@@ -403,3 +403,44 @@ def test_sbatch_scancel_checkpoints_and_ends(slurm, shards, n_vocab, tmp_path):
                "the job and its processes to end", lambda: job_details(slurm, job_id, log))  # fmt: skip
     step = rerun_resumes(config, tmp_path / "runs" / "run", log)
     assert f"stopped at step {step} on SIGTERM" in log.read_text(), tail(log)
+
+
+# ----------------------------------------------------------------- a shard build over ranks (issue 23)
+
+
+def test_sbatch_and_mpirun_shard_builds_equal_one_process(machine, tmp_path):
+    """launcher/slurm/build_shards.sbatch (2 tasks) and `mpirun -np 2` convert a WebDataset source part by part
+    over their ranks: byte for byte what one process writes."""
+    from data_helpers import folder_bytes, tar_source
+
+    src = tar_source(tmp_path / "wds", 200, files=5)
+    args = ["--n-px", "6", "--k", "8", "--palette-samples", "2000"]
+    one = subprocess.run([sys.executable, "-m", "data_tools.build_shards", str(src), "--out", str(tmp_path / "one"),
+                          "--workers", "1", *args], cwd=REPO, env=launch_env(), capture_output=True, text=True,
+                         timeout=RUN_TIMEOUT)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+
+    log = tmp_path / "mpirun.log"
+    mpirun = [str(VENV_BIN / "mpirun"), "--oversubscribe", "-np", "2", sys.executable, "-m", "data_tools.build_shards"]
+    with open(log, "w") as out:
+        rc = subprocess.run([*mpirun, str(src), "--out", str(tmp_path / "mpi"), "--workers", "1", *args], cwd=REPO,
+                            env=launch_env(**MPI_ROOT), stdout=out, stderr=subprocess.STDOUT,
+                            timeout=RUN_TIMEOUT).returncode  # fmt: skip
+    assert rc == 0, tail(log)
+    assert "rank 1 of 2: 2 of its 2 parts to convert (5 in all)" in log.read_text(), tail(log)
+    assert folder_bytes(tmp_path / "mpi") == folder_bytes(tmp_path / "one")
+
+    folder = Path(tempfile.mkdtemp(prefix="igpt-slurm.", dir="/tmp"))
+    try:
+        cluster("slurm-up", folder)
+        slurm = launch_env(SLURM_CONF=str(folder / "slurm.conf"), SOURCE=str(src), OUT=str(tmp_path / "slurm"))
+        log = tmp_path / "slurm.out"
+        cmd = ["sbatch", "--parsable", *SLURM_NODE, f"--output={log}", "launcher/slurm/build_shards.sbatch", *args]
+        out = subprocess.run(cmd, cwd=REPO, env=slurm, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        wait_job_done(slurm, out.stdout.strip().split(";")[0], log)
+        assert "rank 1 of 2: 2 of its 2 parts" in log.read_text(), tail(log)
+    finally:
+        cluster("down", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    assert folder_bytes(tmp_path / "slurm") == folder_bytes(tmp_path / "one")

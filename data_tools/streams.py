@@ -129,23 +129,45 @@ class StreamSource:
 
 
 def is_stream_spec(spec: str) -> bool:
-    """Whether `spec` names a Parquet, Arrow or WebDataset source (a pattern, or a folder of such files)."""
+    """Whether `spec` names a Parquet, Arrow or WebDataset source (a pattern, or a folder of such files); a .tar of
+    CIFAR's python batches is CIFAR's."""
     if any(c in spec for c in "*?[{"):
         return True
     path = Path(spec)
     if path.is_file():
-        return path.suffix.lower() in (".parquet", ".tar", ".arrow")
+        suffix = path.suffix.lower()
+        return suffix in (".parquet", ".arrow") or (suffix == ".tar" and not _cifar_tar(path))
     if not path.is_dir():
         return False
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         return True
-    return _first(path, ".parquet") or _first(path, ".tar")
+    return _holds(path, (".parquet", ".tar"))
 
 
-def _first(root: Path, suffix: str) -> bool:
-    for _, _, files in os.walk(root):
-        if any(f.lower().endswith(suffix) for f in files):
+def _cifar_tar(path: Path) -> bool:
+    from data_tools.sources import CIFAR
+
+    try:
+        with tarfile.open(path) as tar:
+            first = tar.next()
+    except (tarfile.TarError, OSError):
+        return False
+    return first is not None and first.name.split("/")[0] in {spec["folder"] for spec in CIFAR.values()}
+
+
+PEEK_FILES = 1000
+"""Files looked at to tell a folder of Parquet files or tars from an image folder (an ImageNet tree is not walked)."""
+
+
+def _holds(root: Path, suffixes: tuple[str, ...]) -> bool:
+    seen = 0
+    for _, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if any(f.lower().endswith(suffixes) for f in files):
             return True
+        seen += len(files)
+        if seen >= PEEK_FILES:
+            return False
     return False
 
 

@@ -232,3 +232,28 @@ def test_each_launcher_tells_a_build_its_rank():
     assert launch_rank({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "OMPI_COMM_WORLD_RANK": "5",
                         "OMPI_COMM_WORLD_SIZE": "8"}) == (5, 8)  # fmt: skip
     assert launch_rank({"RANK": "2", "WORLD_SIZE": "4", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == (2, 4)
+
+
+def test_what_is_and_is_not_a_streamed_source(tmp_path, tree):
+    """Patterns, Parquet/tar folders and save_to_disk folders are; an image tree, a CIFAR tar (compressed or not)
+    and a missing reader's message naming the extra are told apart."""
+    import tarfile
+
+    from data_helpers import write_cifar
+
+    from data_tools import UserError
+    from data_tools.streams import _need, is_stream_spec
+
+    gz = write_cifar(tmp_path / "c", tar=True)
+    plain = tmp_path / "cifar-10-python.tar"
+    with tarfile.open(gz) as src, tarfile.open(plain, "w") as dst:
+        for m in src:
+            dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+    assert not is_stream_spec(str(gz)) and not is_stream_spec(str(plain)) and not is_stream_spec(str(tree[0]))
+    assert build(plain, "--out", tmp_path / "out", "--n-px", 8, "--k", 4, "--palette-samples", 200) == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["source"].startswith("CIFAR-10")
+    write_webdataset(tmp_path / "wds", ["a.png"], pngs(1), [0], files=1)
+    assert is_stream_spec(str(tmp_path / "wds")) and is_stream_spec(str(tmp_path / "wds" / "shard-000000.tar"))
+    assert is_stream_spec(str(tmp_path / "x-{0..3}.tar"))
+    with pytest.raises(UserError, match=r"igpt-ds\[sources\]"):
+        _need("a_reader_that_is_not_installed")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IMAGES_PER_CORE_S = 1423.3
+IMAGES_PER_CORE_S = 1416.7
 """Images an evaluation crop per CPU-second (JPEG, draft decoding, 32x32; bench/results/shards.md)."""
 VIEW_CORE_MS = 0.36
 """CPU-milliseconds a view adds per image (JPEG, --views 4, 32x32; bench/results/shards.md)."""

@@ -31,3 +31,15 @@ def one_rank_group():
     drop_deepspeed_groups()  # a test that built an engine on this group left DeepSpeed holding it
     for s, handler in handlers.items():
         signal.signal(s, handler)
+
+
+@pytest.fixture(scope="session")
+def palette_file(tmp_path_factory):
+    """A random 32-colour palette file with its lookup table cached beside it (built once per session)."""
+    from data_helpers import write_palette
+
+    from igpt_ds.data import palette as P
+
+    path = write_palette(tmp_path_factory.mktemp("palette") / "palette.npy", k=32)
+    P.palette_lut(P.load_palette(path), path)
+    return path

@@ -106,6 +106,14 @@ def build(*argv: object) -> int:
     return build_main(args if "--workers" in args else args + ["--workers", "1"])
 
 
+def read_all(root: Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, labels) of every image of a shard folder's split, checksums verified."""
+    from igpt_ds.data.shards import ShardSplit
+
+    s = ShardSplit(root, split, verify=True)
+    return s.batch(np.arange(len(s)))
+
+
 def folder_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

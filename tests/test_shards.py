@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import build, folder_bytes, write_image_tree, write_palette
+from data_helpers import build, folder_bytes, write_image_tree
 from PIL import Image
 
 from data_tools.inspect_shards import main as inspect_main
@@ -20,13 +20,6 @@ from igpt_ds.data.sampler import GlobalBatchSampler, rank_rows
 from igpt_ds.data.shards import ShardError, ShardSplit
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def palette_file(tmp_path_factory):
-    path = write_palette(tmp_path_factory.mktemp("palette") / "palette.npy", k=32)
-    P.palette_lut(P.load_palette(path), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from data_helpers import build, folder_bytes, write_cifar, write_image_tree, write_palette
+from data_helpers import build, folder_bytes, read_all, write_cifar, write_image_tree
 from PIL import Image
 
 from data_tools import UserError
@@ -15,18 +15,6 @@ from data_tools.images import load_rgb, square, to_rgb
 from data_tools.sources import folder_source, open_source
 from igpt_ds.data import palette as P
 from igpt_ds.data.shards import ShardSplit
-
-
-@pytest.fixture(scope="module")
-def palette_file(tmp_path_factory):
-    path = write_palette(tmp_path_factory.mktemp("palette") / "palette.npy", k=32)
-    P.palette_lut(P.load_palette(path), path)  # build and cache the table once for the module
-    return path
-
-
-def read_all(root, split="train"):
-    s = ShardSplit(root, split, verify=True)
-    return s.batch(np.arange(len(s)))
 
 
 def expected_tokens(images, palette_file, n_px):

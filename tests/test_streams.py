@@ -16,33 +16,19 @@ from data_helpers import (
     build,
     folder_bytes,
     pngs,
+    read_all,
     rng_image,
     tar_source,
     write_arrow_dataset,
     write_image_tree,
-    write_palette,
     write_parquet,
     write_webdataset,
 )
 from PIL import Image
 
 from data_tools.sources import folder_source
-from igpt_ds.data import palette as P
-from igpt_ds.data.shards import ShardSplit
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def palette_file(tmp_path_factory):
-    path = write_palette(tmp_path_factory.mktemp("palette") / "palette.npy", k=32)
-    P.palette_lut(P.load_palette(path), path)
-    return path
-
-
-def read_all(root, split="train"):
-    s = ShardSplit(root, split, verify=True)
-    return s.batch(np.arange(len(s)))
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,13 @@ Memory per rank, whatever the source's size: the worker pool's window (4 x worke
 images: for ImageNet JPEGs of ~110 KB, 4 x 32 x 64 x 110 KB = 0.9 GB at 32 workers, 56 MB at 2), a record batch
 of BATCH_ROWS rows, one shard's labels (8 bytes an image), and the list of parts (a few hundred bytes each: 10k
 tars, a few MB). No list of images is ever built; problems stream to each part's problems.txt.
+
+Listing cost, paid by every rank so that each finds the same parts and the same work folder without talking to the
+others: one stat a file (the identity), plus one footer read a Parquet file (its row count and schema) and, for the
+Hub's ImageNet layout, the test files' label column. For ImageNet's 294 Parquet files that is 294 footer reads a
+rank: 294 / 18,816 / 301,056 small reads over 1 / 64 / 1,024 ranks; for 10,000 tars, 10,000 stats a rank
+(0.64M at 64 ranks). A build runs one rank a node (16-64 nodes), where this is seconds; the conversion reads the
+collection itself once in all.
 """
 
 from __future__ import annotations

@@ -22,10 +22,10 @@ tars, a few MB). No list of images is ever built; problems stream to each part's
 
 Listing cost, paid by every rank so that each finds the same parts and the same work folder without talking to the
 others: one stat a file (the identity), plus one footer read a Parquet file (its row count and schema) and, for the
-Hub's ImageNet layout, the test files' label column. For ImageNet's 294 Parquet files that is 294 footer reads a
-rank: 294 / 18,816 / 301,056 small reads over 1 / 64 / 1,024 ranks; for 10,000 tars, 10,000 stats a rank
-(0.64M at 64 ranks). A build runs one rank a node (16-64 nodes), where this is seconds; the conversion reads the
-collection itself once in all.
+Hub's ImageNet layout, the test files' label column. For ImageNet's ~300 Parquet files (257 of train) that is ~300
+footer reads a rank: 300 / 19,200 / 307,200 small reads over 1 / 64 / 1,024 ranks; for 10,000 tars, 10,000 stats
+a rank (0.64M at 64 ranks). A build runs one rank a node (16-64 nodes), where this is seconds; the conversion reads
+the collection itself once in all.
 """
 
 from __future__ import annotations

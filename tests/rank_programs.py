@@ -319,7 +319,8 @@ def live_probe_fits(layers: int) -> None:
         scaler = logreg.Scaler.fit(x_tr, 600)
         scaler.apply_(x_tr)
         scaler.apply_(x_va)
-        fit_at = lambda C, warm: logreg.fit(x_tr, y_tr, 4, 600, C, lp.MAX_ITER, warm)
+        basis = logreg.Basis.fit(x_tr, 600)
+        fit_at = lambda C, warm: logreg.fit(x_tr, y_tr, 4, 600, C, lp.MAX_ITER, warm, basis=basis)
         return logreg.sweep_c(fit_at, lp.C_GRID, lambda m: 100.0 * logreg.correct(x_va, y_va, m) / 300)[2]
 
     old = {l: before(l) for l in range(layers)}

@@ -195,7 +195,8 @@ def run_task(
     if solver == "sklearn":
         fit_at = lambda C, warm: logreg.fit_sklearn(x_tr, y_tr, len(classes), C, max_iter)
     else:
-        fit_at = lambda C, warm: logreg.fit(x_tr, y_tr, len(classes), n_tr, C, max_iter, warm)
+        basis = logreg.Basis.fit(x_tr, n_tr)  # once per probe: preconditions every C
+        fit_at = lambda C, warm: logreg.fit(x_tr, y_tr, len(classes), n_tr, C, max_iter, warm, basis=basis)
     model, C, val_acc = logreg.sweep_c(fit_at, c_grid, lambda m: accuracy(m, "val"), patience)
     best = ProbeResult(task.name, task.layers, dim, C, val_acc, accuracy(model, "test"), model.converged)
     best.seconds = time.perf_counter() - tic

@@ -12,7 +12,7 @@ there is one); the ranks meet by polling while the owners fit (`rank0.on_every_r
 collective, and share the accuracies. The solver's block sums are exact and order-free, so a layer fitted on one rank
 gives bit for bit what the ranks fitting it together gave before (and at any data-parallel size).
 
-Why this design: a data-parallel fit makes one all-reduce per L-BFGS evaluation (hundreds per C, 4 C values, every
+Why this design: a data-parallel fit makes one all-reduce per L-BFGS evaluation (tens per C, 4 C values, every
 layer in turn), all ranks waiting on each; a few thousand probe rows are small enough to fit on one device, so the
 collectives inside the fits are replaced by one gather of (probe_images + probe_val_images) x n_embd floats per
 layer, and the layers are fitted in parallel: the fitting time goes from (L + 1) fits, each slowed by its
@@ -316,6 +316,8 @@ class LiveProbe:
         scaler = logreg.Scaler.fit(x_tr, n_tr, local)
         scaler.apply_(x_tr)
         scaler.apply_(x_va)
-        fit_at = lambda C, warm: logreg.fit(x_tr, y_tr, self.subset.n_classes, n_tr, C, MAX_ITER, warm, group=local)
+        basis = logreg.Basis.fit(x_tr, n_tr, local)
+        fit_at = lambda C, warm: logreg.fit(x_tr, y_tr, self.subset.n_classes, n_tr, C, MAX_ITER, warm, group=local,
+                                            basis=basis)  # fmt: skip
         validate = lambda model: 100.0 * logreg.correct(x_va, y_va, model, local) / n_va
         return logreg.sweep_c(fit_at, C_GRID, validate)[2]

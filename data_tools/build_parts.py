@@ -133,10 +133,14 @@ def sample_pixels(source: StreamSource, args: argparse.Namespace) -> np.ndarray:
     rng = np.random.default_rng(args.seed)
     train = [p for p in source.parts if p.split == "train"]
     if not train:
-        raise UserError(f"{source.description}: no train split to fit the palette on; give --palette")
+        held = sorted({p.split for p in source.parts})
+        raise UserError(f"{source.description}: no train files (it holds {held}) to fit the palette on; give the "
+                        "train files too (or --train A --val B), or --palette")  # fmt: skip
     chosen = [train[i] for i in np.sort(rng.choice(len(train), min(len(train), SAMPLE_PARTS), replace=False))]
     n_img = math.ceil(B.PIXEL_POOL * args.palette_samples / args.n_px**2)
     per_part = math.ceil(n_img / len(chosen))
+
+    unreadable: list[Item] = []
 
     def items() -> Iterator[Item]:
         for part in chosen:
@@ -144,7 +148,11 @@ def sample_pixels(source: StreamSource, args: argparse.Namespace) -> np.ndarray:
             rows = np.arange(n) if part.rows is None else np.unique(np.linspace(0, part.rows - 1, n).round())
             rows = rows.astype(np.int64)
             keep = rows[~source.held_out(part, rows)]
-            yield from (it for it in source.items(part, keep) if it.problem is None)
+            for it in source.items(part, keep):
+                if it.problem is None:
+                    yield it
+                elif len(unreadable) < 1:
+                    unreadable.append(it)
 
     pixels, first_problem = [], None
     with B._Workers(args.workers, B._settings(args, None)) as workers:
@@ -154,6 +162,10 @@ def sample_pixels(source: StreamSource, args: argparse.Namespace) -> np.ndarray:
             pixels.append(rgb.reshape(-1, 3))
     pixels = np.concatenate(pixels) if pixels else np.zeros((0, 3), np.uint8)
     if not len(pixels):
+        if unreadable:
+            first_problem = f"{unreadable[0].name}: {unreadable[0].problem}"
+        if first_problem is None:
+            raise UserError(f"{source.description}: its train files hold no images; give the train split's files")
         raise UserError(f"none of the sampled training images could be read, e.g. {first_problem}")
     return pixels[rng.choice(len(pixels), min(args.palette_samples, len(pixels)), replace=False)]
 

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from data_tools import UserError
 from data_tools.images import RESIZE_MODES, ViewTransform, load_rgb, load_views
 from data_tools.sources import Source, Split, hold_out_val, open_source, split_sources, with_test_labels
-from data_tools.streams import hub_imagenet_splits, is_stream_spec, open_stream, stream_splits
+from data_tools.streams import hub_imagenet_splits, is_stream_spec, open_stream, read_class_names, stream_splits
 from igpt_ds.atomic import publish_dir, unwritable, write_failure
 from igpt_ds.data.palette import MAX_K, PaletteError, encode, fit_palette, load_palette, palette_lut
 from igpt_ds.data.shards import FORMAT_VERSION, MANIFEST, TOKEN_DTYPE, ShardError
@@ -232,7 +232,8 @@ def _build_stream(args: argparse.Namespace, out: Path, others: dict[str, str]) -
     if args.test_labels is not None:
         raise UserError("--test-labels labels ILSVRC's flat val/ folder; a Parquet/Arrow/WebDataset source carries "
                         "its labels (or give the labelled split with --test)")  # fmt: skip
-    fields = dict(image_field=args.image_field, label_field=args.label_field, class_names=args.class_names)
+    names = read_class_names(args.class_names) if args.class_names is not None else None
+    fields = dict(image_field=args.image_field, label_field=args.label_field, class_names=names)
     if args.train is not None:
         source = stream_splits(args.train, others, **fields)
     else:

@@ -246,3 +246,152 @@ def test_what_is_and_is_not_a_streamed_source(tmp_path, tree):
     assert is_stream_spec(str(tmp_path / "x-{0..3}.tar"))
     with pytest.raises(UserError, match=r"igpt-ds\[sources\]"):
         _need("a_reader_that_is_not_installed")
+
+
+def _reference(tmp_path, palette_file, n=12):
+    """Images 0..n-1 with labels i % 3 as a labelled WebDataset tar built once: the tokens every layout below must
+    give."""
+    blobs, labels = pngs(n), [i % 3 for i in range(n)]
+    write_webdataset(tmp_path / "ref_src", [f"{i:03d}.png" for i in range(n)], blobs, labels, files=1)
+    assert build(tmp_path / "ref_src", "--out", tmp_path / "ref", "--n-px", 6, "--palette", palette_file,
+                 "--val-fraction", 0) == 0  # fmt: skip
+    return blobs, labels, read_all(tmp_path / "ref")
+
+
+def _parquet(path: Path, columns: dict, schema=None) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns, schema=schema), path)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["binary", "large_binary", "paths_only", "tar_gz", "tgz_folder", "one_arrow",
+                                    "json_labels", "train_tar_val_parquet"])  # fmt: skip
+def test_every_layout_people_hold_gives_the_same_shards(tmp_path, palette_file, layout):
+    """Images as plain or large binary columns, as datasets' paths-only Image cells, in compressed tars, a lone .arrow
+    file, labels in a .json member, and splits of different formats: the tokens and labels of the plain tar."""
+    import gzip
+    import shutil
+
+    import pyarrow as pa
+
+    blobs, labels, (tokens, want) = _reference(tmp_path, palette_file)
+    src, extra = tmp_path / "src", []
+    if layout in ("binary", "large_binary"):
+        kind = pa.binary() if layout == "binary" else pa.large_binary()
+        schema = pa.schema([("image", kind), ("label", pa.int64())])
+        _parquet(src / "train-0.parquet", {"image": blobs, "label": labels}, schema)
+    elif layout == "paths_only":  # what datasets writes for Image() cells cast from local files, unless embedded
+        for i, b in enumerate(blobs):
+            (src / "img").mkdir(parents=True, exist_ok=True)
+            (src / "img" / f"{i}.png").write_bytes(b)
+        cells = [{"bytes": None, "path": f"img/{i}.png"} for i in range(len(blobs))]
+        _parquet(src / "train-0.parquet", {"image": cells, "label": labels})
+    elif layout in ("tar_gz", "tgz_folder"):
+        write_webdataset(tmp_path / "plain", [f"{i:03d}.png" for i in range(len(blobs))], blobs, labels, files=2)
+        src.mkdir()
+        for tar in sorted((tmp_path / "plain").iterdir()):
+            name = tar.stem + (".tar.gz" if layout == "tar_gz" else ".tgz")
+            with open(tar, "rb") as f, gzip.open(src / name, "wb") as g:
+                shutil.copyfileobj(f, g)
+        src = str(src / "*.tar.gz") if layout == "tar_gz" else src
+    elif layout == "one_arrow":
+        table = pa.table({"image": [{"bytes": b, "path": None} for b in blobs], "label": labels})
+        src.mkdir()
+        with (
+            pa.OSFile(str(src / "data-00000-of-00001.arrow"), "wb") as sink,
+            pa.ipc.new_stream(sink, table.schema) as w,
+        ):
+            w.write_table(table)
+        src = src / "data-00000-of-00001.arrow"
+    elif layout == "json_labels":  # no .cls: a .json "label" field is found by itself
+        write_webdataset(src, [f"{i:03d}.png" for i in range(len(blobs))], blobs, labels, files=1, label="json")
+    else:  # train's files are tars, val's a Parquet file: each split's columns are its own
+        write_webdataset(src / "train", [f"{i:03d}.png" for i in range(8)], blobs[:8], labels[:8], files=1)
+        _parquet(tmp_path / "val.parquet", {"image": [{"bytes": b, "path": None} for b in blobs[8:]],
+                                            "label": labels[8:]})  # fmt: skip
+        src, extra = None, ["--train", tmp_path / "src" / "train", "--val", tmp_path / "val.parquet"]
+    args = ([src] if src is not None else []) + [*extra, "--out", tmp_path / "out", "--n-px", 6]
+    assert build(*args, "--palette", palette_file, "--val-fraction", 0) == 0
+    if layout == "train_tar_val_parquet":
+        got = [np.concatenate(pair) for pair in zip(read_all(tmp_path / "out"), read_all(tmp_path / "out", "val"),
+                                                    strict=True)]  # fmt: skip
+    else:
+        got = read_all(tmp_path / "out")
+    np.testing.assert_array_equal(got[0], tokens)
+    np.testing.assert_array_equal(got[1], want)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"] == 0
+
+
+def test_split_words_in_tar_names_and_unlabelled_first_samples(tmp_path, palette_file):
+    """train-/validation-/test- tars are those splits; a labelled source whose first sample lacks its .cls is still
+    labelled, that sample a problem."""
+    for split, n in (("train", 9), ("validation", 4), ("test", 3)):
+        labels = [None if (split, i) == ("train", 0) else i % 2 for i in range(n)]
+        write_webdataset(tmp_path / "src", [f"{split}{i:03d}.png" for i in range(n)], pngs(n), labels, files=1)
+        (tmp_path / "src" / "shard-000000.tar").rename(tmp_path / "src" / f"{split}-000000.tar")
+    assert build(tmp_path / "src", "--out", tmp_path / "out", "--n-px", 6, "--palette", palette_file) == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert {s: v["n"] for s, v in m["splits"].items()} == {"train": 8, "val": 4, "test": 3}
+    assert (tmp_path / "out" / "problems.txt").read_text().endswith("train000.png\tno label\n")
+    np.testing.assert_array_equal(read_all(tmp_path / "out")[1], [1, 0, 1, 0, 1, 0, 1, 0])
+
+
+@pytest.mark.parametrize("cut", ["at_a_member", "inside_a_member"])
+def test_a_truncated_tar_is_a_problem_and_stops_strict(tmp_path, palette_file, cut, capsys):
+    write_webdataset(tmp_path / "src", [f"{i:03d}.png" for i in range(10)], pngs(10), [0] * 10, files=1)
+    tar = tmp_path / "src" / "shard-000000.tar"
+    data = tar.read_bytes()
+    import tarfile
+
+    with tarfile.open(tar) as t:
+        sixth = t.getmembers()[12]  # sample 6's image: its header starts at offset, its data at offset_data
+    tar.write_bytes(data[: sixth.offset if cut == "at_a_member" else sixth.offset_data + 20])
+    assert build(tmp_path / "src", "--out", tmp_path / "out", "--n-px", 6, "--palette", palette_file,
+                 "--val-fraction", 0) == 0  # fmt: skip
+    problems = (tmp_path / "out" / "problems.txt").read_text().splitlines()
+    assert len(problems) == 1 and "cannot be read past here" in problems[0], problems
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["train"]["n"] in (5, 6)
+    capsys.readouterr()
+    assert build(tmp_path / "src", "--out", tmp_path / "strict", "--n-px", 6, "--palette", palette_file,
+                 "--strict") == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be read past here" in err[0] and "--strict" in err[0], err
+    assert not (tmp_path / "strict").exists()
+
+
+def test_layouts_that_cannot_be_read_as_given_are_refused_in_one_line(tmp_path, palette_file, capsys):
+    """Each: exit 2, one line naming the file or flag and what to do, nothing written."""
+    import pyarrow as pa
+
+    blobs = pngs(4)
+    struct = [{"bytes": b, "path": None} for b in blobs]
+    _parquet(tmp_path / "schema" / "train-0.parquet", {"image": struct, "label": [0, 1, 0, 1]})
+    _parquet(tmp_path / "schema" / "train-1.parquet", {"img": struct, "target": [0, 1, 0, 1]})
+    _parquet(tmp_path / "text" / "train-0.parquet", {"image": struct, "label": ["cat", "dog", "cat", "dog"]})
+    write_webdataset(tmp_path / "mixed", ["a.png"], blobs[:1], [0], files=1)
+    _parquet(tmp_path / "mixed" / "train-0.parquet", {"image": struct, "label": [0, 1, 0, 1]})
+    dd = write_arrow_dataset(tmp_path / "dd", {"train": (blobs, [0, 1, 0, 1]), "test": (blobs, [0, 1, 0, 1])})
+    _parquet(
+        tmp_path / "empty" / "train-0.parquet", {"image": pa.array([], pa.binary()), "label": pa.array([], pa.int64())}
+    )
+    cases = {
+        "train-1.parquet: no column 'image'": [tmp_path / "schema"],
+        "holds class names as text; give --class-names": [tmp_path / "text"],
+        "holds parquet and tar files": [tmp_path / "mixed"],
+        "holds the splits ['test', 'train']; give it as SOURCE": [
+            "--train",
+            dd,
+            "--val",
+            tmp_path / "schema" / "train-0.parquet",
+        ],
+        "train files hold no images": [tmp_path / "empty"],
+    }
+    for i, (message, source) in enumerate(cases.items()):
+        capsys.readouterr()
+        assert build(*source, "--out", tmp_path / f"out{i}", "--n-px", 6, "--k", 4) == 2, message
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (message, err)
+        assert not (tmp_path / f"out{i}").exists()

@@ -99,10 +99,6 @@ def write_containers(tree: Path, parquet: Path, wds: Path, parts: int = 4) -> No
                     tar.addfile(info, io.BytesIO(data))
 
 
-def runs_so_far(result: dict) -> dict:
-    return result["runs"]
-
-
 def same_tokens(a: Path, b: Path) -> bool:
     from igpt_ds.data.shards import ShardSplit
 
@@ -237,7 +233,7 @@ def main() -> None:
         start = time.perf_counter()
         assert build_shards([str(tmp / "parquet"), "--out", str(tmp / "parquet-fit"), "--n-px", "32", "--workers",
                              "2", "--val-fraction", "0"]) == 0  # fmt: skip
-        fit_s = time.perf_counter() - start - args.images / runs_so_far(result)["parquet_workers2"]["images_per_s"]
+        fit_s = time.perf_counter() - start - args.images / result["runs"]["parquet_workers2"]["images_per_s"]
         result["palette_fit_s"] = round(fit_s, 1)
         result["rss_mb"] = {n: peak_rss(tmp / f"rss{n}", n) for n in (args.rss_items // 10, args.rss_items)}
     runs = result["runs"]

@@ -222,7 +222,7 @@ def _convert_part(tmp: Path, part: Part, source: StreamSource, workers, args: ar
             if problems and args.strict:
                 raise UserError(f"{problems[0][1]}: {problems[0][2]} (--strict)")
             skipped += len(problems)
-            problem_file.write(b"".join(f"{n}\t{r}\n".encode("utf-8", "surrogateescape") for _, n, r in problems))
+            problem_file.write(B.problem_lines((n, r) for _, n, r in problems))
             ok = np.delete(np.arange(len(good)), [j for j, _ in failed]).astype(np.int64)
             labels = np.asarray([good[j].label for j in ok], dtype=np.int64)
             held = source.held_out(part, np.asarray([good[j].row for j in ok], dtype=np.int64))
@@ -265,10 +265,9 @@ def assemble(work: Path, out: Path, source: StreamSource, palette: np.ndarray, a
     tmp.mkdir()
     try:
         splits: dict[str, dict] = {}
-        problems = [(n, r) for n, r in source.problems]
         with open(tmp / "problems.txt", "wb") as problem_file:
-            problem_file.write(b"".join(f"{n}\t{r}\n".encode("utf-8", "surrogateescape") for n, r in problems))
-            skipped = len(problems)
+            problem_file.write(B.problem_lines(source.problems))
+            skipped = len(source.problems)
             for part in source.parts:
                 folder = work / part_name(part)
                 report = json.loads((folder / "part.json").read_text())

@@ -203,13 +203,7 @@ def build(args: argparse.Namespace) -> Path:
     source = hold_out_val(source, args.val_fraction, args.seed)
     if args.strict and source.problems:
         raise UserError(f"{source.problems[0][0]}: {source.problems[0][1]} (--strict)")
-    images = sum(len(split) for split in source.splits.values()) + args.views * len(source.splits["train"])
-    need = images * args.n_px**2 * TOKEN_DTYPE.itemsize
-    why = unwritable(out.parent, need)  # tokens and views, 2 bytes a pixel; labels add 8 bytes an image
-    if why is not None:
-        raise UserError(f"cannot write --out {args.out} ({why}); choose a writable folder with room")
-    out.parent.mkdir(parents=True, exist_ok=True)  # checked writable above (the nearest folder that exists)
-    _remove_stale(out)
+    _prepare_out(args, out, sum(len(split) for split in source.splits.values()), len(source.splits["train"]))
     tmp = _sibling(out, "tmp")
     tmp.mkdir()
     try:
@@ -241,13 +235,19 @@ def _build_stream(args: argparse.Namespace, out: Path, others: dict[str, str]) -
     if "val" not in source.splits():
         source.hold_out, source.seed = args.val_fraction, args.seed
         source.description += f"; val = {args.val_fraction:g} of train by a draw keyed per image (seed {args.seed})"
-    known = sum(p.rows or 0 for p in source.parts)  # tars: unknown until read
-    why = unwritable(out.parent, (known + args.views * known) * args.n_px**2 * TOKEN_DTYPE.itemsize)
+    train = sum(p.rows or 0 for p in source.parts if p.split == "train")  # tars: unknown until read
+    _prepare_out(args, out, sum(p.rows or 0 for p in source.parts), train)
+    return build_streamed(args, source, out)
+
+
+def _prepare_out(args: argparse.Namespace, out: Path, images: int, train_images: int) -> None:
+    """Refuse an --out without room for `images` evaluation crops and the train images' views (2 bytes a pixel;
+    labels add 8 bytes an image), then create its parent and remove this host's leftovers of killed runs."""
+    why = unwritable(out.parent, (images + args.views * train_images) * args.n_px**2 * TOKEN_DTYPE.itemsize)
     if why is not None:
         raise UserError(f"cannot write --out {args.out} ({why}); choose a writable folder with room")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)  # checked writable above (the nearest folder that exists)
     _remove_stale(out)
-    return build_streamed(args, source, out)
 
 
 def _check_args(args: argparse.Namespace) -> Path:
@@ -321,9 +321,14 @@ def _write_shards(tmp: Path, source: Source, palette: np.ndarray, lut: np.ndarra
             if name == "train" and not splits[name]["n"]:
                 example = ": ".join(problems[-1])
                 raise UserError(f"none of the {len(split)} training images could be read, e.g. {example}")
-    # A file name is bytes on disk, not always UTF-8: written back as those bytes, so a line's name opens that file.
-    _write(tmp / "problems.txt", b"".join(f"{n}\t{r}\n".encode("utf-8", "surrogateescape") for n, r in problems))
+    _write(tmp / "problems.txt", problem_lines(problems))
     return write_manifest(tmp, palette, source.class_names, source.description, splits, len(problems), args)
+
+
+def problem_lines(problems: Iterable[tuple[str, str]]) -> bytes:
+    """problems.txt's lines, "name<TAB>reason". A file name is bytes on disk, not always UTF-8: written back as those
+    bytes, so a line's name opens that file."""
+    return b"".join(f"{n}\t{r}\n".encode("utf-8", "surrogateescape") for n, r in problems)
 
 
 def recorded_args(args: argparse.Namespace) -> dict:

@@ -583,9 +583,9 @@ def _tar_source(spec: str, files: list[str], image_field: str | None, label_fiel
         if text:
             raise UserError(f"{files[0]}: labels are class names ({text[0]!r}); give --class-names FILE (one name a "
                             "line, in label order) to number them")  # fmt: skip
-    source = StreamSource(f"WebDataset {spec} ({len(files)} tars, " + (f"labels from {label_field})" if label_field
-                          else "unlabelled)"), class_names or [], parts, image_field, label_field)  # fmt: skip
-    return source
+    labels = f"labels from {label_field}" if label_field else "unlabelled"
+    return StreamSource(f"WebDataset {spec} ({len(files)} tars, {labels})", class_names or [], parts, image_field,
+                        label_field)  # fmt: skip
 
 
 def _json(members: dict[str, bytes]) -> dict:

@@ -16,9 +16,9 @@ the single-process builder does. Nothing in a part depends on which rank convert
 byte-identical at any world size and worker count.
 
 Memory per rank, whatever the source's size: the worker pool's window (4 x workers tasks of CHUNK encoded
-images: for ImageNet JPEGs of ~110 KB, 4 x 32 x 64 x 110 KB = 0.9 GB at 32 workers, 56 MB at 2), a record batch
-of BATCH_ROWS rows, one shard's labels (8 bytes an image), and the list of parts (a few hundred bytes each: 10k
-tars, a few MB). No list of images is ever built; problems stream to each part's problems.txt.
+images: for ImageNet JPEGs of ~110 KB, 4 x 32 x 64 x 110 KB = 0.9 GB at 32 workers, 56 MB at 2), a record
+batch of hf_tables.BATCH_ROWS rows, one shard's labels (8 bytes an image), and the list of parts (a few hundred
+bytes each: 10k tars, a few MB). No list of images is ever built; problems stream to each part's problems.txt.
 
 Listing cost, paid by every rank so that each finds the same parts and the same work folder without talking to the
 others: one stat a file (the identity), plus one footer read a Parquet file (its row count and schema) and, for the

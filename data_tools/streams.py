@@ -5,7 +5,8 @@ Layouts (docs/reference.md#data-formats):
 - Parquet: a folder (searched recursively) or a glob of `.parquet` files, as the Hugging Face Hub publishes
   datasets (`data/train-00000-of-00257.parquet`): an image column of `{"bytes", "path"}` structs (or raw bytes)
   and an integer label column; class names from the `huggingface` schema metadata (a `ClassLabel` feature). A
-  file's split is the word before its first `-` (or its folder's name) when that is a split name.
+  file's split is the split word of its name (`validation-00000-of-00002`, `imagenet-train-000123`), else its
+  folder's name, else train.
 - Arrow: a `datasets.Dataset.save_to_disk` folder: `state.json` naming its `.arrow` files (Arrow IPC streams)
   and `dataset_info.json` its features; a `DatasetDict` folder holds one such folder per split
   (`dataset_dict.json`).
@@ -14,11 +15,11 @@ Layouts (docs/reference.md#data-formats):
   first member with an image extension (or `--image-field EXT`), the label a `.cls` member (or `--label-field
   EXT`, or `json.FIELD` for a field of the `.json` member).
 
-Readers: pyarrow for Parquet and Arrow (the reference implementation of both formats: the Hub's files are
-written by it); the standard library's `tarfile` for tars, streaming (`r|*`), rather than the `webdataset`
-package, which is built for training pipelines (shuffling, decoding, worker splitting) and would add a
-dependency for what is here a sequential read of one archive; `braceexpand` (what `webdataset` uses) for
-brace patterns. pyarrow and braceexpand are the `sources` extra: `pip install 'igpt-ds[sources]'`.
+Readers: data_tools.hf_tables (pyarrow, the reference implementation of both formats: the Hub's files are written
+by it) and data_tools.wds (the standard library's tarfile, streaming; why not the `webdataset` package: there);
+`braceexpand` (what `webdataset` uses) for brace patterns. pyarrow and braceexpand are the `sources` extra:
+`pip install 'igpt-ds[sources]'`. This module holds what they share (Part, Item, StreamSource), tells a source's
+format and splits, and lists it.
 
 Labels: integers, -1 for an unlabelled image; class names from the dataset's features or `--class-names FILE`
 (one per line), which also maps string labels. What cannot be converted goes to problems.txt: an image that
@@ -28,7 +29,6 @@ does not decode, a sample without an image or (in a labelled source) without a l
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import tarfile
@@ -42,13 +42,8 @@ from data_tools import UserError
 from igpt_ds.data.views import keyed_draws
 
 EXTRA = "pip install 'igpt-ds[sources]' (pyarrow, braceexpand)"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "gif")
 SPLIT_NAMES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val", "test": "test"}
 """Split words in file and folder names (the Hub's `validation`) and the split each becomes."""
-LABEL_COLUMNS = ("label", "labels", "fine_label", "cls", "class", "target")
-IMAGE_COLUMNS = ("image", "img", "jpg", "png", "webp")
-BATCH_ROWS = 64
-"""Rows read at once from a Parquet/Arrow part: a worker task's worth (data_tools.build_shards.CHUNK)."""
 HOLD_OUT = 0x484F4C44  # "HOLD": keeps the held-out draws apart from any other use of the build's seed
 
 
@@ -114,9 +109,11 @@ class StreamSource:
     def items(self, part: Part, rows: np.ndarray | None = None) -> Iterator[Item]:
         """The samples of `part` in stored order; with `rows` (sorted), those rows alone (a Parquet file reads only
         the row groups that hold them; a tar stops after the last)."""
+        from data_tools import hf_tables, wds
+
         if part.fmt == "tar":
-            return _tar_items(self, part, rows)
-        return _table_items(self, part, rows)
+            return wds.tar_items(self, part, rows)
+        return hf_tables.table_items(self, part, rows)
 
     def held_out(self, part: Part, rows: np.ndarray) -> np.ndarray:
         """(n,) bool: which rows of a train part go to val: a draw keyed by (seed, part, row) below `hold_out`,
@@ -194,16 +191,18 @@ def open_stream(spec: str, image_field: str | None = None, label_field: str | No
     """The source named by `spec` (see the module docstring); `class_names` (from --class-names) replace the
     dataset's. Raises UserError for a pattern matching nothing, a missing reader, files of several formats, or
     columns that cannot be told apart (or read) without a flag."""
+    from data_tools import hf_tables, wds  # they import this module's Part, Item and StreamSource
+
     path = Path(spec)
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        return _arrow_source(path, image_field, label_field, class_names)
+        return hf_tables.arrow_source(path, image_field, label_field, class_names)
     files = _expand(spec)
     kind = _kind(files[0])
     if kind == "parquet":
-        return _parquet_source(spec, files, image_field, label_field, class_names)
+        return hf_tables.parquet_source(spec, files, image_field, label_field, class_names)
     if kind == "arrow":
-        return _arrow_files_source(spec, files, image_field, label_field, class_names)
-    return _tar_source(spec, files, image_field, label_field, class_names)
+        return hf_tables.arrow_files_source(spec, files, image_field, label_field, class_names)
+    return wds.tar_source(spec, files, image_field, label_field, class_names)
 
 
 def stream_splits(train: str, others: dict[str, str], image_field: str | None = None,
@@ -239,8 +238,10 @@ def hub_imagenet_splits(source: StreamSource) -> StreamSource:
         return source
     if any(p.fmt == "tar" or p.label_field for p in tests):  # a tar's labels are known only by reading it whole
         return source
+    from data_tools import hf_tables
+
     for part in tests:
-        for _, batch in _record_batches(part, [source.label_field], None):
+        for _, batch in hf_tables.record_batches(part, [source.label_field], None):
             if any(v is not None and v != -1 for v in batch.column(0).to_pylist()):
                 return source
     parts, dropped = [], len(tests)
@@ -276,7 +277,7 @@ def _expand(spec: str) -> list[str]:
     else:
         patterns = [spec]
         if "{" in spec:
-            braceexpand = _need("braceexpand")
+            braceexpand = need("braceexpand")
             patterns = list(braceexpand.braceexpand(spec))
         found = sorted({f for p in patterns for f in (glob.glob(p) if any(c in p for c in "*?[") else [p])})
         missing = [f for f in found if not os.path.isfile(f)]
@@ -298,7 +299,7 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(p.startswith(".") for p in path.relative_to(root).parts)
 
 
-def _need(module: str):
+def need(module: str):
     import importlib
 
     try:
@@ -307,7 +308,7 @@ def _need(module: str):
         raise UserError(f"this source needs the {module} package: {EXTRA}") from None
 
 
-def _split_of(path: str) -> str:
+def split_of(path: str) -> str:
     """The split a file belongs to: the split word among its name's `-`/`_`/`.`-separated words (the Hub's
     `validation-00000-of-00010.parquet`, `imagenet-train-000123.tar`), else its folder's name, else train."""
     p = Path(path)
@@ -325,357 +326,3 @@ def read_class_names(path: Path) -> list[str]:
     if not names:
         raise UserError(f"--class-names {path} holds no names")
     return names
-
-
-# --- Parquet and Arrow -----------------------------------------------------------------------
-
-
-def _hf_features(metadata: dict | None) -> dict:
-    """The `features` of the Hugging Face metadata an Arrow schema carries (empty when it has none)."""
-    raw = (metadata or {}).get(b"huggingface")
-    if not raw:
-        return {}
-    try:
-        info = json.loads(raw)
-    except ValueError:
-        return {}
-    return info.get("info", {}).get("features", {}) or {}
-
-
-def _is_image(pa, t) -> bool:
-    if pa.types.is_struct(t):
-        return any(t.field(i).name == "bytes" for i in range(t.num_fields))
-    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
-
-
-def _is_label(pa, t) -> bool:
-    """An integer column, or class names as (dictionary-encoded) strings."""
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
-
-
-def _is_text(pa, t) -> bool:
-    return not pa.types.is_integer(t.value_type if pa.types.is_dictionary(t) else t)
-
-
-def _columns(schema, features: dict, image_field: str | None, label_field: str | None, where: str,
-             class_names: list[str] | None) -> tuple:  # fmt: skip
-    """(image column, label column or None, class names) of an Arrow schema. Raises UserError where a column
-    cannot be told apart without a flag, is missing or has a type that cannot hold images or labels."""
-    pa = _need("pyarrow")
-    names = schema.names
-    if image_field is None:
-        typed = [n for n, f in features.items() if isinstance(f, dict) and f.get("_type") == "Image"]
-        candidates = [n for n in names if _is_image(pa, schema.field(n).type)]
-        typed = [n for n in typed if n in candidates] or [n for n in candidates if n.lower() in IMAGE_COLUMNS]
-        image_field = typed[0] if len(typed) == 1 else candidates[0] if len(candidates) == 1 else None
-        if image_field is None:
-            raise UserError(f"{where}: cannot tell the image column among {candidates or names}; "
-                            "name it with --image-field")  # fmt: skip
-    elif image_field not in names or not _is_image(pa, schema.field(image_field).type):
-        raise UserError(f"--image-field {image_field}: {where} has no image column of that name (columns {names})")
-    class_label = [n for n, f in features.items() if isinstance(f, dict) and f.get("_type") == "ClassLabel"]
-    if label_field is None:
-        usable = [n for n in names if _is_label(pa, schema.field(n).type)]
-        found = [n for n in class_label if n in names] or [n for n in usable if n.lower() in LABEL_COLUMNS]
-        if len(found) > 1:
-            raise UserError(f"{where}: several label columns {found}; name one with --label-field")
-        label_field = found[0] if found else None
-    elif label_field not in names:
-        raise UserError(f"--label-field {label_field}: {where} has no such column (columns {names})")
-    elif not _is_label(pa, schema.field(label_field).type):
-        raise UserError(f"--label-field {label_field}: {where} holds {schema.field(label_field).type}; labels are "
-                        "integers or class names")  # fmt: skip
-    feature = features.get(label_field or "", {})
-    names_found = list(feature.get("names", [])) if isinstance(feature, dict) else []
-    class_names = class_names or names_found
-    if label_field and _is_text(pa, schema.field(label_field).type) and not class_names:
-        raise UserError(f"{where}: the label column {label_field!r} holds class names as text; give --class-names "
-                        "FILE (one name a line, in label order) to number them")  # fmt: skip
-    return image_field, label_field, class_names
-
-
-def _check_columns(schema, image: str, label: str | None, where: str) -> None:
-    """Every file of a source must have the columns found in its first."""
-    pa = _need("pyarrow")
-    for column, flag in ((image, "--image-field"), (label, "--label-field")):
-        if column is not None and column not in schema.names:
-            raise UserError(f"{where}: no column {column!r} (it has {schema.names}), unlike the source's first file; "
-                            f"give files of one layout, or name the column with {flag}")  # fmt: skip
-    if not _is_image(pa, schema.field(image).type):
-        raise UserError(f"{where}: column {image!r} holds {schema.field(image).type}, not images")
-
-
-def _describe(kind: str, where: str, n: int, names: list[str], label: str | None) -> str:
-    labels = f"{len(names)} classes" if names else "labelled" if label else "unlabelled"
-    return f"{kind} {where} ({n} files, {labels})"
-
-
-def _parquet_source(spec: str, files: list[str], image_field: str | None, label_field: str | None,
-                    class_names: list[str] | None) -> StreamSource:  # fmt: skip
-    pq = _need("pyarrow.parquet")
-    parts, columns = [], None
-    for i, f in enumerate(files):
-        try:
-            meta = pq.ParquetFile(f).metadata
-        except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged footer
-            raise UserError(f"{f}: cannot read the Parquet footer ({e}); download the file again") from None
-        schema = meta.schema.to_arrow_schema()
-        if columns is None:
-            columns = _columns(schema, _hf_features(schema.metadata), image_field, label_field, f, class_names)
-        _check_columns(schema, columns[0], columns[1], f)
-        parts.append(Part(i, _split_of(f), f, "parquet", meta.num_rows))
-    image, label, names = columns
-    return StreamSource(_describe("Parquet", spec, len(files), names, label), names, parts, image, label)
-
-
-def _arrow_stream(pa, f: str) -> tuple[int, object]:
-    """(rows, schema) of an Arrow IPC stream file (datasets' format; the file format is tried too)."""
-    try:
-        with pa.memory_map(str(f)) as source:
-            try:
-                reader = pa.ipc.open_stream(source)
-            except pa.ArrowInvalid:
-                reader = pa.ipc.open_file(source)
-                return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches)), reader.schema
-            return sum(len(b) for b in reader), reader.schema
-    except (OSError, pa.ArrowInvalid) as e:
-        raise UserError(f"{f}: cannot read the Arrow file ({e}); save the dataset again") from None
-
-
-def _arrow_parts(pa, files: list[tuple[str, str]], features: dict, image_field, label_field, class_names):
-    parts, columns = [], None
-    for split, f in files:
-        rows, schema = _arrow_stream(pa, f)
-        if columns is None:
-            columns = _columns(schema, features or _hf_features(schema.metadata), image_field, label_field, str(f),
-                               class_names)  # fmt: skip
-        _check_columns(schema, columns[0], columns[1], str(f))
-        parts.append(Part(len(parts), split, str(f), "arrow", rows))
-    return parts, columns
-
-
-def _arrow_source(root: Path, image_field: str | None, label_field: str | None,
-                  class_names: list[str] | None) -> StreamSource:  # fmt: skip
-    pa = _need("pyarrow")
-    if (root / "dataset_dict.json").is_file():
-        splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
-        folders = [(SPLIT_NAMES.get(s.lower()), root / s) for s in splits]
-        unknown = [str(f) for s, f in folders if s is None]
-        if unknown:
-            raise UserError(f"{root}: splits {unknown} are not train/validation/test; build them with --train/--val")
-    else:
-        state = json.loads((root / "state.json").read_text())
-        folders = [(SPLIT_NAMES.get(str(state.get("_split") or "train").lower(), "train"), root)]
-    files, features = [], {}
-    for split, folder in folders:
-        state_file, info_file = folder / "state.json", folder / "dataset_info.json"
-        if not state_file.is_file():
-            raise UserError(f"{folder}: no state.json; not a save_to_disk folder")
-        files += [
-            (split, str(folder / d["filename"])) for d in json.loads(state_file.read_text()).get("_data_files", [])
-        ]
-        features = features or (json.loads(info_file.read_text()).get("features", {}) if info_file.is_file() else {})
-    if not files:
-        raise UserError(f"{root}: the save_to_disk folder lists no .arrow files")
-    parts, (image, label, names) = _arrow_parts(pa, files, features, image_field, label_field, class_names)
-    return StreamSource(_describe("Arrow (save_to_disk)", str(root), len(parts), names, label), names, parts, image,
-                        label)  # fmt: skip
-
-
-def _arrow_files_source(spec: str, paths: list[str], image_field: str | None, label_field: str | None,
-                        class_names: list[str] | None) -> StreamSource:  # fmt: skip
-    """.arrow files given without their save_to_disk folder: features from each file's schema metadata."""
-    pa = _need("pyarrow")
-    files = [(_split_of(f), f) for f in paths]
-    parts, (image, label, names) = _arrow_parts(pa, files, {}, image_field, label_field, class_names)
-    return StreamSource(_describe("Arrow", spec, len(parts), names, label), names, parts, image, label)
-
-
-def _record_batches(part: Part, columns: list[str], rows: np.ndarray | None) -> Iterator[tuple[int, object]]:
-    """(first row, record batch of `columns`) over the part, BATCH_ROWS rows at a time; with `rows`, only batches
-    of the row groups (Parquet) that hold some of them."""
-    pa = _need("pyarrow")
-    if part.fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        f = pq.ParquetFile(part.path)
-        first = 0
-        for g in range(f.metadata.num_row_groups):
-            n = f.metadata.row_group(g).num_rows
-            if rows is None or np.any((rows >= first) & (rows < first + n)):
-                row = first
-                for batch in f.iter_batches(batch_size=BATCH_ROWS, row_groups=[g], columns=columns):
-                    yield row, batch
-                    row += len(batch)
-            first += n
-        return
-    with pa.memory_map(part.path) as source:  # zero-copy: pages are read only where values are touched
-        try:
-            batches = iter(pa.ipc.open_stream(source))
-        except pa.ArrowInvalid:
-            reader = pa.ipc.open_file(source)
-            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        row = 0
-        for batch in batches:
-            batch = batch.select(columns)
-            for a in range(0, len(batch), BATCH_ROWS):
-                yield row + a, batch.slice(a, BATCH_ROWS)
-            row += len(batch)
-
-
-def _table_items(source: StreamSource, part: Part, rows: np.ndarray | None) -> Iterator[Item]:
-    pa = _need("pyarrow")
-    image_field, label_field = source.fields(part)
-    columns = [image_field] + ([label_field] if label_field else [])
-    folder = os.path.dirname(part.path)
-    for first, batch in _record_batches(part, columns, rows):
-        take = range(len(batch)) if rows is None else [r - first for r in rows if first <= r < first + len(batch)]
-        if not take:
-            continue
-        images, paths = batch.column(0), None
-        if pa.types.is_struct(images.type):  # datasets' Image(): {"bytes", "path"}
-            names = [images.type.field(i).name for i in range(images.type.num_fields)]
-            paths = images.field("path") if "path" in names else None
-            images = images.field("bytes")
-        labels = batch.column(1) if label_field else None
-        for j in take:
-            name = f"{part.path}#{first + j}"
-            label, problem = source.label(labels[j].as_py() if labels is not None else None)
-            data = images[j].as_py()
-            if data is None and paths is not None and paths[j].as_py():
-                # datasets keeps local images as paths unless told to embed them (embed_external_files)
-                path = os.path.join(folder, paths[j].as_py())
-                data = path if os.path.isfile(path) else None
-                problem = problem or (None if data else f"no image bytes, and its path {paths[j].as_py()} is no "
-                                      "file here; save the dataset with its images embedded")  # fmt: skip
-            problem = problem or (None if data is not None else "no image bytes")
-            yield Item(first + j, name, data if problem is None else None, label, problem)
-
-
-# --- WebDataset tars -------------------------------------------------------------------------
-
-
-PEEK_SAMPLES = 100
-"""Samples of the first tar looked at to find how a WebDataset source is labelled (the same on every rank)."""
-
-
-def _tar_source(spec: str, files: list[str], image_field: str | None, label_field: str | None,
-                class_names: list[str] | None) -> StreamSource:  # fmt: skip
-    parts = [Part(i, _split_of(f), f, "tar", None) for i, f in enumerate(files)]
-    peek = []
-    try:
-        for sample in _tar_samples(files[0]):
-            peek.append(sample[1])
-            if len(peek) == PEEK_SAMPLES:
-                break
-    except (tarfile.TarError, OSError, EOFError):
-        pass  # reported as a problem of that part when it is converted
-    if label_field is None:  # a .cls member in any of the first samples, else a .json "label" field
-        if any("cls" in m for m in peek):
-            label_field = "cls"
-        elif any(isinstance(_json(m).get("label"), (int, str)) for m in peek if "json" in m):
-            label_field = "json.label"
-    if label_field and not class_names:
-        values = [_raw_label(m, label_field) for m in peek]
-        text = [v for v in values if isinstance(v, str) and not v.lstrip("-").isdigit()]
-        if text:
-            raise UserError(f"{files[0]}: labels are class names ({text[0]!r}); give --class-names FILE (one name a "
-                            "line, in label order) to number them")  # fmt: skip
-    labels = f"labels from {label_field}" if label_field else "unlabelled"
-    return StreamSource(f"WebDataset {spec} ({len(files)} tars, {labels})", class_names or [], parts, image_field,
-                        label_field)  # fmt: skip
-
-
-def _json(members: dict[str, bytes]) -> dict:
-    try:
-        value = json.loads(members["json"])
-    except (ValueError, KeyError, UnicodeDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _raw_label(members: dict[str, bytes], label_field: str) -> object:
-    """A sample's label as stored: a field of its .json, or a member's text (None: absent)."""
-    if label_field.startswith("json."):
-        return _json(members).get(label_field[5:])
-    raw = members.get(label_field)
-    return raw.decode("utf-8", "replace").strip() if raw is not None else None
-
-
-class _EndOfArchive(tarfile.TarInfo):
-    """Records how tarfile's iteration ended: at the zero block a complete archive ends with, or at a truncated or
-    damaged header, which tarfile takes silently for the end once past the first member."""
-
-    @classmethod
-    def fromtarfile(cls, tarfile_):
-        try:
-            return super().fromtarfile(tarfile_)
-        except tarfile.HeaderError as e:
-            tarfile_.end = e
-            raise
-
-
-def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) of each sample of a tar (plain or compressed), in stored order (WebDataset's
-    grouping: consecutive members sharing a key). Raises tarfile.TarError / OSError / EOFError at a damaged or
-    truncated member, or at the end of an archive without its end-of-archive block."""
-    with tarfile.open(path, mode="r|*", tarinfo=_EndOfArchive) as tar:
-        tar.end = None
-        key, members = None, {}
-        for m in tar:
-            tar.members = []  # tarfile keeps every header read; a million-member tar would hold them all
-            if not m.isfile():
-                continue
-            folder, base = os.path.split(m.name)
-            stem, _, ext = base.partition(".")
-            if stem.startswith(".") or not stem:
-                continue
-            k = os.path.join(folder, stem)
-            if k != key and key is not None:
-                yield key, members
-                members = {}
-            key = k
-            data = tar.extractfile(m).read()
-            if len(data) != m.size:
-                raise tarfile.ReadError(f"member {m.name} is cut short ({len(data)} of {m.size} bytes)")
-            members[ext.lower()] = data
-        if not isinstance(tar.end, tarfile.EOFHeaderError):
-            why = f"{tar.end}" if tar.end is not None else "no end-of-archive block"
-            raise tarfile.ReadError(f"the archive ends early after {key or 'its start'} ({why}): truncated?")
-        if key is not None:
-            yield key, members
-
-
-def _tar_items(source: StreamSource, part: Part, rows: np.ndarray | None) -> Iterator[Item]:
-    wanted = None if rows is None else set(rows.tolist())
-    last = None if rows is None else (int(rows[-1]) if len(rows) else -1)
-    samples = _tar_samples(part.path)
-    row = 0
-    while last is None or row <= last:
-        try:
-            sample = next(samples, None)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            yield Item(row, f"{part.path}#{row}", None, -1, f"the archive cannot be read past here ({e})")
-            return
-        if sample is None:
-            return
-        if wanted is None or row in wanted:
-            yield _tar_item(source, part, row, *sample)
-        row += 1
-
-
-def _tar_item(source: StreamSource, part: Part, row: int, key: str, members: dict[str, bytes]) -> Item:
-    image_field, label_field = source.fields(part)
-    exts = [image_field] if image_field else [e for e in IMAGE_EXTENSIONS if e in members]
-    ext = next((e for e in exts if e in members), None)
-    name = f"{part.path}:{key}.{ext or '*'}"
-    problem = None
-    if label_field and label_field.startswith("json.") and "json" in members and not _json(members):
-        problem = "the .json member is not a JSON object"
-    label, why = source.label(_raw_label(members, label_field) if label_field else None)
-    problem = problem or why
-    if ext is None:
-        problem = f"no image member (has {sorted(members)})"
-    return Item(row, name, members[ext] if problem is None else None, label, problem)

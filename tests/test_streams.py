@@ -231,7 +231,7 @@ def test_what_is_and_is_not_a_streamed_source(tmp_path, tree):
     from data_helpers import write_cifar
 
     from data_tools import UserError
-    from data_tools.streams import _need, is_stream_spec
+    from data_tools.streams import is_stream_spec, need
 
     gz = write_cifar(tmp_path / "c", tar=True)
     plain = tmp_path / "cifar-10-python.tar"
@@ -245,7 +245,7 @@ def test_what_is_and_is_not_a_streamed_source(tmp_path, tree):
     assert is_stream_spec(str(tmp_path / "wds")) and is_stream_spec(str(tmp_path / "wds" / "shard-000000.tar"))
     assert is_stream_spec(str(tmp_path / "x-{0..3}.tar"))
     with pytest.raises(UserError, match=r"igpt-ds\[sources\]"):
-        _need("a_reader_that_is_not_installed")
+        need("a_reader_that_is_not_installed")
 
 
 def _reference(tmp_path, palette_file, n=12):
